@@ -1,0 +1,299 @@
+"""The event log: NATS JetStream behind a small typed surface.
+
+- :func:`connect` fails fast when no server answers, then reconnects forever once connected.
+- :meth:`Bus.ensure_stream` creates (or checks) the append-only ``TASKS`` stream.
+- :meth:`Bus.publish` sends one event with its deterministic id as ``Nats-Msg-Id`` and, when
+  asked, an expected last sequence on the task's subjects (optimistic concurrency).
+- :meth:`Bus.read` is the ordered reader of history (from a sequence or a time), optionally
+  followed live.
+- :class:`~shared.worker.Worker` (in ``worker.py``) runs durable pull consumers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Any, Final
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    PubAck,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from shared import events as ev
+from shared.errors import Conflict, Unavailable
+
+log = structlog.get_logger("sandstream.bus")
+
+WRONG_LAST_SEQUENCE: Final = 10071
+STREAM_NOT_FOUND: Final = 10059
+
+
+class Record(msgspec.Struct, frozen=True):
+    """One event as stored: its stream sequence, subject and time of storage."""
+
+    seq: int
+    subject: str
+    stored_at: datetime
+    event: ev.AnyEvent
+
+
+class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
+    name: str = "TASKS"
+    subject_prefix: str = "tasks"
+    replicas: int = 1
+    duplicate_window_s: float = 6 * 3600.0
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    connect_timeout: float = 2.0,
+    on_state: Callable[[bool], Awaitable[None]] | None = None,
+) -> NATS:
+    """Connect to NATS or raise :class:`Unavailable` within about ``connect_timeout`` seconds.
+
+    Once connected the client reconnects forever (a service outlives a NATS restart).
+    ``on_state(connected)`` is called on every disconnect and reconnect.
+    """
+
+    async def disconnected() -> None:
+        log.warning("nats disconnected")
+        if on_state:
+            await on_state(False)
+
+    async def reconnected() -> None:
+        log.info("nats reconnected")
+        if on_state:
+            await on_state(True)
+
+    async def error(exc: Exception) -> None:
+        log.debug("nats error", error=str(exc))
+
+    servers = [s.strip() for s in url.split(",") if s.strip()]
+    try:
+        # The first connect is bounded: one pass over the servers. Only once connected does
+        # the client switch to reconnecting forever (nats.py reads this option on each try).
+        nc = await asyncio.wait_for(
+            nats.connect(
+                servers=servers,
+                name=name,
+                connect_timeout=connect_timeout,
+                allow_reconnect=True,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.2,
+                ping_interval=5,
+                max_outstanding_pings=2,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                error_cb=error,
+            ),
+            timeout=connect_timeout * (len(servers) + 1) + 1,
+        )
+    except (OSError, nats.errors.Error, TimeoutError) as exc:
+        raise Unavailable(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from exc
+    nc.options["max_reconnect_attempts"] = -1
+    nc.options["reconnect_time_wait"] = 0.5
+    return nc
+
+
+class Bus:
+    """A connected JetStream context bound to one stream."""
+
+    def __init__(self, nc: NATS, stream: StreamSettings | None = None) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=5.0)
+        self.stream = stream or StreamSettings()
+        self._encoder = msgspec.json.Encoder()
+
+    @property
+    def prefix(self) -> str:
+        return self.stream.subject_prefix
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    def subject(self, task_id: str, event_type: str) -> str:
+        return f"{self.prefix}.{task_id}.{event_type}"
+
+    def task_filter(self, task_id: str) -> str:
+        return f"{self.prefix}.{task_id}.>"
+
+    @property
+    def all_filter(self) -> str:
+        return f"{self.prefix}.>"
+
+    async def ensure_stream(self) -> None:
+        """Create the stream, or check that the existing one has the settings we rely on."""
+        s = self.stream
+        config = StreamConfig(
+            name=s.name,
+            subjects=[self.all_filter],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=s.replicas,
+            duplicate_window=s.duplicate_window_s,
+            deny_delete=True,
+            deny_purge=True,
+            allow_direct=True,
+        )
+        try:
+            info = await self.js.stream_info(s.name)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(config)
+            log.info("stream created", stream=s.name, subjects=config.subjects)
+            return
+        have = info.config
+        if self.all_filter not in (have.subjects or []):
+            raise RuntimeError(
+                f"stream {s.name} exists with subjects {have.subjects}, not {self.all_filter}"
+            )
+        if not (have.deny_delete and have.deny_purge):
+            raise RuntimeError(f"stream {s.name} exists but is not append-only (deny_delete/purge)")
+
+    async def publish(
+        self,
+        event: ev.Event,
+        *,
+        msg_id: str | None = None,
+        expected_last_subject_seq: int | None = None,
+        timeout: float = 2.0,
+    ) -> PubAck:
+        """Append one event on ``<prefix>.<task_id>.<type>`` and wait for the stream's ack.
+
+        With ``expected_last_subject_seq`` the append only happens if the last event on any of
+        the task's subjects has that sequence (0: the task has no events yet); otherwise
+        :class:`Conflict`. Raises :class:`Unavailable` when NATS is not connected or does not
+        answer within ``timeout``; nothing is buffered for later in that case.
+        """
+        if not self.connected:
+            raise Unavailable("the event log (NATS) is not connected")
+        name = ev.type_name(type(event))
+        headers = {"Nats-Msg-Id": msg_id or event.event_id}
+        if expected_last_subject_seq is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
+            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = self.task_filter(
+                event.task_id
+            )
+        try:
+            return await self.js.publish(
+                self.subject(event.task_id, name),
+                self._encoder.encode(event),
+                timeout=timeout,
+                headers=headers,
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise Conflict(f"task {event.task_id} moved on: {exc.description}") from exc
+            raise
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError) as exc:
+            raise Unavailable("the event log (NATS) did not acknowledge in time") from exc
+        except nats.errors.ConnectionClosedError as exc:
+            raise Unavailable("the event log (NATS) connection is closed") from exc
+
+    async def last(self, task_id: str, event_type: str) -> Record | None:
+        """The last event stored on one exact subject, or ``None``."""
+        subject = self.subject(task_id, event_type)
+        try:
+            raw = await self.js.get_last_msg(self.stream.name, subject, direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise Unavailable("the event log (NATS) did not answer in time") from exc
+        assert raw.seq is not None and raw.data is not None
+        stored_at = _parse_time(raw.headers.get("Nats-Time-Stamp") if raw.headers else None)
+        return Record(raw.seq, subject, stored_at, ev.decode(raw.data))
+
+    async def last_sequence(self) -> int:
+        info = await self.js.stream_info(self.stream.name)
+        return int(info.state.last_seq)
+
+    async def read(
+        self,
+        filter_subject: str | None = None,
+        *,
+        from_seq: int | None = None,
+        since: datetime | None = None,
+        follow: bool = False,
+        idle_heartbeat: float = 2.0,
+    ) -> AsyncIterator[Record]:
+        """Yield stored events in stream order through an ordered consumer.
+
+        Without ``follow`` it stops once it has caught up with the stream as it was when the
+        read began; with ``follow`` it goes on with live events until the caller stops.
+        Events that cannot be decoded are skipped with a warning, never fatal.
+        """
+        subject = filter_subject or self.all_filter
+        if from_seq is not None:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, from_seq)
+            )
+        elif since is not None:
+            config = ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_TIME,
+                opt_start_time=since.isoformat().replace("+00:00", "Z"),
+            )
+        else:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        sub = await self.js.subscribe(
+            subject,
+            cb=on_msg,
+            ordered_consumer=True,
+            idle_heartbeat=idle_heartbeat,
+            config=config,
+            stream=self.stream.name,
+        )
+        try:
+            if not follow:
+                info = await sub.consumer_info()
+                if info.num_pending == 0 and queue.empty():
+                    return
+            while True:
+                msg = await queue.get()
+                meta = msg.metadata
+                try:
+                    event = ev.decode(msg.data)
+                except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+                    log.warning("undecodable event skipped", seq=meta.sequence.stream, error=str(exc))
+                else:
+                    yield Record(meta.sequence.stream, msg.subject, meta.timestamp, event)
+                if not follow and meta.num_pending == 0:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+def _parse_time(raw: str | None) -> datetime:
+    if raw:
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    return ev.now()
+
+
+def record_to_json(record: Record) -> dict[str, Any]:
+    """The ``replay --json`` shape: the event as stored plus ``seq`` and ``subject``."""
+    out: dict[str, Any] = msgspec.to_builtins(record.event)
+    out["seq"] = record.seq
+    out["subject"] = record.subject
+    return out

@@ -1,0 +1,36 @@
+"""Errors shared by every service.
+
+``Unavailable`` means a dependency (NATS, storage, Docker) cannot be reached right now: the
+work is retried later and HTTP callers get ``503``. ``Conflict`` means an optimistic-concurrency
+check failed: someone else changed the task first. ``Permanent`` means retrying cannot help.
+"""
+
+from __future__ import annotations
+
+
+class SandstreamError(Exception):
+    """Base of the project's own errors."""
+
+
+class Unavailable(SandstreamError):
+    """A dependency cannot be reached now; retrying later may succeed."""
+
+
+class Conflict(SandstreamError):
+    """The task's history moved on since it was read (expected sequence mismatch)."""
+
+
+class Permanent(SandstreamError):
+    """The message or request can never succeed: stop retrying it."""
+
+    def __init__(self, message: str, *, code: str = "internal") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Retry(SandstreamError):
+    """Ask for redelivery, optionally after ``delay`` seconds."""
+
+    def __init__(self, message: str = "", *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay

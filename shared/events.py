@@ -1,0 +1,266 @@
+"""Every event of the TASKS stream, as msgspec Structs in one tagged union.
+
+Wire rules (they are the public contract, see API.md):
+
+- ``type`` is the tag and an explicit, stable string, never derived from a class name;
+- every event carries the envelope ``event_id``, ``task_id``, ``tenant``, ``at``, ``v`` and
+  ``causation_id``;
+- new fields always get defaults and field types never change, so old events stay readable.
+
+Event ids are deterministic (``<task_id>:<EventType>:<attempt>``, and ``<task_id>:terminal`` for
+whichever event ends a task): the id is the ``Nats-Msg-Id``, so a re-publish is dropped by the
+stream's duplicate window.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, TypeAlias
+
+import msgspec
+
+SCHEMA_VERSION: Final = 1
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_task_id() -> str:
+    """A task id: ``t_`` and 20 lowercase base32 characters, safe in subjects and names."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+    return "t_" + "".join(secrets.choice(alphabet) for _ in range(20))
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """The envelope every event carries."""
+
+    event_id: str
+    task_id: str
+    tenant: str
+    at: datetime = msgspec.field(default_factory=now)
+    v: int = SCHEMA_VERSION
+    causation_id: str | None = None
+
+
+class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the user asked for (the validated body of ``POST /v1/tasks``)."""
+
+    prompt: str
+    timeout_s: int = 600
+    max_turns: int | None = None
+    model: str | None = None
+    allowed_tools: list[str] | None = None
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Resources a sandbox used, read from its cgroup at the end."""
+
+    image: str = ""
+    cpu_seconds: float = 0.0
+    memory_peak_bytes: int = 0
+    wall_ms: int = 0
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    code: str
+    message: str
+
+
+class StoredObject(msgspec.Struct, frozen=True, kw_only=True):
+    key: str
+    size: int
+    sha256: str
+
+
+# ---- the events ---------------------------------------------------------------------------
+
+
+class TaskRequested(Event, frozen=True, kw_only=True, tag="TaskRequested"):
+    spec: TaskSpec
+    idempotency_key: str | None = None
+    request_hash: str = ""
+
+
+class SandboxStarted(Event, frozen=True, kw_only=True, tag="SandboxStarted"):
+    sandbox: str
+    image: str
+    attempt: int = 1
+
+
+class ExecutionStarted(Event, frozen=True, kw_only=True, tag="ExecutionStarted"):
+    """The executor claimed the one agent run of this attempt (the lock against a second run)."""
+
+    sandbox: str
+    attempt: int = 1
+
+
+class AgentOutput(Event, frozen=True, kw_only=True, tag="AgentOutput"):
+    """A batch of the CLI's stream-json lines, in order; ``batch`` counts from 0."""
+
+    batch: int
+    lines: list[str]
+    attempt: int = 1
+
+
+class ExecutionCompleted(Event, frozen=True, kw_only=True, tag="ExecutionCompleted"):
+    text: str
+    is_error: bool
+    exit_code: int
+    num_turns: int = 0
+    total_cost_usd: float = 0.0
+    usage: dict[str, Any] = msgspec.field(default_factory=dict)
+    session_id: str = ""
+    permission_denials: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    duration_ms: int = 0
+    diff: str = ""
+    files_changed: list[str] = msgspec.field(default_factory=list)
+    model_tokens: dict[str, int] = msgspec.field(default_factory=dict)
+    attempt: int = 1
+
+
+class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
+    """The agent could not produce a successful result.
+
+    ``code`` is one of ``no_credential``, ``cli_error``, ``timeout``, ``sandbox_lost``,
+    ``oom``, ``cancelled``, ``internal``.
+    """
+
+    code: str
+    message: str
+    exit_code: int | None = None
+    text: str = ""
+    num_turns: int = 0
+    total_cost_usd: float = 0.0
+    usage: dict[str, Any] = msgspec.field(default_factory=dict)
+    session_id: str = ""
+    permission_denials: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    duration_ms: int = 0
+    diff: str = ""
+    files_changed: list[str] = msgspec.field(default_factory=list)
+    attempt: int = 1
+
+
+class SandboxStopped(Event, frozen=True, kw_only=True, tag="SandboxStopped"):
+    sandbox: str
+    reason: str
+    usage: Usage = msgspec.field(default_factory=Usage)
+
+
+class ResultStored(Event, frozen=True, kw_only=True, tag="ResultStored"):
+    status: str
+    location: str
+    objects: list[StoredObject]
+
+
+class TaskCancelRequested(Event, frozen=True, kw_only=True, tag="TaskCancelRequested"):
+    reason: str = "requested by the client"
+
+
+class TaskSucceeded(Event, frozen=True, kw_only=True, tag="TaskSucceeded"):
+    pass
+
+
+class TaskFailed(Event, frozen=True, kw_only=True, tag="TaskFailed"):
+    error: ErrorInfo
+
+
+class TaskCancelled(Event, frozen=True, kw_only=True, tag="TaskCancelled"):
+    reason: str = ""
+
+
+class TaskTimedOut(Event, frozen=True, kw_only=True, tag="TaskTimedOut"):
+    timeout_s: int
+
+
+AnyEvent: TypeAlias = (
+    TaskRequested
+    | SandboxStarted
+    | ExecutionStarted
+    | AgentOutput
+    | ExecutionCompleted
+    | ExecutionFailed
+    | SandboxStopped
+    | ResultStored
+    | TaskCancelRequested
+    | TaskSucceeded
+    | TaskFailed
+    | TaskCancelled
+    | TaskTimedOut
+)
+
+EVENT_TYPES: Final[tuple[type[Event], ...]] = (
+    TaskRequested,
+    SandboxStarted,
+    ExecutionStarted,
+    AgentOutput,
+    ExecutionCompleted,
+    ExecutionFailed,
+    SandboxStopped,
+    ResultStored,
+    TaskCancelRequested,
+    TaskSucceeded,
+    TaskFailed,
+    TaskCancelled,
+    TaskTimedOut,
+)
+
+TERMINAL_TYPES: Final = (TaskSucceeded, TaskFailed, TaskCancelled, TaskTimedOut)
+TerminalEvent: TypeAlias = TaskSucceeded | TaskFailed | TaskCancelled | TaskTimedOut
+
+EventName = Literal[
+    "TaskRequested",
+    "SandboxStarted",
+    "ExecutionStarted",
+    "AgentOutput",
+    "ExecutionCompleted",
+    "ExecutionFailed",
+    "SandboxStopped",
+    "ResultStored",
+    "TaskCancelRequested",
+    "TaskSucceeded",
+    "TaskFailed",
+    "TaskCancelled",
+    "TaskTimedOut",
+]
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
+
+
+def type_name(event_cls: type[Event]) -> str:
+    tag = event_cls.__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes) -> AnyEvent:
+    """Decode one event; raises ``msgspec.ValidationError``/``DecodeError`` on bad data."""
+    return _decoder.decode(data)
+
+
+def event_id(task_id: str, event_type: str, attempt: int | str = 1) -> str:
+    return f"{task_id}:{event_type}:{attempt}"
+
+
+def terminal_id(task_id: str) -> str:
+    """One id for every kind of ending: the duplicate window drops a second ending."""
+    return f"{task_id}:terminal"
+
+
+def is_terminal(event: Event) -> bool:
+    return isinstance(event, TERMINAL_TYPES)
+
+
+def event_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of every event, keyed by its type name."""
+    out: dict[str, dict[str, Any]] = {}
+    for cls in EVENT_TYPES:
+        out[type_name(cls)] = msgspec.json.schema(cls)
+    return out

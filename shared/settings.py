@@ -1,0 +1,95 @@
+"""Settings from the environment (names and defaults: API.md, "Configuration")."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_IMAGE = "sandstream/sandbox:latest"
+DEFAULT_UPSTREAM = "https://api.anthropic.com"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = DEFAULT_NATS_URL
+    data_dir: Path = Path(".sandstream")
+    tokens_file: Path | None = None
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    sandbox_image: str = DEFAULT_IMAGE
+    model_upstream: str = DEFAULT_UPSTREAM
+    host: str = "127.0.0.1"
+    port: int = 8080
+    stream: str = "TASKS"
+    subject_prefix: str = "tasks"
+    stream_replicas: int = 1
+    duplicate_window_s: float = 6 * 3600.0
+    consumer_prefix: str = ""
+    max_concurrent: int = 8
+    max_per_tenant: int = 4
+    ack_wait_s: float = 10.0
+    max_deliver: int = 8
+    socket_dir: Path | None = None
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.tokens_file or self.data_dir / "tokens"
+
+    @property
+    def results_url(self) -> str:
+        return self.storage_url or f"file://{(self.data_dir / 'results').resolve()}"
+
+    @property
+    def model_socket_dir(self) -> Path:
+        return self.socket_dir or (self.data_dir / "model").resolve()
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    """Read ``SANDSTREAM_*`` variables; a malformed number exits with a message naming it."""
+    env = os.environ if env is None else env
+    tokens = env.get("SANDSTREAM_TOKENS_FILE")
+    socket_dir = env.get("SANDSTREAM_SOCKET_DIR")
+    return Settings(
+        nats_url=env.get("SANDSTREAM_NATS_URL") or DEFAULT_NATS_URL,
+        data_dir=Path(env.get("SANDSTREAM_DATA_DIR") or ".sandstream"),
+        tokens_file=Path(tokens) if tokens else None,
+        storage_url=env.get("SANDSTREAM_STORAGE_URL") or None,
+        s3_endpoint_url=env.get("SANDSTREAM_S3_ENDPOINT_URL") or None,
+        sandbox_image=env.get("SANDSTREAM_SANDBOX_IMAGE") or DEFAULT_IMAGE,
+        model_upstream=env.get("SANDSTREAM_MODEL_UPSTREAM") or DEFAULT_UPSTREAM,
+        host=env.get("SANDSTREAM_HOST") or "127.0.0.1",
+        port=_int(env, "SANDSTREAM_PORT", 8080),
+        stream=env.get("SANDSTREAM_STREAM") or "TASKS",
+        subject_prefix=env.get("SANDSTREAM_SUBJECT_PREFIX") or "tasks",
+        stream_replicas=_int(env, "SANDSTREAM_STREAM_REPLICAS", 1),
+        duplicate_window_s=_float(env, "SANDSTREAM_DUPLICATE_WINDOW_S", 6 * 3600.0),
+        consumer_prefix=env.get("SANDSTREAM_CONSUMER_PREFIX") or "",
+        max_concurrent=_int(env, "SANDSTREAM_MAX_CONCURRENT", 8),
+        max_per_tenant=_int(env, "SANDSTREAM_MAX_PER_TENANT", 4),
+        ack_wait_s=_float(env, "SANDSTREAM_ACK_WAIT_S", 10.0),
+        max_deliver=_int(env, "SANDSTREAM_MAX_DELIVER", 8),
+        socket_dir=Path(socket_dir) if socket_dir else None,
+    )

@@ -1,0 +1,147 @@
+"""A task's state as one pure fold over its events: ``apply(state, event) -> state``.
+
+No I/O here. The gateway's projection, the CLI and the chaos checker all use this fold, so
+"what status is this task in" has exactly one answer.
+
+Rules:
+- the first event of a task must be ``TaskRequested``; anything before it is ignored;
+- a duplicate (same ``event_id`` as one already applied) changes nothing;
+- after a terminal event nothing changes (late events are recorded as ``ignored``);
+- statuses only move forward: queued → starting → running → storing → terminal.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Final
+
+import msgspec
+
+from shared.events import (
+    AgentOutput,
+    AnyEvent,
+    ErrorInfo,
+    Event,
+    ExecutionCompleted,
+    ExecutionFailed,
+    ExecutionStarted,
+    ResultStored,
+    SandboxStarted,
+    SandboxStopped,
+    TaskCancelled,
+    TaskCancelRequested,
+    TaskFailed,
+    TaskRequested,
+    TaskSucceeded,
+    TaskTimedOut,
+)
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    STARTING = "starting"
+    RUNNING = "running"
+    STORING = "storing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES: Final = frozenset(
+    {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT}
+)
+_RANK: Final = {
+    Status.QUEUED: 0,
+    Status.STARTING: 1,
+    Status.RUNNING: 2,
+    Status.STORING: 3,
+}
+
+
+class TaskState(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: str
+    tenant: str
+    status: Status
+    created_at: datetime
+    updated_at: datetime
+    metadata: dict[str, str]
+    request_hash: str = ""
+    idempotency_key: str | None = None
+    timeout_s: int = 600
+    cancel_requested: bool = False
+    result_location: str | None = None
+    error: ErrorInfo | None = None
+    seen: frozenset[str] = frozenset()
+    ignored: tuple[str, ...] = ()
+    """Event ids that arrived after the end or out of order: kept for audits, never applied."""
+
+
+def _advance(state: TaskState, status: Status, event: Event) -> TaskState:
+    if _RANK[status] < _RANK[state.status]:
+        return state  # a late, out-of-order event never moves a task backwards
+    return msgspec.structs.replace(state, status=status, updated_at=event.at)
+
+
+def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
+    """Fold one event into the state of its task (``None`` means "no task yet")."""
+    if state is None:
+        if not isinstance(event, TaskRequested):
+            return None
+        return TaskState(
+            task_id=event.task_id,
+            tenant=event.tenant,
+            status=Status.QUEUED,
+            created_at=event.at,
+            updated_at=event.at,
+            metadata=dict(event.spec.metadata),
+            request_hash=event.request_hash,
+            idempotency_key=event.idempotency_key,
+            timeout_s=event.spec.timeout_s,
+            seen=frozenset({event.event_id}),
+        )
+    if event.event_id in state.seen:
+        return state
+    if state.status.terminal or isinstance(event, TaskRequested):
+        return msgspec.structs.replace(state, ignored=(*state.ignored, event.event_id))
+
+    state = msgspec.structs.replace(state, seen=state.seen | {event.event_id})
+    match event:
+        case SandboxStarted():
+            return _advance(state, Status.STARTING, event)
+        case ExecutionStarted() | AgentOutput():
+            return _advance(state, Status.RUNNING, event)
+        case ExecutionCompleted() | ExecutionFailed() | SandboxStopped():
+            return _advance(state, Status.STORING, event)
+        case ResultStored():
+            state = msgspec.structs.replace(state, result_location=event.location)
+            return _advance(state, Status.STORING, event)
+        case TaskCancelRequested():
+            return msgspec.structs.replace(state, cancel_requested=True, updated_at=event.at)
+        case TaskSucceeded():
+            return _end(state, Status.SUCCEEDED, event, None)
+        case TaskFailed():
+            return _end(state, Status.FAILED, event, event.error)
+        case TaskCancelled():
+            error = ErrorInfo(code="cancelled", message=event.reason or "the task was cancelled")
+            return _end(state, Status.CANCELLED, event, error)
+        case TaskTimedOut():
+            message = f"the task ran longer than its timeout_s of {event.timeout_s} seconds"
+            return _end(state, Status.TIMED_OUT, event, ErrorInfo(code="timeout", message=message))
+    return state
+
+
+def _end(state: TaskState, status: Status, event: Event, error: ErrorInfo | None) -> TaskState:
+    return msgspec.structs.replace(state, status=status, updated_at=event.at, error=error)
+
+
+def fold(events: list[AnyEvent]) -> TaskState | None:
+    state: TaskState | None = None
+    for event in events:
+        state = apply(state, event)
+    return state

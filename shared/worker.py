@@ -1,0 +1,244 @@
+"""Durable pull consumers: how every service takes work from the stream.
+
+One place maps a handler's outcome to JetStream:
+
+- returns normally → ``ack``;
+- raises :class:`~shared.errors.Retry`, :class:`~shared.errors.Unavailable` or any other
+  exception → ``nak`` with a delay that grows with the number of deliveries;
+- raises :class:`~shared.errors.Permanent`, or fails on its last allowed delivery → the
+  ``on_give_up`` callback publishes an error event, then ``term``;
+- an undecodable message → ``term`` (logged; there is no task to fail);
+- ``CancelledError`` is always re-raised: the message is redelivered after ``ack_wait``.
+
+While a handler runs, ``in_progress()`` is sent every third of ``ack_wait`` so long work keeps
+its message, and a dead worker's messages come back within ``ack_wait``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from shared import events as ev
+from shared.bus import Bus
+from shared.errors import Permanent
+
+log = structlog.get_logger("sandstream.worker")
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """What a handler may want to know about the message it is handling."""
+
+    seq: int
+    subject: str
+    num_delivered: int
+    max_deliver: int
+
+    @property
+    def last_attempt(self) -> bool:
+        return self.num_delivered >= self.max_deliver
+
+
+class Handler(Protocol):
+    async def __call__(self, event: ev.AnyEvent, delivery: Delivery) -> None: ...
+
+
+GiveUp = Callable[[ev.AnyEvent, str], Awaitable[None]]
+
+
+def default_backoff(num_delivered: int) -> float:
+    """Delay before the next delivery: 0.5 s, 1 s, 2 s, … capped at 15 s."""
+    return float(min(15.0, 0.5 * 2 ** max(0, num_delivered - 1)))
+
+
+class Worker:
+    """Runs ``handler`` for every message of a durable consumer, ``concurrency`` at a time."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        durable: str,
+        subjects: Sequence[str],
+        handler: Handler,
+        on_give_up: GiveUp | None = None,
+        concurrency: int = 8,
+        ack_wait: float = 10.0,
+        max_deliver: int = 8,
+        backoff: Callable[[int], float] = default_backoff,
+    ) -> None:
+        self.bus = bus
+        self.durable = durable
+        self.subjects = list(subjects)
+        self.handler = handler
+        self.on_give_up = on_give_up
+        self.concurrency = concurrency
+        self.ack_wait = ack_wait
+        self.max_deliver = max_deliver
+        self.backoff = backoff
+        self._stopping = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._log = log.bind(consumer=durable)
+
+    async def ensure_consumer(self) -> None:
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            # A few deliveries beyond our own give-up point, so that a failed give-up
+            # (the error event could not be published) still comes back.
+            max_deliver=self.max_deliver + 3,
+            max_ack_pending=max(64, self.concurrency * 4),
+            filter_subjects=self.subjects,
+        )
+        await self.bus.js.add_consumer(self.bus.stream.name, config)
+
+    async def run(self) -> None:
+        """Fetch and handle messages until :meth:`stop`; survives NATS restarts."""
+        await self.ensure_consumer()
+        while not self._stopping.is_set():
+            try:
+                await self._fetch_loop(idle_exit=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a lost subscription is re-created (nats.py issue 504)
+                self._log.warning("consumer loop restarting", error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=0.5)
+        await self._drain_inflight(timeout=None)
+
+    async def run_until_idle(self, idle_timeout: float = 0.3) -> None:
+        """Handle messages until none arrives for ``idle_timeout`` and none is in flight.
+
+        For tests: "process everything that is there" without guessing a sleep.
+        """
+        await self.ensure_consumer()
+        while True:
+            await self._fetch_loop(idle_exit=True, fetch_timeout=idle_timeout)
+            await self._drain_inflight(timeout=None)
+            info = await self.bus.js.consumer_info(self.bus.stream.name, self.durable)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop fetching; let in-flight messages finish within ``timeout``, then cancel them."""
+        self._stopping.set()
+        await self._drain_inflight(timeout=timeout)
+
+    async def _drain_inflight(self, timeout: float | None) -> None:
+        if not self._inflight:
+            return
+        _, pending = await asyncio.wait(set(self._inflight), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _fetch_loop(self, *, idle_exit: bool, fetch_timeout: float = 5.0) -> None:
+        sub = await self.bus.js.pull_subscribe_bind(
+            durable=self.durable, stream=self.bus.stream.name
+        )
+        try:
+            while not self._stopping.is_set():
+                free = await self._wait_for_slot()
+                try:
+                    heartbeat = fetch_timeout / 4 if fetch_timeout >= 2 else None
+                    msgs = await sub.fetch(free, timeout=fetch_timeout, heartbeat=heartbeat)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    if idle_exit:
+                        return
+                    continue
+                for msg in msgs:
+                    await self._slots.acquire()
+                    task = asyncio.create_task(self._handle(msg))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._done)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _wait_for_slot(self) -> int:
+        """Wait until at least one handler slot is free; return how many are."""
+        await self._slots.acquire()
+        self._slots.release()
+        return max(1, self.concurrency - len(self._inflight))
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("handler task crashed", error=repr(task.exception()))
+
+    async def _handle(self, msg: Msg) -> None:
+        meta = msg.metadata
+        delivery = Delivery(
+            seq=meta.sequence.stream,
+            subject=msg.subject,
+            num_delivered=meta.num_delivered,
+            max_deliver=self.max_deliver,
+        )
+        try:
+            event = ev.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            self._log.error("undecodable message terminated", seq=delivery.seq, error=str(exc))
+            await msg.term()
+            return
+        with structlog.contextvars.bound_contextvars(
+            task_id=event.task_id, event_id=event.event_id, seq=delivery.seq
+        ):
+            heartbeat = asyncio.create_task(self._heartbeat(msg))
+            try:
+                await self.handler(event, delivery)
+            except asyncio.CancelledError:
+                raise
+            except Permanent as exc:
+                await self._give_up(msg, event, f"{exc.code}: {exc}")
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                if delivery.last_attempt:
+                    await self._give_up(msg, event, reason)
+                else:
+                    delay = self.backoff(delivery.num_delivered)
+                    self._log.warning(
+                        "handler failed, will retry",
+                        error=reason,
+                        attempt=delivery.num_delivered,
+                        retry_in_s=delay,
+                    )
+                    await msg.nak(delay=delay)
+            else:
+                await msg.ack()
+            finally:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
+
+    async def _give_up(self, msg: Msg, event: ev.AnyEvent, reason: str) -> None:
+        self._log.error("giving up on message", reason=reason)
+        if self.on_give_up is not None:
+            try:
+                await self.on_give_up(event, reason)
+            except Exception as exc:
+                # The error event could not be published: let the message come back.
+                self._log.warning("give-up event not published", error=repr(exc))
+                await msg.nak(delay=self.backoff(self.max_deliver))
+                return
+        await msg.term()
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        interval = max(0.2, self.ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()

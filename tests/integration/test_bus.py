@@ -1,0 +1,169 @@
+"""The bus and worker contract, against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from shared import events as ev
+from shared.bus import Bus, connect
+from shared.errors import Conflict, Permanent, Unavailable
+from shared.worker import Delivery, Worker
+from tests.support.procs import free_port
+
+
+def requested(task_id: str, prompt: str = "hi") -> ev.TaskRequested:
+    return ev.TaskRequested(
+        event_id=ev.event_id(task_id, "TaskRequested"),
+        task_id=task_id,
+        tenant="acme",
+        spec=ev.TaskSpec(prompt=prompt),
+    )
+
+
+def started(task_id: str) -> ev.SandboxStarted:
+    return ev.SandboxStarted(
+        event_id=ev.event_id(task_id, "SandboxStarted"),
+        task_id=task_id,
+        tenant="acme",
+        sandbox=f"sandstream-{task_id}",
+        image="img",
+    )
+
+
+async def test_connect_fails_fast_when_no_server() -> None:
+    began = time.monotonic()
+    with pytest.raises(Unavailable):
+        await connect(f"nats://127.0.0.1:{free_port()}", name="t", connect_timeout=1.0)
+    assert time.monotonic() - began < 3
+
+
+async def test_stream_is_append_only(bus: Bus) -> None:
+    info = await bus.js.stream_info(bus.stream.name)
+    assert info.config.deny_delete and info.config.deny_purge
+    assert info.config.subjects == [f"{bus.prefix}.>"]
+    await bus.ensure_stream()  # checking an existing stream is fine
+
+
+async def test_publish_uses_event_id_for_deduplication(bus: Bus) -> None:
+    task = ev.new_task_id()
+    first = await bus.publish(requested(task))
+    again = await bus.publish(requested(task))
+    assert not first.duplicate and again.duplicate
+    assert first.seq == again.seq
+    assert await bus.last_sequence() == 1
+
+
+async def test_expected_sequence_guards_the_whole_task(bus: Bus) -> None:
+    task = ev.new_task_id()
+    ack = await bus.publish(requested(task), expected_last_subject_seq=0)
+    with pytest.raises(Conflict):
+        await bus.publish(requested(task, "other"), msg_id="x", expected_last_subject_seq=0)
+    # a different subject of the same task is still guarded by the wildcard form
+    with pytest.raises(Conflict):
+        await bus.publish(started(task), expected_last_subject_seq=ack.seq + 5)
+    await bus.publish(started(task), expected_last_subject_seq=ack.seq)
+
+
+async def test_read_history_in_order_and_from_sequence(bus: Bus) -> None:
+    a, b = ev.new_task_id(), ev.new_task_id()
+    for event in (requested(a), requested(b), started(a), started(b)):
+        await bus.publish(event)
+    seen = [(r.seq, r.event.task_id, type(r.event).__name__) async for r in bus.read(bus.task_filter(a))]
+    assert seen == [(1, a, "TaskRequested"), (3, a, "SandboxStarted")]
+    tail = [r.seq async for r in bus.read(from_seq=3)]
+    assert tail == [3, 4]
+    assert [r async for r in bus.read(bus.task_filter(ev.new_task_id()))] == []
+
+
+async def test_last_on_subject(bus: Bus) -> None:
+    task = ev.new_task_id()
+    assert await bus.last(task, "TaskRequested") is None
+    await bus.publish(requested(task, "look"))
+    record = await bus.last(task, "TaskRequested")
+    assert record is not None and isinstance(record.event, ev.TaskRequested)
+    assert record.event.spec.prompt == "look"
+
+
+async def test_worker_acks_retries_and_gives_up(bus: Bus) -> None:
+    ok, flaky, bad = ev.new_task_id(), ev.new_task_id(), ev.new_task_id()
+    calls: dict[str, int] = {}
+    given_up: list[tuple[str, str]] = []
+
+    async def handler(event: ev.AnyEvent, delivery: Delivery) -> None:
+        calls[event.task_id] = calls.get(event.task_id, 0) + 1
+        if event.task_id == flaky and delivery.num_delivered < 3:
+            raise RuntimeError("transient")
+        if event.task_id == bad:
+            raise Permanent("cannot ever work", code="invalid")
+
+    async def give_up(event: ev.AnyEvent, reason: str) -> None:
+        given_up.append((event.task_id, reason))
+
+    worker = Worker(
+        bus=bus,
+        durable="w1",
+        subjects=[f"{bus.prefix}.*.TaskRequested"],
+        handler=handler,
+        on_give_up=give_up,
+        backoff=lambda n: 0.05,
+    )
+    for t in (ok, flaky, bad):
+        await bus.publish(requested(t))
+    await worker.run_until_idle()
+    assert calls == {ok: 1, flaky: 3, bad: 1}
+    assert given_up == [(bad, "invalid: cannot ever work")]
+
+
+async def test_worker_gives_up_after_max_deliver(bus: Bus) -> None:
+    task = ev.new_task_id()
+    given_up: list[str] = []
+
+    async def handler(event: ev.AnyEvent, delivery: Delivery) -> None:
+        raise RuntimeError("always")
+
+    async def give_up(event: ev.AnyEvent, reason: str) -> None:
+        given_up.append(reason)
+
+    worker = Worker(bus=bus, durable="w2", subjects=[f"{bus.prefix}.>"], handler=handler,
+                    on_give_up=give_up, max_deliver=3, backoff=lambda n: 0.05)
+    await bus.publish(requested(task))
+    await worker.run_until_idle()
+    assert given_up == ["RuntimeError: always"]
+
+
+async def test_worker_heartbeats_keep_long_work(bus: Bus) -> None:
+    task = ev.new_task_id()
+    deliveries: list[int] = []
+
+    async def handler(event: ev.AnyEvent, delivery: Delivery) -> None:
+        deliveries.append(delivery.num_delivered)
+        await asyncio.sleep(2.5)  # the work itself takes this long; ack_wait is 1 s
+
+    worker = Worker(bus=bus, durable="w3", subjects=[f"{bus.prefix}.>"], handler=handler,
+                    ack_wait=1.0)
+    await bus.publish(requested(task))
+    await worker.run_until_idle()
+    assert deliveries == [1]
+
+
+async def test_graceful_stop_finishes_inflight(bus: Bus) -> None:
+    task = ev.new_task_id()
+    began, finished = asyncio.Event(), asyncio.Event()
+
+    async def handler(event: ev.AnyEvent, delivery: Delivery) -> None:
+        began.set()
+        await asyncio.sleep(0.3)
+        finished.set()
+
+    worker = Worker(bus=bus, durable="w4", subjects=[f"{bus.prefix}.>"], handler=handler)
+    runner = asyncio.create_task(worker.run())
+    await bus.publish(requested(task))
+    await asyncio.wait_for(began.wait(), 10)
+    await worker.stop(timeout=5)
+    await asyncio.wait_for(runner, 10)
+    assert finished.is_set()
+    info = await bus.js.consumer_info(bus.stream.name, "w4")
+    assert info.num_ack_pending == 0 and info.num_pending == 0

@@ -1,0 +1,119 @@
+"""The ``sandstream`` command (sub-commands and flags: API.md, "CLI")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from shared import settings as settings_mod
+
+SERVICES = ("gateway", "lifecycle", "executor", "storage")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sandstream", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run the {name} service (configured by SANDSTREAM_* variables)")
+
+    up = sub.add_parser("up", help="run the whole system on this machine")
+    up.add_argument("--data-dir", type=Path)
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    group = up.add_mutually_exclusive_group()
+    group.add_argument("--nats-port", type=int, default=4222)
+    group.add_argument("--nats-url")
+
+    token = sub.add_parser("token", help="manage API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_sub.add_parser("create", help="create a token; prints it alone on stdout")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--tokens-file", type=Path)
+
+    submit = sub.add_parser("submit", help="submit a task")
+    submit.add_argument("prompt")
+    submit.add_argument("--wait", action="store_true", help="follow the task until it ends")
+    submit.add_argument("--idempotency-key")
+    submit.add_argument("--timeout-s", type=int)
+    submit.add_argument("--json", action="store_true")
+
+    status = sub.add_parser("status", help="show a task")
+    status.add_argument("task_id")
+    status.add_argument("--json", action="store_true")
+
+    events = sub.add_parser("events", help="show a task's events (SSE)")
+    events.add_argument("task_id")
+    events.add_argument("--follow", action="store_true")
+
+    replay = sub.add_parser("replay", help="read the event log directly from NATS")
+    replay.add_argument("task_id", nargs="?")
+    replay.add_argument("--from-seq", type=int)
+    replay.add_argument("--since", type=_iso_time)
+    replay.add_argument("--type", dest="event_type")
+    replay.add_argument("--json", action="store_true")
+    return p
+
+
+def _iso_time(raw: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {raw!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError("give a time zone, e.g. 2026-01-02T03:04:05Z")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command in SERVICES:
+        module = importlib.import_module(f"services.{args.command}.__main__")
+        module.main()
+        return
+    if args.command == "up":
+        from services.up import run_up
+
+        sys.exit(run_up(args))
+    if args.command == "token":
+        _token_create(args)
+        return
+    from services import client
+
+    if args.command == "replay":
+        sys.exit(asyncio.run(client.replay(args)))
+    sys.exit(asyncio.run(client.run(args)))
+
+
+def _token_create(args: argparse.Namespace) -> None:
+    from services.gateway.auth import create_token
+
+    path = args.tokens_file or settings_mod.load().tokens_path
+    try:
+        token = create_token(path, args.tenant)
+    except ValueError as exc:
+        print(f"sandstream: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"created a token for tenant {args.tenant!r} in {path}", file=sys.stderr)
+    print(token)
+
+
+def env_url() -> str:
+    return os.environ.get("SANDSTREAM_URL", "http://127.0.0.1:8080").rstrip("/")
+
+
+def pretty(data: Any) -> str:
+    return msgspec.json.format(msgspec.json.encode(data), indent=2).decode()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The gateway application: ``web.run_app(create_app(settings))``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from services.gateway.auth import TokenStore
+from services.gateway.http import errors_middleware
+from services.gateway.keys import AUTH, BUS_LINK, PROJECTION, SETTINGS
+from services.gateway.link import BusLink
+from services.gateway.projection import Projection
+from services.gateway.routes import routes
+from services.gateway.sse import routes as sse_routes
+from shared.bus import StreamSettings
+from shared.settings import Settings
+
+MAX_BODY = 1024 * 1024
+
+
+def stream_settings(settings: Settings) -> StreamSettings:
+    return StreamSettings(
+        name=settings.stream,
+        subject_prefix=settings.subject_prefix,
+        replicas=settings.stream_replicas,
+        duplicate_window_s=settings.duplicate_window_s,
+    )
+
+
+async def _event_log(app: web.Application) -> AsyncIterator[None]:
+    """Connect in the background, then keep the projection following the stream."""
+    link, projection = app[BUS_LINK], app[PROJECTION]
+
+    async def run() -> None:
+        bus = await link.establish()
+        await projection.follow(bus)
+
+    task = asyncio.create_task(run(), name="gateway-event-log")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await link.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
+    app[SETTINGS] = settings
+    app[AUTH] = TokenStore(settings.tokens_path)
+    app[BUS_LINK] = BusLink(settings.nats_url, stream_settings(settings))
+    app[PROJECTION] = Projection()
+    app.cleanup_ctx.append(_event_log)
+    app.add_routes(routes)
+    app.add_routes(sse_routes)
+    return app

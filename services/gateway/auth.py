@@ -1,0 +1,81 @@
+"""Bearer tokens: the tokens file holds only their SHA-256 hashes, each mapped to a tenant.
+
+File format: one JSON object per line, ``{"hash": "sha256:<hex>", "tenant": "acme",
+"created_at": "..."}``. ``sandstream token create`` appends to it; the gateway re-reads it
+whenever its modification time changes (one ``stat`` per request), so new tokens work without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class TokenEntry(msgspec.Struct, frozen=True):
+    hash: str
+    tenant: str
+    created_at: str = ""
+
+
+def hash_token(token: str) -> str:
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(tokens_file: Path, tenant: str) -> str:
+    """Make a new token for ``tenant``, append its hash to the file (mode 0600), return it."""
+    if not TENANT_RE.match(tenant):
+        raise ValueError(
+            "tenant must be 1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+        )
+    token = "sst_" + secrets.token_urlsafe(32)
+    entry = TokenEntry(hash_token(token), tenant, datetime.now(UTC).isoformat())
+    tokens_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tokens_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, msgspec.json.encode(entry) + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return token
+
+
+class TokenStore:
+    """Looks tokens up by hash; re-reads the file when its modification time changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._by_hash: dict[str, str] = {}
+        self._mtime: float | None = None
+        self._decoder = msgspec.json.Decoder(TokenEntry)
+
+    def _refresh(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime
+        except FileNotFoundError:
+            self._by_hash, self._mtime = {}, None
+            return
+        if mtime == self._mtime:
+            return
+        entries: dict[str, str] = {}
+        for line in self.path.read_bytes().splitlines():
+            if line.strip():
+                entry = self._decoder.decode(line)
+                entries[entry.hash] = entry.tenant
+        self._by_hash, self._mtime = entries, mtime
+
+    def tenant_for(self, token: str) -> str | None:
+        """The tenant owning ``token``, or ``None``.
+
+        Tokens are never compared directly: the lookup is by the token's SHA-256, so any
+        timing difference can only tell an attacker about a hash of their own guess.
+        """
+        self._refresh()
+        return self._by_hash.get(hash_token(token))

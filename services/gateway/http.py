@@ -1,0 +1,110 @@
+"""The one place that turns failures into HTTP answers of the common error shape."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from services.gateway.models import ErrorBody, ErrorResponse
+from shared.errors import Unavailable
+
+log = structlog.get_logger("sandstream.gateway")
+_encoder = msgspec.json.Encoder()
+_PATH = re.compile(r"- at `\$((?:\.[^`\[.]+|\[[^\]]*\])*)`")
+_UNKNOWN = re.compile(r"unknown field `([^`]+)`")
+
+
+class ApiError(Exception):
+    """An error for the client: ``status``, a machine ``code``, a message, maybe a field."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=_encoder.encode(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(exc: ApiError) -> web.Response:
+    body = ErrorResponse(ErrorBody(exc.code, exc.message, exc.field))
+    return json_response(body, exc.status, exc.headers)
+
+
+def validation_error(exc: msgspec.ValidationError) -> ApiError:
+    """Name the field a msgspec validation error is about, as a dotted path."""
+    text = str(exc)
+    path_match = _PATH.search(text)
+    path = path_match.group(1) if path_match else ""
+    unknown = _UNKNOWN.search(text)
+    if unknown:
+        field = (path + "." + unknown.group(1)).lstrip(".")
+        return ApiError(422, "unknown_field", f"unknown field `{field}`", field=field)
+    field = path.replace("[...]", "").lstrip(".") or None
+    message = _PATH.sub("", text).strip().rstrip("-").strip()
+    if field:
+        message = f"{field}: {message}"
+    code = "missing_field" if text.startswith("Object missing required field") else "invalid_field"
+    if code == "missing_field":
+        missing = re.search(r"field `([^`]+)`", text)
+        name = missing.group(1) if missing else ""
+        field = ((field + ".") if field else "") + name
+        message = f"`{field}` is required"
+    return ApiError(422, code, message, field=field)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure as ``{"error": {...}}`` and log one summary line per request."""
+    started = time.perf_counter()
+    status = 500
+    with structlog.contextvars.bound_contextvars(method=request.method, path=request.path):
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except ApiError as exc:
+            status = exc.status
+            return error_response(exc)
+        except Unavailable as exc:
+            status = 503
+            return error_response(ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"}))
+        except web.HTTPRequestEntityTooLarge:
+            status = 413
+            return error_response(
+                ApiError(413, "body_too_large", "the request body is larger than 1 MiB")
+            )
+        except web.HTTPException as exc:
+            status = exc.status
+            code = exc.reason.lower().replace(" ", "_")
+            return error_response(ApiError(exc.status, code, exc.reason))
+        finally:
+            if request.path not in ("/healthz", "/readyz", "/metrics"):
+                log.info(
+                    "request",
+                    status=status,
+                    ms=round((time.perf_counter() - started) * 1000, 2),
+                )

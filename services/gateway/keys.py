@@ -1,0 +1,15 @@
+"""Typed keys for what the gateway application holds."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.gateway.auth import TokenStore
+from services.gateway.link import BusLink
+from services.gateway.projection import Projection
+from shared.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+AUTH = web.AppKey("auth", TokenStore)
+BUS_LINK = web.AppKey("bus_link", BusLink)
+PROJECTION = web.AppKey("projection", Projection)

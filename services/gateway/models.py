@@ -1,0 +1,120 @@
+"""The HTTP API's request and response types: they validate requests and generate OpenAPI."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from shared.events import ErrorInfo, TaskSpec
+
+Prompt = Annotated[str, Meta(min_length=1, max_length=100_000)]
+TimeoutS = Annotated[int, Meta(ge=1, le=3600)]
+MaxTurns = Annotated[int, Meta(ge=1, le=500)]
+Model = Annotated[str, Meta(min_length=1, max_length=200)]
+ToolName = Annotated[str, Meta(min_length=1, max_length=200)]
+MetaKey = Annotated[str, Meta(min_length=1, max_length=128)]
+MetaValue = Annotated[str, Meta(max_length=1024)]
+Metadata = Annotated[dict[MetaKey, MetaValue], Meta(max_length=32)]
+
+
+class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/tasks``."""
+
+    prompt: Prompt
+    timeout_s: TimeoutS = 600
+    max_turns: MaxTurns | None = None
+    model: Model | None = None
+    allowed_tools: Annotated[list[ToolName], Meta(max_length=64)] | None = None
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec(
+            prompt=self.prompt,
+            timeout_s=self.timeout_s,
+            max_turns=self.max_turns,
+            model=self.model,
+            allowed_tools=self.allowed_tools,
+            metadata=self.metadata,
+        )
+
+
+class ExecuteRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /execute``: the seed's synchronous form."""
+
+    task: Prompt
+    auth_token: str | None = None
+    timeout_s: TimeoutS = 600
+    max_turns: MaxTurns | None = None
+    model: Model | None = None
+    allowed_tools: Annotated[list[ToolName], Meta(max_length=64)] | None = None
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+    def as_task(self) -> TaskRequest:
+        return TaskRequest(
+            prompt=self.task,
+            timeout_s=self.timeout_s,
+            max_turns=self.max_turns,
+            model=self.model,
+            allowed_tools=self.allowed_tools,
+            metadata=self.metadata,
+        )
+
+
+class Links(msgspec.Struct):
+    self: str
+    events: str
+    result: str
+
+
+class Accepted(msgspec.Struct):
+    task_id: str
+    status: str
+    links: Links
+
+
+class TaskView(msgspec.Struct, omit_defaults=True):
+    task_id: str
+    status: str
+    created_at: str
+    updated_at: str
+    metadata: dict[str, str]
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+
+class TaskPage(msgspec.Struct):
+    tasks: list[TaskView]
+    next_cursor: str | None = None
+
+
+class ExecuteResponse(msgspec.Struct, omit_defaults=True):
+    task_id: str
+    status: str
+    result: dict[str, Any] | None = None
+    error: ErrorInfo | None = None
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody
+
+
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+def request_hash(request: TaskRequest) -> str:
+    """A stable hash of what was asked, to tell an idempotent replay from a conflicting one."""
+    return hashlib.sha256(_canonical.encode(request)).hexdigest()
+
+
+def links(task_id: str) -> Links:
+    base = f"/v1/tasks/{task_id}"
+    return Links(self=base, events=f"{base}/events", result=f"{base}/result")

@@ -1,0 +1,94 @@
+"""The gateway's view of every task: a fold of the whole stream, kept live.
+
+It is rebuilt from the stream at start-up (the gateway is "ready" once it has caught up with
+the stream as it was when it started) and then follows new events. Waiters (``?wait``,
+``POST /execute``) are woken by events, never by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+
+import structlog
+
+from shared import state
+from shared.bus import Bus, Record
+from shared.state import TaskState
+
+log = structlog.get_logger("sandstream.projection")
+
+
+class Projection:
+    def __init__(self) -> None:
+        self.tasks: dict[str, TaskState] = {}
+        self.by_tenant: dict[str, list[str]] = defaultdict(list)
+        self.last_seq = 0
+        self.ready = asyncio.Event()
+        self._changed: dict[str, asyncio.Event] = {}
+
+    def get(self, tenant: str, task_id: str) -> TaskState | None:
+        """The task if it exists *and* belongs to ``tenant``: other tenants see nothing."""
+        task = self.tasks.get(task_id)
+        return task if task is not None and task.tenant == tenant else None
+
+    def apply(self, record: Record) -> None:
+        if record.seq <= self.last_seq:
+            return  # replayed after a reconnect
+        self.last_seq = record.seq
+        event = record.event
+        before = self.tasks.get(event.task_id)
+        after = state.apply(before, event)
+        if after is None or after is before:
+            return
+        if before is None:
+            self.by_tenant[after.tenant].append(after.task_id)
+        self.tasks[event.task_id] = after
+        waker = self._changed.pop(event.task_id, None)
+        if waker is not None:
+            waker.set()
+
+    async def wait_terminal(self, task_id: str, timeout: float) -> TaskState | None:
+        """Wait up to ``timeout`` seconds for the task to end; return its latest state."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            task = self.tasks.get(task_id)
+            remaining = deadline - loop.time()
+            if (task is not None and task.status.terminal) or remaining <= 0:
+                return task
+            changed = self._changed.setdefault(task_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+
+    async def wait_for_task(self, task_id: str, timeout: float) -> TaskState | None:
+        """Wait until the projection has seen the task at all (after our own publish)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (task := self.tasks.get(task_id)) is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            changed = self._changed.setdefault(task_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+        return task
+
+    async def follow(self, bus: Bus) -> None:
+        """Fold the stream from the start, then live; survives NATS restarts."""
+        while True:
+            try:
+                target = await bus.last_sequence()
+                if self.last_seq >= target:
+                    self.ready.set()
+                async for record in bus.read(from_seq=self.last_seq + 1, follow=True):
+                    self.apply(record)
+                    if not self.ready.is_set() and self.last_seq >= target:
+                        self.ready.set()
+                        log.info("projection rebuilt", tasks=len(self.tasks), seq=self.last_seq)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("projection reader restarting", error=str(exc))
+                await asyncio.sleep(0.5)

@@ -1,0 +1,258 @@
+"""HTTP handlers of the public API (shapes and status codes: API.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import base64
+from typing import TypeVar
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from services.gateway import models
+from services.gateway.http import ApiError, json_response, validation_error
+from services.gateway.keys import AUTH, BUS_LINK, PROJECTION
+from shared import events as ev
+from shared.errors import Conflict
+from shared.state import TaskState
+
+log = structlog.get_logger("sandstream.gateway")
+routes = web.RouteTableDef()
+
+MAX_WAIT_S = 60.0
+PUBLISH_TIMEOUT_S = 1.5
+T = TypeVar("T")
+
+
+# ---- request helpers ---------------------------------------------------------------------
+
+
+def authenticate(request: web.Request, token: str | None = None) -> str:
+    """Return the caller's tenant, or raise 401 with ``WWW-Authenticate: Bearer``."""
+    if token is None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise _unauthorized("missing Authorization header: send `Authorization: Bearer <token>`")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _unauthorized("the Authorization header must be `Bearer <token>`")
+    tenant = request.app[AUTH].tenant_for(token.strip())
+    if tenant is None:
+        raise _unauthorized("unknown or revoked token")
+    structlog.contextvars.bind_contextvars(tenant=tenant)
+    return tenant
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not all(33 <= ord(c) <= 126 for c in key):
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1-255 visible ASCII characters (no spaces)",
+            field="Idempotency-Key",
+        )
+    return key
+
+
+async def read_json(request: web.Request, kind: type[T]) -> T:
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None and request.content_type not in (
+        "application/json",
+        "application/octet-stream",
+    ) and not request.content_type.endswith("+json"):
+        raise ApiError(
+            415, "unsupported_media_type", f"send JSON (Content-Type: application/json), not {content_type}"
+        )
+    raw = await request.read()
+    if not raw.strip():
+        raise ApiError(400, "invalid_json", "the request body is empty: send a JSON object")
+    try:
+        data = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_body", "the request body must be a JSON object")
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def view(task: TaskState) -> models.TaskView:
+    return models.TaskView(
+        task_id=task.task_id,
+        status=task.status.value,
+        created_at=task.created_at.isoformat().replace("+00:00", "Z"),
+        updated_at=task.updated_at.isoformat().replace("+00:00", "Z"),
+        metadata=task.metadata,
+        error=task.error,
+    )
+
+
+def keyed_task_id(tenant: str, key: str) -> str:
+    """The task id an idempotency key stands for: the stream itself is the key's record."""
+    digest = hashlib.sha256(f"{tenant}\0{key}".encode()).digest()
+    return "t_" + base64.b32encode(digest).decode().lower()[:20]
+
+
+def _not_found(task_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no task {task_id}", field="task_id")
+
+
+def _task(request: web.Request, tenant: str) -> TaskState:
+    task_id = request.match_info["task_id"]
+    task = request.app[PROJECTION].get(tenant, task_id)
+    if task is None:
+        raise _not_found(task_id)
+    return task
+
+
+# ---- submission --------------------------------------------------------------------------
+
+
+async def submit(
+    request: web.Request, tenant: str, body: models.TaskRequest, key: str | None
+) -> tuple[str, bool]:
+    """Publish ``TaskRequested`` once; return ``(task_id, created)``.
+
+    With an idempotency key the task id is derived from (tenant, key), and the event is
+    appended only if the task has no events yet (expected subject sequence 0). A replay finds
+    the stored request and compares hashes: same body → same task, other body → 409.
+    """
+    bus = request.app[BUS_LINK].require()
+    projection = request.app[PROJECTION]
+    digest = models.request_hash(body)
+    task_id = keyed_task_id(tenant, key) if key else ev.new_task_id()
+    if key and (known := projection.tasks.get(task_id)) is not None:
+        return task_id, _same_request(known.request_hash, digest, key)
+    event = ev.TaskRequested(
+        event_id=ev.event_id(task_id, "TaskRequested"),
+        task_id=task_id,
+        tenant=tenant,
+        spec=body.spec(),
+        idempotency_key=key,
+        request_hash=digest,
+    )
+    try:
+        ack = await bus.publish(event, expected_last_subject_seq=0, timeout=PUBLISH_TIMEOUT_S)
+    except Conflict:
+        ack = None
+    if ack is not None and not ack.duplicate:
+        return task_id, True
+    stored = await bus.last(task_id, "TaskRequested")
+    if stored is None or not isinstance(stored.event, ev.TaskRequested):
+        raise ApiError(409, "conflict", "the task id is taken by a request that cannot be read")
+    return task_id, _same_request(stored.event.request_hash, digest, key)
+
+
+def _same_request(stored_hash: str, digest: str, key: str | None) -> bool:
+    if stored_hash != digest:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            f"Idempotency-Key {key!r} was already used with a different request body",
+            field="Idempotency-Key",
+        )
+    return False
+
+
+@routes.post("/v1/tasks")
+async def create_task(request: web.Request) -> web.Response:
+    tenant = authenticate(request)
+    key = idempotency_key(request)
+    body = await read_json(request, models.TaskRequest)
+    task_id, created = await submit(request, tenant, body, key)
+    structlog.contextvars.bind_contextvars(task_id=task_id)
+    # Read-your-writes: once we answer, GET /v1/tasks/{id} knows the task.
+    task = await request.app[PROJECTION].wait_for_task(task_id, timeout=PUBLISH_TIMEOUT_S)
+    status = task.status.value if task is not None else "queued"
+    accepted = models.Accepted(task_id=task_id, status=status, links=models.links(task_id))
+    return json_response(accepted, 202 if created else 200, {"Location": accepted.links.self})
+
+
+# ---- reads -------------------------------------------------------------------------------
+
+
+def _wait_seconds(request: web.Request) -> float:
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_query", "wait must be a number of seconds", field="wait") from None
+    if not 0 <= wait <= MAX_WAIT_S:
+        raise ApiError(400, "invalid_query", "wait must be between 0 and 60 seconds", field="wait")
+    return wait
+
+
+@routes.get("/v1/tasks/{task_id}")
+async def get_task(request: web.Request) -> web.Response:
+    tenant = authenticate(request)
+    wait = _wait_seconds(request)
+    task = _task(request, tenant)
+    if wait > 0 and not task.status.terminal:
+        task = await request.app[PROJECTION].wait_terminal(task.task_id, wait) or task
+    return json_response(view(task))
+
+
+@routes.get("/v1/tasks")
+async def list_tasks(request: web.Request) -> web.Response:
+    tenant = authenticate(request)
+    try:
+        limit = int(request.query.get("limit", "50"))
+        start = int(request.query.get("cursor", "0"))
+    except ValueError:
+        raise ApiError(400, "invalid_query", "limit and cursor must be integers") from None
+    if not 1 <= limit <= 500:
+        raise ApiError(400, "invalid_query", "limit must be between 1 and 500", field="limit")
+    projection = request.app[PROJECTION]
+    ids = projection.by_tenant.get(tenant, [])
+    page = ids[start : start + limit]
+    tasks = [view(projection.tasks[i]) for i in page]
+    more = start + limit < len(ids)
+    return json_response(models.TaskPage(tasks, str(start + limit) if more else None))
+
+
+@routes.delete("/v1/tasks/{task_id}")
+async def cancel_task(request: web.Request) -> web.Response:
+    tenant = authenticate(request)
+    task = _task(request, tenant)
+    if task.status.terminal:
+        raise ApiError(409, "already_finished", f"task {task.task_id} already ended: {task.status}")
+    bus = request.app[BUS_LINK].require()
+    await bus.publish(
+        ev.TaskCancelRequested(
+            event_id=ev.event_id(task.task_id, "TaskCancelRequested"),
+            task_id=task.task_id,
+            tenant=tenant,
+        ),
+        timeout=PUBLISH_TIMEOUT_S,
+    )
+    return json_response(view(task), 202)
+
+
+# ---- operations --------------------------------------------------------------------------
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    link = request.app[BUS_LINK]
+    projection = request.app[PROJECTION]
+    checks = {"nats": link.connected, "projection": projection.ready.is_set()}
+    ready = all(checks.values())
+    body = {"status": "ready" if ready else "not_ready", "checks": checks}
+    return json_response(body, 200 if ready else 503)

@@ -1,0 +1,67 @@
+"""``GET /v1/tasks/{id}/events``: a task's history, then its live events, as Server-Sent Events.
+
+``id:`` is the stream sequence, so ``Last-Event-ID`` resumes exactly after the last event a
+client saw. The stream ends after the task's terminal event (or, with ``?follow=false``, once
+the history is sent).
+"""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from services.gateway.http import ApiError
+from services.gateway.keys import BUS_LINK, PROJECTION
+from services.gateway.routes import authenticate
+from shared import events as ev
+
+_encoder = msgspec.json.Encoder()
+routes = web.RouteTableDef()
+KEEPALIVE_S = 15.0
+
+
+def _last_event_id(request: web.Request) -> int:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(
+            400, "invalid_last_event_id", "Last-Event-ID must be a stream sequence number",
+            field="Last-Event-ID",
+        ) from None
+    if value < 0:
+        raise ApiError(400, "invalid_last_event_id", "Last-Event-ID must be ≥ 0", field="Last-Event-ID")
+    return value
+
+
+@routes.get("/v1/tasks/{task_id}/events")
+async def task_events(request: web.Request) -> web.StreamResponse:
+    tenant = authenticate(request)
+    task_id = request.match_info["task_id"]
+    task = request.app[PROJECTION].get(tenant, task_id)
+    if task is None:
+        raise ApiError(404, "not_found", f"no task {task_id}", field="task_id")
+    after = _last_event_id(request)
+    follow = request.query.get("follow", "true").lower() not in ("0", "false", "no")
+    bus = request.app[BUS_LINK].require()
+
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    records = bus.read(
+        bus.task_filter(task_id), from_seq=after + 1, follow=follow and not task.status.terminal
+    )
+    async for record in records:
+        name = ev.type_name(type(record.event))
+        data = _encoder.encode(record.event).decode()
+        await response.write(f"id: {record.seq}\nevent: {name}\ndata: {data}\n\n".encode())
+        if ev.is_terminal(record.event):
+            break
+    await records.aclose()
+    await response.write_eof()
+    return response

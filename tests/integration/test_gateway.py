@@ -1,0 +1,312 @@
+"""The gateway against a real nats-server: submission, validation, idempotency, tenants."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from shared import events as ev
+from shared.bus import Bus, StreamSettings
+from shared.errors import Conflict
+from tests.support.gateway import Gateway
+from tests.support.procs import NatsServer
+
+
+@pytest.fixture
+async def gateway(
+    nats_server: NatsServer, stream_settings: StreamSettings, bus: Bus, tmp_path: Path
+) -> AsyncIterator[Gateway]:
+    gw = Gateway(nats_server.url, stream_settings, tmp_path)
+    await gw.start()
+    await gw.wait_ready()
+    yield gw
+    await gw.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def events_of(bus: Bus, task_id: str | None = None) -> list[tuple[str, ev.AnyEvent]]:
+    subject = bus.task_filter(task_id) if task_id else None
+    return [(r.subject, r.event) async for r in bus.read(subject)]
+
+
+async def test_submission_publishes_one_task_requested(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    token = gateway.token("acme")
+    body = {"prompt": "fix the test", "timeout_s": 30, "metadata": {"ticket": "T-1"}}
+    async with http.post(f"{gateway.url}/v1/tasks", json=body, headers=auth(token)) as r:
+        assert r.status == 202
+        accepted = await r.json()
+    task_id = accepted["task_id"]
+    assert accepted["status"] == "queued"
+    assert accepted["links"] == {
+        "self": f"/v1/tasks/{task_id}",
+        "events": f"/v1/tasks/{task_id}/events",
+        "result": f"/v1/tasks/{task_id}/result",
+    }
+    stored = await events_of(bus)
+    assert len(stored) == 1
+    subject, event = stored[0]
+    assert subject == f"{bus.prefix}.{task_id}.TaskRequested"
+    assert isinstance(event, ev.TaskRequested)
+    assert event.event_id == f"{task_id}:TaskRequested:1"
+    assert event.tenant == "acme" and event.task_id == task_id and event.v == 1
+    assert event.spec.prompt == "fix the test" and event.spec.timeout_s == 30
+    async with http.get(f"{gateway.url}/v1/tasks/{task_id}", headers=auth(token)) as r:
+        assert r.status == 200
+        view = await r.json()
+    assert view["status"] == "queued" and view["metadata"] == {"ticket": "T-1"}
+
+
+LONG = "x" * 100_001
+BAD_REQUESTS: list[tuple[str, dict[str, str] | None, Any, int, str, str | None]] = [
+    # (name, headers (None = valid auth), body, status, code, field)
+    ("no auth", {}, {"prompt": "x"}, 401, "unauthorized", None),
+    ("wrong scheme", {"Authorization": "Basic abc"}, {"prompt": "x"}, 401, "unauthorized", None),
+    ("unknown token", {"Authorization": "Bearer sst_nope"}, {"prompt": "x"}, 401, "unauthorized", None),
+    ("empty bearer", {"Authorization": "Bearer "}, {"prompt": "x"}, 401, "unauthorized", None),
+    ("not json", None, b"{nope", 400, "invalid_json", None),
+    ("empty body", None, b"", 400, "invalid_json", None),
+    ("array body", None, [1, 2], 400, "invalid_body", None),
+    ("string body", None, "prompt", 400, "invalid_body", None),
+    ("missing prompt", None, {}, 422, "missing_field", "prompt"),
+    ("empty prompt", None, {"prompt": ""}, 422, "invalid_field", "prompt"),
+    ("prompt too long", None, {"prompt": LONG}, 422, "invalid_field", "prompt"),
+    ("prompt not string", None, {"prompt": 5}, 422, "invalid_field", "prompt"),
+    ("timeout zero", None, {"prompt": "x", "timeout_s": 0}, 422, "invalid_field", "timeout_s"),
+    ("timeout too big", None, {"prompt": "x", "timeout_s": 3601}, 422, "invalid_field", "timeout_s"),
+    ("timeout float", None, {"prompt": "x", "timeout_s": 1.5}, 422, "invalid_field", "timeout_s"),
+    ("timeout string", None, {"prompt": "x", "timeout_s": "10"}, 422, "invalid_field", "timeout_s"),
+    ("max_turns zero", None, {"prompt": "x", "max_turns": 0}, 422, "invalid_field", "max_turns"),
+    ("max_turns big", None, {"prompt": "x", "max_turns": 501}, 422, "invalid_field", "max_turns"),
+    ("tools not list", None, {"prompt": "x", "allowed_tools": "Bash"}, 422, "invalid_field", "allowed_tools"),
+    ("tool not string", None, {"prompt": "x", "allowed_tools": [1]}, 422, "invalid_field", "allowed_tools[0]"),
+    ("metadata value", None, {"prompt": "x", "metadata": {"a": 1}}, 422, "invalid_field", "metadata"),
+    ("metadata too many", None, {"prompt": "x", "metadata": {str(i): "v" for i in range(33)}}, 422, "invalid_field", "metadata"),
+    ("unknown field", None, {"prompt": "x", "priority": 1}, 422, "unknown_field", "priority"),
+    ("model not string", None, {"prompt": "x", "model": 3}, 422, "invalid_field", "model"),
+    ("body too large", None, {"prompt": "x" * (1024 * 1024)}, 413, "body_too_large", None),
+    ("bad content type", {"Content-Type": "text/plain"}, b'{"prompt": "x"}', 415, "unsupported_media_type", None),
+    ("idempotency key with space", {"Idempotency-Key": "a b"}, {"prompt": "x"}, 400, "invalid_idempotency_key", "Idempotency-Key"),
+    ("idempotency key too long", {"Idempotency-Key": "k" * 256}, {"prompt": "x"}, 400, "invalid_idempotency_key", "Idempotency-Key"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "headers", "body", "status", "code", "field"),
+    BAD_REQUESTS,
+    ids=[case[0] for case in BAD_REQUESTS],
+)
+async def test_bad_requests_are_rejected_and_nothing_is_published(
+    gateway: Gateway,
+    http: aiohttp.ClientSession,
+    bus: Bus,
+    name: str,
+    headers: dict[str, str] | None,
+    body: Any,
+    status: int,
+    code: str,
+    field: str | None,
+) -> None:
+    token = gateway.token("acme")
+    sent = dict(auth(token))
+    if headers is not None:
+        if "Authorization" in headers or not headers:
+            sent.pop("Authorization")
+        sent.update(headers)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    sent.setdefault("Content-Type", "application/json")
+    before = await bus.last_sequence()
+    async with http.post(f"{gateway.url}/v1/tasks", data=data, headers=sent) as r:
+        assert r.status == status, await r.text()
+        answer = await r.json()
+        if status == 401:
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert answer["error"]["code"] == code
+    assert answer["error"]["message"]
+    assert answer["error"].get("field") == field
+    assert await bus.last_sequence() == before
+
+
+async def test_idempotency_key_same_body_same_task(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    token = gateway.token("acme")
+    headers = {**auth(token), "Idempotency-Key": "order-42"}
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "a"}, headers=headers) as r:
+        assert r.status == 202
+        first = (await r.json())["task_id"]
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "a"}, headers=headers) as r:
+        assert r.status == 200
+        assert (await r.json())["task_id"] == first
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "b"}, headers=headers) as r:
+        assert r.status == 409
+        assert (await r.json())["error"]["code"] == "idempotency_conflict"
+    assert len(await events_of(bus)) == 1
+    # the key belongs to its tenant: another tenant's same key is another task
+    other = {**auth(gateway.token("globex")), "Idempotency-Key": "order-42"}
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "b"}, headers=other) as r:
+        assert r.status == 202
+        assert (await r.json())["task_id"] != first
+
+
+async def test_fifty_concurrent_identical_requests_make_one_task(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    headers = {**auth(gateway.token("acme")), "Idempotency-Key": "burst"}
+
+    async def post() -> tuple[int, str]:
+        async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "p"}, headers=headers) as r:
+            return r.status, (await r.json())["task_id"]
+
+    answers = await asyncio.gather(*(post() for _ in range(50)))
+    assert len({task_id for _, task_id in answers}) == 1
+    assert sorted(status for status, _ in answers) == [200] * 49 + [202]
+    assert len(await events_of(bus)) == 1
+
+
+async def test_idempotency_holds_after_the_duplicate_window(
+    nats_server: NatsServer, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """With a 1 s duplicate window, a replay 1.5 s later still finds the same task."""
+    import uuid
+
+    from shared.bus import connect
+
+    tag = uuid.uuid4().hex[:10]
+    stream = StreamSettings(name=f"W{tag}", subject_prefix=f"w{tag}", duplicate_window_s=1.0)
+    gw = Gateway(nats_server.url, stream, tmp_path)
+    await gw.start()
+    try:
+        await gw.wait_ready()
+        headers = {**auth(gw.token("acme")), "Idempotency-Key": "late"}
+        async with http.post(f"{gw.url}/v1/tasks", json={"prompt": "p"}, headers=headers) as r:
+            assert r.status == 202
+            task_id = (await r.json())["task_id"]
+        await asyncio.sleep(1.5)  # the point of the test: outlive the stream's duplicate window
+        nc = await connect(nats_server.url, name="check")
+        raw = Bus(nc, stream)
+        stored = await raw.last(task_id, "TaskRequested")
+        assert stored is not None
+        # the msg-id no longer deduplicates; the per-task expected sequence 0 still refuses
+        with pytest.raises(Conflict):
+            await raw.publish(stored.event, expected_last_subject_seq=0)
+        async with http.post(f"{gw.url}/v1/tasks", json={"prompt": "p"}, headers=headers) as r:
+            assert r.status == 200
+            assert (await r.json())["task_id"] == task_id
+        async with http.post(f"{gw.url}/v1/tasks", json={"prompt": "q"}, headers=headers) as r:
+            assert r.status == 409
+        info = await nc.jetstream().stream_info(stream.name)
+        assert info.state.messages == 1
+        await nc.close()
+    finally:
+        await gw.stop()
+
+
+async def test_tenants_cannot_see_each_other(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    acme, globex = auth(gateway.token("acme")), auth(gateway.token("globex"))
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "a"}, headers=acme) as r:
+        task_id = (await r.json())["task_id"]
+    for method, path in (
+        ("GET", f"/v1/tasks/{task_id}"),
+        ("GET", f"/v1/tasks/{task_id}/events"),
+        ("DELETE", f"/v1/tasks/{task_id}"),
+    ):
+        async with http.request(method, f"{gateway.url}{path}", headers=globex) as r:
+            assert r.status == 404, path
+            assert (await r.json())["error"]["code"] == "not_found"
+    async with http.get(f"{gateway.url}/v1/tasks", headers=globex) as r:
+        assert (await r.json())["tasks"] == []
+    async with http.get(f"{gateway.url}/v1/tasks", headers=acme) as r:
+        assert [t["task_id"] for t in (await r.json())["tasks"]] == [task_id]
+
+
+async def test_projection_is_rebuilt_after_restart(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus, nats_server: NatsServer,
+    stream_settings: StreamSettings, tmp_path: Path,
+) -> None:
+    token = gateway.token("acme")
+    ids = []
+    for i in range(3):
+        async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": str(i)}, headers=auth(token)) as r:
+            ids.append((await r.json())["task_id"])
+    await bus.publish(ev.TaskCancelled(event_id=ev.terminal_id(ids[0]), task_id=ids[0], tenant="acme"))
+    await gateway.stop()
+    again = Gateway(nats_server.url, stream_settings, tmp_path)
+    await again.start()
+    try:
+        await again.wait_ready()
+        statuses = []
+        for task_id in ids:
+            async with http.get(f"{again.url}/v1/tasks/{task_id}", headers=auth(token)) as r:
+                statuses.append((await r.json())["status"])
+        assert statuses == ["cancelled", "queued", "queued"]
+    finally:
+        await again.stop()
+
+
+async def test_wait_returns_when_the_task_ends(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    token = gateway.token("acme")
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "w"}, headers=auth(token)) as r:
+        task_id = (await r.json())["task_id"]
+
+    async def finish() -> None:
+        await bus.publish(ev.TaskSucceeded(event_id=ev.terminal_id(task_id), task_id=task_id, tenant="acme"))
+
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    async with asyncio.TaskGroup() as tg:
+        waiting = tg.create_task(http.get(f"{gateway.url}/v1/tasks/{task_id}?wait=30", headers=auth(token)))
+        await asyncio.sleep(0)  # let the request go out before the task ends
+        tg.create_task(finish())
+    async with waiting.result() as r:
+        assert (await r.json())["status"] == "succeeded"
+    assert loop.time() - began < 10
+
+
+async def test_nats_down_gives_503_then_recovers(
+    nats_server: NatsServer, gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    token = gateway.token("acme")
+    nats_server.stop()
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "down"}, headers=auth(token)) as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["code"] == "unavailable"
+        assert loop.time() - began < 2.5
+        async with http.get(f"{gateway.url}/readyz") as r:
+            assert r.status == 503
+    finally:
+        nats_server.start()
+    # the gateway reconnects by itself; wait for the condition, not a guessed time
+    deadline = loop.time() + 20
+    while True:
+        async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "up"}, headers=auth(token)) as r:
+            if r.status == 202:
+                break
+            assert r.status == 503
+        assert loop.time() < deadline, "gateway did not recover"
+        await asyncio.sleep(0.1)
+    prompts = [e.spec.prompt for _, e in await events_of(bus) if isinstance(e, ev.TaskRequested)]
+    assert prompts == ["up"]  # the request answered 503 was never published

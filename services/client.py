@@ -117,9 +117,8 @@ async def _check(response: aiohttp.ClientResponse) -> Any:
     body = await response.json(content_type=None)
     if response.status >= 400:
         error = body.get("error", {}) if isinstance(body, dict) else {}
-        raise SystemExit(
-            f"sandstream: HTTP {response.status} {error.get('code', '')}: {error.get('message', body)}"
-        )
+        code, message = error.get("code", ""), error.get("message", body)
+        raise SystemExit(f"sandstream: HTTP {response.status} {code}: {message}")
     return body
 
 
@@ -142,7 +141,11 @@ async def sse(
                     fields[name] = value.removeprefix(" ")
                 continue
             if "data" in fields:
-                yield int(fields.get("id", "0")), fields.get("event", ""), json.loads(fields["data"])
+                yield (
+                    int(fields.get("id", "0")),
+                    fields.get("event", ""),
+                    json.loads(fields["data"]),
+                )
             fields = {}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import datetime
 from typing import Any, Final
 
@@ -187,9 +187,7 @@ class Bus:
         headers = {"Nats-Msg-Id": msg_id or event.event_id}
         if expected_last_subject_seq is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
-            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = self.task_filter(
-                event.task_id
-            )
+            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = self.task_filter(event.task_id)
         try:
             return await self.js.publish(
                 self.subject(event.task_id, name),
@@ -231,7 +229,7 @@ class Bus:
         since: datetime | None = None,
         follow: bool = False,
         idle_heartbeat: float = 2.0,
-    ) -> AsyncIterator[Record]:
+    ) -> AsyncGenerator[Record, None]:
         """Yield stored events in stream order through an ordered consumer.
 
         Without ``follow`` it stops once it has caught up with the stream as it was when the
@@ -246,7 +244,7 @@ class Bus:
         elif since is not None:
             config = ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_TIME,
-                opt_start_time=since.isoformat().replace("+00:00", "Z"),
+                opt_start_time=since,
             )
         else:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
@@ -274,7 +272,9 @@ class Bus:
                 try:
                     event = ev.decode(msg.data)
                 except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
-                    log.warning("undecodable event skipped", seq=meta.sequence.stream, error=str(exc))
+                    log.warning(
+                        "undecodable event skipped", seq=meta.sequence.stream, error=str(exc)
+                    )
                 else:
                     yield Record(meta.sequence.stream, msg.subject, meta.timestamp, event)
                 if not follow and meta.num_pending == 0:

@@ -33,6 +33,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ack_wait_s: float = 10.0
     max_deliver: int = 8
     socket_dir: Path | None = None
+    instance: str = ""
+    """Labels this installation's sandboxes (``up`` sets it) so it removes only its own."""
 
     @property
     def tokens_path(self) -> Path:
@@ -92,4 +94,5 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         ack_wait_s=_float(env, "SANDSTREAM_ACK_WAIT_S", 10.0),
         max_deliver=_int(env, "SANDSTREAM_MAX_DELIVER", 8),
         socket_dir=Path(socket_dir) if socket_dir else None,
+        instance=env.get("SANDSTREAM_INSTANCE") or "",
     )

@@ -2,7 +2,8 @@
 
 File format: one JSON object per line, ``{"hash": "sha256:<hex>", "tenant": "acme",
 "created_at": "..."}``. ``sandstream token create`` appends to it; the gateway re-reads it
-whenever its modification time changes (one ``stat`` per request), so new tokens work without a restart.
+whenever its modification time changes (one ``stat`` per request), so new tokens work
+without a restart.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def create_token(tokens_file: Path, tenant: str) -> str:
     """Make a new token for ``tenant``, append its hash to the file (mode 0600), return it."""
     if not TENANT_RE.match(tenant):
         raise ValueError(
-            "tenant must be 1-63 characters of a-z, 0-9, '-' or '_', starting with a letter or digit"
+            "tenant must be 1-63 characters of a-z, 0-9, '-' or '_', "
+            "starting with a letter or digit"
         )
     token = "sst_" + secrets.token_urlsafe(32)
     entry = TokenEntry(hash_token(token), tenant, datetime.now(UTC).isoformat())

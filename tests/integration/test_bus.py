@@ -71,7 +71,9 @@ async def test_read_history_in_order_and_from_sequence(bus: Bus) -> None:
     a, b = ev.new_task_id(), ev.new_task_id()
     for event in (requested(a), requested(b), started(a), started(b)):
         await bus.publish(event)
-    seen = [(r.seq, r.event.task_id, type(r.event).__name__) async for r in bus.read(bus.task_filter(a))]
+    seen = [
+        (r.seq, r.event.task_id, type(r.event).__name__) async for r in bus.read(bus.task_filter(a))
+    ]
     assert seen == [(1, a, "TaskRequested"), (3, a, "SandboxStarted")]
     tail = [r.seq async for r in bus.read(from_seq=3)]
     assert tail == [3, 4]
@@ -127,8 +129,15 @@ async def test_worker_gives_up_after_max_deliver(bus: Bus) -> None:
     async def give_up(event: ev.AnyEvent, reason: str) -> None:
         given_up.append(reason)
 
-    worker = Worker(bus=bus, durable="w2", subjects=[f"{bus.prefix}.>"], handler=handler,
-                    on_give_up=give_up, max_deliver=3, backoff=lambda n: 0.05)
+    worker = Worker(
+        bus=bus,
+        durable="w2",
+        subjects=[f"{bus.prefix}.>"],
+        handler=handler,
+        on_give_up=give_up,
+        max_deliver=3,
+        backoff=lambda n: 0.05,
+    )
     await bus.publish(requested(task))
     await worker.run_until_idle()
     assert given_up == ["RuntimeError: always"]
@@ -142,8 +151,9 @@ async def test_worker_heartbeats_keep_long_work(bus: Bus) -> None:
         deliveries.append(delivery.num_delivered)
         await asyncio.sleep(2.5)  # the work itself takes this long; ack_wait is 1 s
 
-    worker = Worker(bus=bus, durable="w3", subjects=[f"{bus.prefix}.>"], handler=handler,
-                    ack_wait=1.0)
+    worker = Worker(
+        bus=bus, durable="w3", subjects=[f"{bus.prefix}.>"], handler=handler, ack_wait=1.0
+    )
     await bus.publish(requested(task))
     await worker.run_until_idle()
     assert deliveries == [1]

@@ -78,7 +78,14 @@ BAD_REQUESTS: list[tuple[str, dict[str, str] | None, Any, int, str, str | None]]
     # (name, headers (None = valid auth), body, status, code, field)
     ("no auth", {}, {"prompt": "x"}, 401, "unauthorized", None),
     ("wrong scheme", {"Authorization": "Basic abc"}, {"prompt": "x"}, 401, "unauthorized", None),
-    ("unknown token", {"Authorization": "Bearer sst_nope"}, {"prompt": "x"}, 401, "unauthorized", None),
+    (
+        "unknown token",
+        {"Authorization": "Bearer sst_nope"},
+        {"prompt": "x"},
+        401,
+        "unauthorized",
+        None,
+    ),
     ("empty bearer", {"Authorization": "Bearer "}, {"prompt": "x"}, 401, "unauthorized", None),
     ("not json", None, b"{nope", 400, "invalid_json", None),
     ("empty body", None, b"", 400, "invalid_json", None),
@@ -89,21 +96,77 @@ BAD_REQUESTS: list[tuple[str, dict[str, str] | None, Any, int, str, str | None]]
     ("prompt too long", None, {"prompt": LONG}, 422, "invalid_field", "prompt"),
     ("prompt not string", None, {"prompt": 5}, 422, "invalid_field", "prompt"),
     ("timeout zero", None, {"prompt": "x", "timeout_s": 0}, 422, "invalid_field", "timeout_s"),
-    ("timeout too big", None, {"prompt": "x", "timeout_s": 3601}, 422, "invalid_field", "timeout_s"),
+    (
+        "timeout too big",
+        None,
+        {"prompt": "x", "timeout_s": 3601},
+        422,
+        "invalid_field",
+        "timeout_s",
+    ),
     ("timeout float", None, {"prompt": "x", "timeout_s": 1.5}, 422, "invalid_field", "timeout_s"),
     ("timeout string", None, {"prompt": "x", "timeout_s": "10"}, 422, "invalid_field", "timeout_s"),
     ("max_turns zero", None, {"prompt": "x", "max_turns": 0}, 422, "invalid_field", "max_turns"),
     ("max_turns big", None, {"prompt": "x", "max_turns": 501}, 422, "invalid_field", "max_turns"),
-    ("tools not list", None, {"prompt": "x", "allowed_tools": "Bash"}, 422, "invalid_field", "allowed_tools"),
-    ("tool not string", None, {"prompt": "x", "allowed_tools": [1]}, 422, "invalid_field", "allowed_tools[0]"),
-    ("metadata value", None, {"prompt": "x", "metadata": {"a": 1}}, 422, "invalid_field", "metadata"),
-    ("metadata too many", None, {"prompt": "x", "metadata": {str(i): "v" for i in range(33)}}, 422, "invalid_field", "metadata"),
+    (
+        "tools not list",
+        None,
+        {"prompt": "x", "allowed_tools": "Bash"},
+        422,
+        "invalid_field",
+        "allowed_tools",
+    ),
+    (
+        "tool not string",
+        None,
+        {"prompt": "x", "allowed_tools": [1]},
+        422,
+        "invalid_field",
+        "allowed_tools[0]",
+    ),
+    (
+        "metadata value",
+        None,
+        {"prompt": "x", "metadata": {"a": 1}},
+        422,
+        "invalid_field",
+        "metadata",
+    ),
+    (
+        "metadata too many",
+        None,
+        {"prompt": "x", "metadata": {str(i): "v" for i in range(33)}},
+        422,
+        "invalid_field",
+        "metadata",
+    ),
     ("unknown field", None, {"prompt": "x", "priority": 1}, 422, "unknown_field", "priority"),
     ("model not string", None, {"prompt": "x", "model": 3}, 422, "invalid_field", "model"),
     ("body too large", None, {"prompt": "x" * (1024 * 1024)}, 413, "body_too_large", None),
-    ("bad content type", {"Content-Type": "text/plain"}, b'{"prompt": "x"}', 415, "unsupported_media_type", None),
-    ("idempotency key with space", {"Idempotency-Key": "a b"}, {"prompt": "x"}, 400, "invalid_idempotency_key", "Idempotency-Key"),
-    ("idempotency key too long", {"Idempotency-Key": "k" * 256}, {"prompt": "x"}, 400, "invalid_idempotency_key", "Idempotency-Key"),
+    (
+        "bad content type",
+        {"Content-Type": "text/plain"},
+        b'{"prompt": "x"}',
+        415,
+        "unsupported_media_type",
+        None,
+    ),
+    (
+        "idempotency key with space",
+        {"Idempotency-Key": "a b"},
+        {"prompt": "x"},
+        400,
+        "invalid_idempotency_key",
+        "Idempotency-Key",
+    ),
+    (
+        "idempotency key too long",
+        {"Idempotency-Key": "k" * 256},
+        {"prompt": "x"},
+        400,
+        "invalid_idempotency_key",
+        "Idempotency-Key",
+    ),
 ]
 
 
@@ -218,9 +281,7 @@ async def test_idempotency_holds_after_the_duplicate_window(
         await gw.stop()
 
 
-async def test_tenants_cannot_see_each_other(
-    gateway: Gateway, http: aiohttp.ClientSession
-) -> None:
+async def test_tenants_cannot_see_each_other(gateway: Gateway, http: aiohttp.ClientSession) -> None:
     acme, globex = auth(gateway.token("acme")), auth(gateway.token("globex"))
     async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "a"}, headers=acme) as r:
         task_id = (await r.json())["task_id"]
@@ -239,15 +300,23 @@ async def test_tenants_cannot_see_each_other(
 
 
 async def test_projection_is_rebuilt_after_restart(
-    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus, nats_server: NatsServer,
-    stream_settings: StreamSettings, tmp_path: Path,
+    gateway: Gateway,
+    http: aiohttp.ClientSession,
+    bus: Bus,
+    nats_server: NatsServer,
+    stream_settings: StreamSettings,
+    tmp_path: Path,
 ) -> None:
     token = gateway.token("acme")
     ids = []
     for i in range(3):
-        async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": str(i)}, headers=auth(token)) as r:
+        async with http.post(
+            f"{gateway.url}/v1/tasks", json={"prompt": str(i)}, headers=auth(token)
+        ) as r:
             ids.append((await r.json())["task_id"])
-    await bus.publish(ev.TaskCancelled(event_id=ev.terminal_id(ids[0]), task_id=ids[0], tenant="acme"))
+    await bus.publish(
+        ev.TaskCancelled(event_id=ev.terminal_id(ids[0]), task_id=ids[0], tenant="acme")
+    )
     await gateway.stop()
     again = Gateway(nats_server.url, stream_settings, tmp_path)
     await again.start()
@@ -270,12 +339,16 @@ async def test_wait_returns_when_the_task_ends(
         task_id = (await r.json())["task_id"]
 
     async def finish() -> None:
-        await bus.publish(ev.TaskSucceeded(event_id=ev.terminal_id(task_id), task_id=task_id, tenant="acme"))
+        await bus.publish(
+            ev.TaskSucceeded(event_id=ev.terminal_id(task_id), task_id=task_id, tenant="acme")
+        )
 
     loop = asyncio.get_running_loop()
     began = loop.time()
     async with asyncio.TaskGroup() as tg:
-        waiting = tg.create_task(http.get(f"{gateway.url}/v1/tasks/{task_id}?wait=30", headers=auth(token)))
+        waiting = tg.create_task(
+            http.get(f"{gateway.url}/v1/tasks/{task_id}?wait=30", headers=auth(token))
+        )
         await asyncio.sleep(0)  # let the request go out before the task ends
         tg.create_task(finish())
     async with waiting.result() as r:
@@ -291,7 +364,9 @@ async def test_nats_down_gives_503_then_recovers(
     try:
         loop = asyncio.get_running_loop()
         began = loop.time()
-        async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "down"}, headers=auth(token)) as r:
+        async with http.post(
+            f"{gateway.url}/v1/tasks", json={"prompt": "down"}, headers=auth(token)
+        ) as r:
             assert r.status == 503
             assert (await r.json())["error"]["code"] == "unavailable"
         assert loop.time() - began < 2.5
@@ -302,7 +377,9 @@ async def test_nats_down_gives_503_then_recovers(
     # the gateway reconnects by itself; wait for the condition, not a guessed time
     deadline = loop.time() + 20
     while True:
-        async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "up"}, headers=auth(token)) as r:
+        async with http.post(
+            f"{gateway.url}/v1/tasks", json={"prompt": "up"}, headers=auth(token)
+        ) as r:
             if r.status == 202:
                 break
             assert r.status == 503

@@ -1,7 +1,9 @@
 """structlog, configured once in each program's ``main``.
 
-JSON lines when stderr is not a terminal, the console renderer when it is. Standard-library
-loggers (aiohttp, nats, botocore) are routed through the same processors.
+JSON lines when stderr is not a terminal, the console renderer when it is. Our own loggers are
+structlog-native (a filtering bound logger writing straight to stderr: the fast path, one
+summary line per request or message); standard-library loggers (aiohttp, nats, botocore) are
+routed through the same processors and renderer.
 """
 
 from __future__ import annotations
@@ -9,41 +11,46 @@ from __future__ import annotations
 import logging
 import sys
 
+import msgspec
 import structlog
+
+_encoder = msgspec.json.Encoder()
+
+
+def _dumps(obj: object, **_: object) -> str:
+    try:
+        return _encoder.encode(obj).decode()
+    except TypeError:
+        return msgspec.json.encode({k: str(v) for k, v in dict(obj).items()}).decode()  # type: ignore[call-overload]
 
 
 def configure(level: str = "INFO", *, json: bool | None = None) -> None:
     use_json = not sys.stderr.isatty() if json is None else json
+    numeric = logging.getLevelNamesMapping()[level.upper()]
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.stdlib.ExtraAdder(),
     ]
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if use_json
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # aiohttp's access log duplicates our one summary line per request.
+    root.setLevel(numeric)
+    # aiohttp's access log would repeat our one summary line per request.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,105 @@
+"""``sandstream storage``: store results of finished tasks (settings from the environment).
+
+SIGTERM or SIGINT stops fetching, lets in-flight results finish (bounded), then drains NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NATS
+
+from services.storage.service import DURABLE, StorageService
+from shared import logging, settings
+from shared.blobstore import open_store
+from shared.bus import Bus, StreamSettings, connect
+from shared.errors import Unavailable
+
+log = structlog.get_logger("sandstream.storage")
+
+
+async def serve(config: settings.Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run the storage service until ``stop`` is set (or SIGTERM/SIGINT arrives).
+
+    Raises :class:`Unavailable` if NATS cannot be reached at start, ``SystemExit`` for a
+    malformed storage URL.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            store = await open_store(config.results_url, endpoint_url=config.s3_endpoint_url)
+        except ValueError as exc:
+            raise SystemExit(f"sandstream storage: bad SANDSTREAM_STORAGE_URL: {exc}") from None
+        stack.push_async_callback(store.close)
+        nc = await connect(config.nats_url, name="sandstream-storage")
+        stack.push_async_callback(_drain, nc)
+        bus = Bus(
+            nc,
+            StreamSettings(
+                name=config.stream,
+                subject_prefix=config.subject_prefix,
+                replicas=config.stream_replicas,
+                duplicate_window_s=config.duplicate_window_s,
+            ),
+        )
+        await bus.ensure_stream()
+        service = StorageService(
+            bus=bus,
+            store=store,
+            durable=config.consumer_prefix + DURABLE,
+            concurrency=config.max_concurrent,
+            ack_wait=config.ack_wait_s,
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            stack.callback(loop.remove_signal_handler, sig)
+
+        runner = asyncio.create_task(service.run(), name="storage-worker")
+        stack.push_async_callback(_cancel, runner)
+        log.info("storage started", store=store.url, stream=config.stream)
+        stopping = asyncio.create_task(stop.wait(), name="storage-stop")
+        try:
+            await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel(stopping)
+        if runner.done():
+            await runner  # the worker crashed: let its error show
+        else:
+            log.info("storage stopping")
+            await service.stop(grace=10.0)
+            # In-flight results are finished; the worker may still sit in a fetch for up to
+            # its timeout: end it now (a batch fetched meanwhile comes back after ack_wait).
+            await _cancel(runner)
+    log.info("storage stopped")
+
+
+async def _drain(nc: NATS) -> None:
+    with contextlib.suppress(Exception):
+        await nc.drain()
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it, without re-raising its outcome (already reported)."""
+    if not task.done():
+        task.cancel()
+    await asyncio.wait({task})
+
+
+def main() -> None:
+    logging.configure()
+    config = settings.load()
+    try:
+        asyncio.run(serve(config))
+    except Unavailable as exc:
+        log.error("storage cannot start", error=str(exc))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The stored result of a task (``tasks/<task_id>/result.json``), as API.md defines it.
+
+The storage service writes it; the gateway serves it (``GET /v1/tasks/{id}/result``). Its JSON
+Schema (:func:`result_schema`) is generated from :class:`TaskResult`, like the events' schemas.
+Object keys are deterministic and named by the task, so a redelivery overwrites the same objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal, TypeAlias
+
+import msgspec
+
+from shared.events import ErrorInfo
+
+ResultStatus: TypeAlias = Literal["succeeded", "failed", "cancelled", "timed_out"]
+
+RESULT_FILE: Final = "result.json"
+TRANSCRIPT_FILE: Final = "transcript.jsonl"
+DIFF_FILE: Final = "diff.patch"
+
+CONTENT_TYPES: Final = {
+    RESULT_FILE: "application/json",
+    TRANSCRIPT_FILE: "application/x-ndjson",
+    DIFF_FILE: "text/x-diff; charset=utf-8",
+}
+
+
+class SandboxInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The sandbox the task ran in and what it used (from the lifecycle's ``SandboxStopped``)."""
+
+    image: str = ""
+    cpu_seconds: float = 0.0
+    memory_peak_bytes: int = 0
+    wall_ms: int = 0
+
+
+class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
+    """``result.json``: the outcome of one task, with the agent's final answer and usage."""
+
+    task_id: str
+    status: ResultStatus
+    text: str = ""
+    is_error: bool = False
+    exit_code: int | None = None
+    num_turns: int = 0
+    total_cost_usd: float = 0.0
+    usage: dict[str, Any] = msgspec.field(default_factory=dict)
+    session_id: str = ""
+    permission_denials: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    duration_ms: int = 0
+    diff: str = ""
+    files_changed: list[str] = msgspec.field(default_factory=list)
+    sandbox: SandboxInfo = msgspec.field(default_factory=SandboxInfo)
+    error: ErrorInfo | None = None
+
+
+def task_prefix(task_id: str) -> str:
+    """The folder of a task's objects, ending in ``/``."""
+    return f"tasks/{task_id}/"
+
+
+def result_key(task_id: str) -> str:
+    return task_prefix(task_id) + RESULT_FILE
+
+
+def transcript_key(task_id: str) -> str:
+    return task_prefix(task_id) + TRANSCRIPT_FILE
+
+
+def diff_key(task_id: str) -> str:
+    return task_prefix(task_id) + DIFF_FILE
+
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[TaskResult] = msgspec.json.Decoder(TaskResult)
+
+
+def encode_result(result: TaskResult) -> bytes:
+    """Deterministic JSON (the same result always gives the same bytes and sha256)."""
+    return _encoder.encode(result)
+
+
+def decode_result(data: bytes) -> TaskResult:
+    """Parse a stored ``result.json``; raises ``msgspec.DecodeError`` on bad data."""
+    return _decoder.decode(data)
+
+
+def result_schema() -> dict[str, Any]:
+    """JSON Schema of ``result.json`` (for ``schemas/result.json``)."""
+    return msgspec.json.schema(TaskResult)

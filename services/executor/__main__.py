@@ -1,0 +1,121 @@
+"""``python -m services.executor`` (and ``sandstream executor``): the executor service.
+
+Configured by the environment (``shared.settings.load``; the model credential from
+``ANTHROPIC_API_KEY`` or ``CLAUDE_CODE_OAUTH_TOKEN``). The model proxy re-binds the sockets a
+previous executor left before anything else, so agents that are mid-run keep their model.
+SIGTERM/SIGINT stop fetching; in-flight handlers get a few seconds, then are cancelled (their
+agents keep running in the sandboxes, and the redelivered messages re-attach to them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from typing import Any
+
+import structlog
+
+from services.executor.model_proxy import Credential, ModelProxy
+from services.executor.service import DURABLE, Executor
+from shared import logging as slog
+from shared.bus import Bus, StreamSettings, connect
+from shared.errors import Unavailable
+from shared.sandbox import DockerDriver
+from shared.settings import Settings, load
+
+log = structlog.get_logger("sandstream.executor")
+
+STOP_GRACE_S = 5.0
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run the executor until ``stop`` is set or SIGTERM/SIGINT arrives.
+
+    Raises :class:`Unavailable` when NATS or Docker cannot be reached at start.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    credential = Credential.from_env()
+    async with contextlib.AsyncExitStack() as stack:
+        proxy = ModelProxy(
+            socket_dir=settings.model_socket_dir,
+            upstream=settings.model_upstream,
+            credential=credential,
+        )
+        await proxy.start()
+        stack.push_async_callback(proxy.close)
+        adopted = await proxy.adopt_existing()
+        nc = await connect(settings.nats_url, name="sandstream-executor")
+        stack.push_async_callback(_drain, nc)
+        bus = Bus(
+            nc,
+            StreamSettings(
+                name=settings.stream,
+                subject_prefix=settings.subject_prefix,
+                replicas=settings.stream_replicas,
+                duplicate_window_s=settings.duplicate_window_s,
+            ),
+        )
+        await bus.ensure_stream()
+        driver = await DockerDriver.connect()
+        stack.push_async_callback(driver.close)
+        executor = Executor(bus=bus, driver=driver, proxy=proxy)
+        worker = executor.worker(
+            durable=settings.consumer_prefix + DURABLE,
+            concurrency=settings.max_concurrent,
+            ack_wait=settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            stack.callback(loop.remove_signal_handler, sig)
+        runner = asyncio.create_task(worker.run(), name="executor-worker")
+        stack.push_async_callback(_cancel, runner)
+        log.info(
+            "executor running",
+            stream=settings.stream,
+            upstream=settings.model_upstream,
+            credential=credential.kind if credential else "none",
+            sockets=str(settings.model_socket_dir),
+            adopted=len(adopted),
+        )
+        stopping = asyncio.create_task(stop.wait(), name="executor-stop")
+        try:
+            await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel(stopping)
+        if not runner.done():
+            log.info("executor stopping")
+            await worker.stop(timeout=STOP_GRACE_S)
+        await _cancel(runner)
+        if runner.done() and not runner.cancelled() and runner.exception() is not None:
+            raise runner.exception()  # type: ignore[misc]
+    log.info("executor stopped")
+
+
+async def _drain(nc: Any) -> None:
+    with contextlib.suppress(Exception):
+        await nc.drain()
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    if not task.done():
+        task.cancel()
+    await asyncio.wait({task})
+
+
+def main() -> int:
+    settings = load()
+    slog.configure(os.environ.get("SANDSTREAM_LOG_LEVEL", "INFO"))
+    try:
+        asyncio.run(serve(settings))
+    except Unavailable as exc:
+        log.error("executor cannot start", error=str(exc))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

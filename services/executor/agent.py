@@ -1,0 +1,461 @@
+"""The agent run, as pure functions: command line, environment, in-sandbox script, parsing.
+
+Nothing here does I/O. The executor (``service.py``) runs :func:`wrapper_script` inside the
+sandbox through the driver and feeds what comes back to :class:`Transcript` and
+:func:`parse_collected`.
+
+How a run looks inside the sandbox (all under :data:`RUN_DIR`, on the sandbox's tmpfs):
+
+- ``mkdir RUN_DIR`` is the lock: the first exec that creates it starts the agent; any later
+  exec (a redelivery, a restarted executor) finds it and only re-attaches. So the agent runs at
+  most once per sandbox, whatever happens to the executor.
+- Before starting, the workspace is committed (``git init`` when needed) and the commit id is
+  kept in ``base``, so the diff at the end shows exactly what the agent changed, untracked
+  files included.
+- socat bridges ``127.0.0.1:<port>`` to the model proxy's Unix socket, fully detached (a
+  background process holding the exec's stdout open would make ``docker exec`` wait).
+- The CLI runs in its own session (``setsid``), reads the prompt from a file (argv strings are
+  limited to 128 KiB; prompts may be bigger), writes stream-json to ``out.jsonl``, stderr to
+  ``err.log``, and its exit code to ``exit`` when done (atomically, by rename).
+- The same exec then follows ``out.jsonl`` from a given line (``tail -F --pid``) until the
+  run has ended, and prints a block marked by a per-exec random nonce: exit code, OOM-kill
+  count, changed files and the diff. The nonce cannot occur in the CLI's output.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+import msgspec
+
+from shared.events import TaskSpec
+
+RUN_DIR: Final = "/tmp/.sandstream-run"
+HOME_DIR: Final = "/tmp/.sandstream-home"
+WORKSPACE: Final = "/workspace"
+MODEL_SOCKET: Final = "/run/sandstream/model.sock"
+DEFAULT_PORT: Final = 4000
+PLACEHOLDER_KEY: Final = "sandstream-placeholder"
+CLI: Final = "claude"
+DEFAULT_MAX_RETRIES: Final = 3
+"""``CLAUDE_CODE_MAX_RETRIES`` in the sandbox.
+
+The CLI ignores ``retry-after`` and, by default, retries a failing model call 10 times over
+~173 s. Low enough that a dead upstream fails the run quickly, high enough (~3.5 s of
+backoff) to ride out an executor restart, whose proxy socket reappears within a second.
+"""
+PROMPT_CHUNK: Final = 16 * 1024
+"""Prompt characters per argv string (≤ 64 KiB of UTF-8, well under Linux's 128 KiB cap)."""
+MAX_DIFF_BYTES: Final = 384 * 1024
+
+# Exit statuses and markers of the in-sandbox script (on the exec's stderr).
+MARK_STARTED: Final = "sandstream: started"
+MARK_ATTACHED: Final = "sandstream: attached"
+
+
+def command(spec: TaskSpec) -> list[str]:
+    """The CLI's argv for a task (the prompt goes in through stdin, see module docs)."""
+    argv = [
+        CLI,
+        "-p",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--permission-mode",
+        "acceptEdits",
+    ]
+    if spec.max_turns is not None:
+        argv += ["--max-turns", str(spec.max_turns)]
+    if spec.model:
+        argv += ["--model", spec.model]
+    if spec.allowed_tools:
+        # Variadic option: it must come last, so nothing after it is taken for a tool.
+        argv += ["--allowedTools", *spec.allowed_tools]
+    return argv
+
+
+def environment(
+    *, port: int = DEFAULT_PORT, max_retries: int = DEFAULT_MAX_RETRIES
+) -> dict[str, str]:
+    """The agent's environment inside the sandbox: a placeholder key, never the real one."""
+    return {
+        "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
+        "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "CLAUDE_CODE_MAX_RETRIES": str(max_retries),
+        "HOME": HOME_DIR,
+        "LANG": "C.UTF-8",
+    }
+
+
+def prompt_chunks(prompt: str, size: int = PROMPT_CHUNK) -> list[str]:
+    """The prompt split into argv-sized strings (at least one, possibly empty)."""
+    return [prompt[i : i + size] for i in range(0, len(prompt), size)] or [""]
+
+
+_SCRIPT: Final = r"""
+set -u
+R=__RUN_DIR__
+W=__WORKSPACE__
+S=__SOCKET__
+mode=$1; shift
+case "$mode" in
+run)
+    # The agent itself, in its own session (so a kill reaches all it started).
+    cd "$W" || exit 1
+    "$@" <"$R/prompt" >"$R/out.jsonl" 2>"$R/err.log"
+    echo $? >"$R/exit.tmp" && mv "$R/exit.tmp" "$R/exit"
+    exit 0
+    ;;
+kill)
+    pid=$(cat "$R/pid" 2>/dev/null) || exit 0
+    kill -TERM -- "-$pid" 2>/dev/null
+    for _ in $(seq 50); do [ -f "$R/exit" ] && exit 0; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null
+    exit 0
+    ;;
+follow)
+    from=$1; port=$2; nonce=$3; ncmd=$4; shift 4
+    cmd=("${@:1:$ncmd}"); shift "$ncmd"
+    if mkdir "$R" 2>/dev/null; then
+        mkdir -p "${HOME:-/tmp/.sandstream-home}"
+        printf '%s' "$@" >"$R/prompt"
+        : >"$R/out.jsonl"
+        (
+            cd "$W" && { [ -d .git ] || git init -q; } && git add -A \
+                && git commit -q --allow-empty --no-verify -m "sandstream: before the run" \
+                && git rev-parse HEAD >"$R/base"
+        ) >"$R/git.log" 2>&1
+        socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$S" \
+            </dev/null >"$R/socat.log" 2>&1 &
+        hex=$(printf ':%04X 00000000:0000 0A' "$port")
+        for _ in $(seq 200); do grep -q "$hex" /proc/net/tcp && break; sleep 0.005; done
+        setsid bash -c "$BASH_EXECUTION_STRING" sandstream run "${cmd[@]}" \
+            </dev/null >/dev/null 2>&1 &
+        echo $! >"$R/pid.tmp" && mv "$R/pid.tmp" "$R/pid"
+        echo "__STARTED__" >&2
+    else
+        echo "__ATTACHED__" >&2
+    fi
+    # A lock without a pid: the claim was made but the start was cut short; give it a moment.
+    for _ in $(seq 100); do [ -f "$R/pid" ] && break; sleep 0.05; done
+    if [ -f "$R/pid" ]; then
+        tail -n "+$((from + 1))" -s 0.05 --pid="$(cat "$R/pid")" -F "$R/out.jsonl" 2>/dev/null
+    fi
+    echo "$nonce"
+    echo "exit=$(cat "$R/exit" 2>/dev/null)"
+    echo "pid=$(cat "$R/pid" 2>/dev/null)"
+    echo "oom=$(sed -n 's/^oom_kill //p' /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null)"
+    echo "stderr=$(tail -c 2000 "$R/err.log" 2>/dev/null | tr '\n\r' '  ')"
+    base=$(cat "$R/base" 2>/dev/null)
+    if [ -n "$base" ] && cd "$W" 2>/dev/null; then
+        export GIT_INDEX_FILE="$R/index"
+        git read-tree "$base" >/dev/null 2>&1 && git add -A >/dev/null 2>&1
+        git -c core.quotePath=false diff --cached --name-only "$base" >"$R/names" 2>/dev/null
+        echo "files=$(wc -l <"$R/names")"
+        cat "$R/names"
+        git -c core.quotePath=false diff --cached --binary "$base" 2>/dev/null \
+            | head -c __MAX_DIFF__
+    else
+        echo "files=0"
+    fi
+    exit 0
+    ;;
+esac
+echo "sandstream: unknown mode $mode" >&2
+exit 2
+"""
+
+
+def wrapper_script(
+    *,
+    run_dir: str = RUN_DIR,
+    workspace: str = WORKSPACE,
+    socket: str = MODEL_SOCKET,
+    max_diff_bytes: int = MAX_DIFF_BYTES,
+) -> str:
+    """The bash script run inside the sandbox (``bash -c SCRIPT sandstream <mode> ...``)."""
+    return (
+        _SCRIPT.replace("__RUN_DIR__", shlex.quote(run_dir))
+        .replace("__WORKSPACE__", shlex.quote(workspace))
+        .replace("__SOCKET__", shlex.quote(socket))
+        .replace("__MAX_DIFF__", str(max_diff_bytes + 1))
+        .replace("__STARTED__", MARK_STARTED)
+        .replace("__ATTACHED__", MARK_ATTACHED)
+    )
+
+
+def follow_argv(
+    script: str,
+    spec: TaskSpec,
+    *,
+    from_line: int,
+    nonce: str,
+    port: int = DEFAULT_PORT,
+) -> list[str]:
+    """Start the run if nobody has, then stream ``out.jsonl`` from ``from_line`` (0-based)."""
+    cmd = command(spec)
+    return [
+        "bash",
+        "-c",
+        script,
+        "sandstream",
+        "follow",
+        str(from_line),
+        str(port),
+        nonce,
+        str(len(cmd)),
+        *cmd,
+        *prompt_chunks(spec.prompt),
+    ]
+
+
+def kill_argv(script: str) -> list[str]:
+    """Stop the run (TERM to its session, KILL after 5 s); a no-op when there is none."""
+    return ["bash", "-c", script, "sandstream", "kill"]
+
+
+# ---- what comes back ---------------------------------------------------------------------
+
+
+class Collected(msgspec.Struct, frozen=True, kw_only=True):
+    """The block the follow exec prints after the run has ended."""
+
+    exit_code: int | None
+    """``None`` when the run has no exit file (it never started, or was cut short)."""
+    started: bool
+    """The run had a pid: it was started at some point."""
+    oom_kills: int = 0
+    stderr_tail: str = ""
+    files_changed: list[str] = msgspec.field(default_factory=list)
+    diff: str = ""
+    diff_truncated: bool = False
+
+
+def parse_collected(lines: Sequence[str], *, max_diff_bytes: int = MAX_DIFF_BYTES) -> Collected:
+    """Parse the lines after the nonce (see :func:`wrapper_script`); tolerant of cut output."""
+    fields: dict[str, str] = {}
+    i = 0
+    while i < len(lines) and "=" in lines[i]:
+        key, _, value = lines[i].partition("=")
+        fields[key] = value
+        i += 1
+        if key == "files":
+            break
+    try:
+        count = int(fields.get("files", "0").strip() or 0)
+    except ValueError:
+        count = 0
+    names = [unquote_git_path(n) for n in lines[i : i + count] if n]
+    diff_lines = lines[i + count :]
+    diff = "\n".join(diff_lines)
+    if diff and not diff.endswith("\n"):
+        diff += "\n"
+    raw = diff.encode()
+    truncated = len(raw) > max_diff_bytes
+    if truncated:
+        diff = raw[:max_diff_bytes].decode(errors="ignore")
+        diff += f"\n[sandstream: diff truncated at {max_diff_bytes} bytes]\n"
+    return Collected(
+        exit_code=_int_or_none(fields.get("exit")),
+        started=bool(fields.get("pid", "").strip()),
+        oom_kills=_int_or_none(fields.get("oom")) or 0,
+        stderr_tail=fields.get("stderr", "").strip(),
+        files_changed=names,
+        diff=diff,
+        diff_truncated=truncated,
+    )
+
+
+def _int_or_none(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        return int(raw.strip())
+    except ValueError:
+        return None
+
+
+_GIT_ESCAPES: Final = {
+    "a": 7,
+    "b": 8,
+    "t": 9,
+    "n": 10,
+    "v": 11,
+    "f": 12,
+    "r": 13,
+    '"': 34,
+    "\\": 92,
+}
+
+
+def unquote_git_path(name: str) -> str:
+    """Undo git's C-style quoting of unusual path names (``"a\\tb"`` → ``a<TAB>b``)."""
+    if len(name) < 2 or not (name.startswith('"') and name.endswith('"')):
+        return name
+    body, out, i = name[1:-1], bytearray(), 0
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\" and i + 1 < len(body):
+            nxt = body[i + 1]
+            if nxt in _GIT_ESCAPES:
+                out.append(_GIT_ESCAPES[nxt])
+                i += 2
+                continue
+            octal = body[i + 1 : i + 4]
+            if len(octal) == 3 and all(c in "01234567" for c in octal):
+                out.append(int(octal, 8))
+                i += 4
+                continue
+        out += ch.encode()
+        i += 1
+    return out.decode(errors="replace")
+
+
+class AgentResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The CLI's final ``result`` object (API.md, "Result"), or what is known without it."""
+
+    found: bool
+    """A ``result`` line was seen."""
+    text: str = ""
+    is_error: bool = True
+    subtype: str = ""
+    num_turns: int = 0
+    total_cost_usd: float = 0.0
+    usage: dict[str, Any] = msgspec.field(default_factory=dict)
+    session_id: str = ""
+    permission_denials: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    duration_ms: int = 0
+
+
+_json = msgspec.json.Decoder()
+
+
+def _as_int(value: Any) -> int:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+class Transcript:
+    """Follows stream-json lines and keeps what the result needs; never raises on bad lines."""
+
+    def __init__(self) -> None:
+        self._result: dict[str, Any] | None = None
+        self.session_id = ""
+        self.last_text = ""
+        self.lines = 0
+
+    def feed(self, line: str) -> None:
+        self.lines += 1
+        text = line.strip()
+        if not text.startswith("{"):
+            return
+        try:
+            obj = _json.decode(text)
+        except msgspec.DecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type")
+        if isinstance(obj.get("session_id"), str) and obj["session_id"]:
+            self.session_id = obj["session_id"]
+        if kind == "result":
+            self._result = obj
+        elif kind == "assistant":
+            message = obj.get("message")
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                texts = [
+                    b["text"]
+                    for b in content
+                    if isinstance(b, dict)
+                    and b.get("type") == "text"
+                    and isinstance(b.get("text"), str)
+                ]
+                if texts:
+                    self.last_text = "\n".join(texts)
+
+    def feed_all(self, lines: Iterable[str]) -> Transcript:
+        for line in lines:
+            self.feed(line)
+        return self
+
+    def result(self) -> AgentResult:
+        r = self._result
+        if r is None:
+            return AgentResult(found=False, text=self.last_text, session_id=self.session_id)
+        usage = r.get("usage")
+        denials = r.get("permission_denials")
+        cost = r.get("total_cost_usd")
+        text = r.get("result")
+        if not isinstance(text, str):
+            errors = r.get("errors")
+            text = "; ".join(str(e) for e in errors) if isinstance(errors, list) else ""
+        return AgentResult(
+            found=True,
+            text=text,
+            is_error=bool(r.get("is_error", True)),
+            subtype=str(r.get("subtype") or ""),
+            num_turns=_as_int(r.get("num_turns")),
+            total_cost_usd=float(cost) if isinstance(cost, int | float) else 0.0,
+            usage=dict(usage) if isinstance(usage, dict) else {},
+            session_id=str(r.get("session_id") or self.session_id),
+            permission_denials=[d for d in denials if isinstance(d, dict)]
+            if isinstance(denials, list)
+            else [],
+            duration_ms=_as_int(r.get("duration_ms")),
+        )
+
+
+def parse_result(lines: Iterable[str]) -> AgentResult:
+    """The result of a whole stream-json transcript (see :class:`Transcript`)."""
+    return Transcript().feed_all(lines).result()
+
+
+def truncate_line(line: str, max_bytes: int) -> str:
+    """``line`` if it fits in ``max_bytes`` of UTF-8, else its head and a marker."""
+    raw = line.encode()
+    if len(raw) <= max_bytes:
+        return line
+    head = raw[:max_bytes].decode(errors="ignore")
+    return f"{head}…[sandstream: line truncated, {len(raw)} bytes]"
+
+
+def bounded_denials(denials: list[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]]:
+    """Permission denials fitting in about ``max_bytes`` (long tool inputs are shortened)."""
+    out: list[dict[str, Any]] = []
+    used = 0
+    for d in denials:
+        size = len(msgspec.json.encode(d))
+        if size > 4096:
+            d = _shorten(d, 1024)
+            size = len(msgspec.json.encode(d))
+        if used + size > max_bytes:
+            break
+        out.append(d)
+        used += size
+    return out
+
+
+def _shorten(value: Any, limit: int) -> Any:
+    if isinstance(value, str):
+        return truncate_line(value, limit)
+    if isinstance(value, dict):
+        return {k: _shorten(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shorten(v, limit) for v in value]
+    return value
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret replaced (belt and braces: none should be there)."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def env_lines(env: Mapping[str, str]) -> list[str]:
+    """``KEY=value`` lines, sorted (for logs and tests; holds no secret by construction)."""
+    return [f"{k}={v}" for k, v in sorted(env.items())]

@@ -1,0 +1,467 @@
+"""The model proxy: the sandbox's only way out, and the only holder of the real credential.
+
+One Unix socket per task at ``<socket_dir>/<task_id>/model.sock`` (the directory is
+bind-mounted into that task's sandbox at ``/run/sandstream``; socat inside makes it
+``http://127.0.0.1:<port>``). Each socket has its own small aiohttp runner, so the task a
+request belongs to is known from the socket it came in on, and removing a task cuts its
+connections.
+
+For every request it:
+
+- forwards only ``POST /v1/messages`` and ``POST /v1/messages/count_tokens`` (query string
+  kept) to the upstream; other ``/v1/`` paths get ``403``, anything else ``404``, both as
+  Anthropic-shaped JSON errors;
+- drops whatever credential the sandbox sent (``x-api-key``, ``authorization``) and adds the
+  real one: ``ANTHROPIC_API_KEY`` as ``x-api-key``, else ``CLAUDE_CODE_OAUTH_TOKEN`` as a
+  bearer token;
+- streams the answer back chunk by chunk (SSE passes through as it arrives);
+- counts requests and tokens per task (``message_start``/``message_delta`` usage of SSE
+  answers, ``usage`` of JSON ones), kept in memory and in ``usage.json`` next to the socket
+  so a restarted executor continues the count.
+
+The credential never appears in a log line, an error message or a response.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import aiohttp
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+log = structlog.get_logger("sandstream.model_proxy")
+
+SOCKET_NAME: Final = "model.sock"
+USAGE_FILE: Final = "usage.json"
+MESSAGES_PATHS: Final = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+OAUTH_BETA: Final = "oauth-2025-04-20"
+MAX_BODY: Final = 64 * 1024 * 1024
+MAX_JSON_USAGE_BODY: Final = 32 * 1024 * 1024
+_SUN_PATH_MAX: Final = 107
+_TASK_ID_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+_HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_DROP_REQUEST: Final = _HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "accept-encoding",  # the client session negotiates and decodes compression itself
+    "x-api-key",
+    "authorization",
+    "cookie",
+}
+_DROP_RESPONSE: Final = _HOP_BY_HOP | {"content-length", "content-encoding", "set-cookie"}
+
+TASK_KEY: Final = web.AppKey("task_id", str)
+
+
+class Credential:
+    """The real model credential. Its value is never part of its ``repr``/``str``."""
+
+    __slots__ = ("_value", "kind")
+
+    def __init__(self, kind: Literal["api_key", "oauth"], value: str) -> None:
+        if not value:
+            raise ValueError("empty credential")
+        self.kind = kind
+        self._value = value
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Credential | None:
+        """``ANTHROPIC_API_KEY``, else ``CLAUDE_CODE_OAUTH_TOKEN``, else ``None``."""
+        env = os.environ if env is None else env
+        if key := (env.get("ANTHROPIC_API_KEY") or "").strip():
+            return cls("api_key", key)
+        if token := (env.get("CLAUDE_CODE_OAUTH_TOKEN") or "").strip():
+            return cls("oauth", token)
+        return None
+
+    @property
+    def secret(self) -> str:
+        """The value itself: only for building headers and for redacting text."""
+        return self._value
+
+    def apply(self, headers: CIMultiDict[str]) -> None:
+        if self.kind == "api_key":
+            headers["x-api-key"] = self._value
+            return
+        headers["authorization"] = f"Bearer {self._value}"
+        betas = [b.strip() for b in headers.get("anthropic-beta", "").split(",") if b.strip()]
+        if OAUTH_BETA not in betas:
+            headers["anthropic-beta"] = ",".join([*betas, OAUTH_BETA])
+
+    def __repr__(self) -> str:
+        return f"Credential({self.kind}, <hidden>)"
+
+    __str__ = __repr__
+
+
+@dataclass
+class TaskUsage:
+    """What one task consumed through the proxy."""
+
+    requests: int = 0
+    upstream_errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    def add(self, usage: Mapping[str, int]) -> None:
+        self.input_tokens += usage.get("input_tokens", 0)
+        self.output_tokens += usage.get("output_tokens", 0)
+        self.cache_creation_input_tokens += usage.get("cache_creation_input_tokens", 0)
+        self.cache_read_input_tokens += usage.get("cache_read_input_tokens", 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskUsage:
+        known = {k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+_USAGE_KEYS: Final = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
+def _usage_of(raw: Any) -> dict[str, int]:
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        k: int(v)
+        for k in _USAGE_KEYS
+        if isinstance(v := raw.get(k), int | float) and not isinstance(v, bool)
+    }
+
+
+class SseUsage:
+    """Token usage of one streamed Messages answer, fed chunk by chunk.
+
+    ``message_start`` carries the input (and cache) tokens; ``message_delta`` carries the final,
+    cumulative output tokens (newer API versions repeat the others there too): later values
+    replace earlier ones. Only the tail of an incomplete event is buffered.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.usage: dict[str, int] = {}
+
+    def feed(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        if b"\n\n" not in self._buffer and b"\r\n\r\n" not in self._buffer:
+            if len(self._buffer) > 1024 * 1024:  # a giant event we do not care about
+                self._buffer = self._buffer[-64:]
+            return
+        text = self._buffer.replace(b"\r\n", b"\n")
+        *events, self._buffer = text.split(b"\n\n")
+        for event in events:
+            self._event(event)
+
+    def _event(self, raw: bytes) -> None:
+        data = b"".join(line[5:].lstrip() for line in raw.split(b"\n") if line.startswith(b"data:"))
+        if b'"message_start"' not in data and b'"message_delta"' not in data:
+            return
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if obj.get("type") == "message_start" and isinstance(obj.get("message"), dict):
+            self.usage.update(_usage_of(obj["message"].get("usage")))
+        elif obj.get("type") == "message_delta":
+            self.usage.update(_usage_of(obj.get("usage")))
+
+
+def _error(status: int, kind: str, message: str) -> web.Response:
+    body = {"type": "error", "error": {"type": kind, "message": message}}
+    return web.json_response(body, status=status)
+
+
+class _Site:
+    """One task's socket and the runner serving it."""
+
+    def __init__(self, runner: web.AppRunner, path: Path) -> None:
+        self.runner = runner
+        self.path = path
+
+
+class ModelProxy:
+    """Per-task Unix-socket listeners in front of the Messages API.
+
+    ``await proxy.start()`` before use, ``await proxy.close()`` at the end (or ``async with``).
+    Without a credential the proxy still serves, answering ``401`` to every forwardable call;
+    the executor fails such tasks before ever starting the agent.
+    """
+
+    def __init__(
+        self,
+        *,
+        socket_dir: Path,
+        upstream: str,
+        credential: Credential | None,
+        session: aiohttp.ClientSession | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 600.0,
+    ) -> None:
+        self.socket_dir = Path(socket_dir)
+        self.upstream = upstream.rstrip("/")
+        self.credential = credential
+        self._session = session
+        self._owns_session = session is None
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._sites: dict[str, _Site] = {}
+        self._usage: dict[str, TaskUsage] = {}
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> ModelProxy:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout, auto_decompress=True, trust_env=False
+            )
+        return self
+
+    async def close(self) -> None:
+        """Stop every listener and the upstream session.
+
+        Socket files and usage files stay: agents may still be running, and the next proxy
+        (:meth:`adopt_existing`) takes their sockets over.
+        """
+        for task_id in list(self._sites):
+            await self._stop_site(task_id, unlink=False)
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    async def __aenter__(self) -> ModelProxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- tasks --------------------------------------------------------------------------
+    def socket_path(self, task_id: str) -> Path:
+        return self.socket_dir / task_id / SOCKET_NAME
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._sites)
+
+    async def add_task(self, task_id: str) -> Path:
+        """Listen on the task's socket (idempotent); returns its path.
+
+        Creates ``<socket_dir>/<task_id>/`` when missing. A stale socket file (left by a
+        previous executor) is replaced. Raises ``ValueError`` for a task id that is not a safe
+        file name or a path too long for a Unix socket, ``OSError`` when binding fails.
+        """
+        if not _TASK_ID_RE.match(task_id):
+            raise ValueError(f"task id {task_id!r} is not usable as a socket directory name")
+        path = self.socket_path(task_id)
+        site = self._sites.get(task_id)
+        if site is not None:
+            if path.is_socket():
+                return path
+            await self._stop_site(task_id, unlink=False)  # its file is gone: bind again
+        if len(os.fsencode(path)) > _SUN_PATH_MAX:
+            raise ValueError(f"socket path too long for a Unix socket ({len(str(path))}): {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(path.parent, 0o755)  # uid 1000 in the sandbox must reach the socket
+        if task_id not in self._usage:
+            self._usage[task_id] = self._load_usage(task_id)
+            self._save_usage(task_id, self._usage[task_id])  # also marks the dir as ours
+        app = web.Application(client_max_size=MAX_BODY)
+        app[TASK_KEY] = task_id
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            unix_site = web.UnixSite(runner, str(path))
+            await unix_site.start()
+            os.chmod(path, 0o666)
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._sites[task_id] = _Site(runner, path)
+        log.debug("model socket listening", task_id=task_id)
+        return path
+
+    async def adopt_existing(self) -> list[str]:
+        """Listen again on every task socket left in ``socket_dir`` (after a restart).
+
+        A sandbox whose agent is mid-run keeps calling its socket; re-binding it at start-up,
+        before the task's message is redelivered, lets the CLI's retries succeed.
+        """
+        adopted: list[str] = []
+        if not self.socket_dir.is_dir():
+            return adopted
+        for entry in sorted(self.socket_dir.iterdir()):
+            if entry.is_dir() and (
+                (entry / SOCKET_NAME).is_socket() or (entry / USAGE_FILE).is_file()
+            ):
+                try:
+                    await self.add_task(entry.name)
+                except (ValueError, OSError) as exc:
+                    log.warning("cannot adopt model socket", task_id=entry.name, error=str(exc))
+                    continue
+                adopted.append(entry.name)
+        return adopted
+
+    async def remove_task(self, task_id: str) -> None:
+        """Stop listening for the task; remove its socket and usage files (absent is fine)."""
+        await self._stop_site(task_id, unlink=True)
+        self._usage.pop(task_id, None)
+        if _TASK_ID_RE.match(task_id):
+            for name in (SOCKET_NAME, USAGE_FILE):
+                with contextlib.suppress(OSError):
+                    (self.socket_dir / task_id / name).unlink()
+
+    async def _stop_site(self, task_id: str, *, unlink: bool) -> None:
+        site = self._sites.pop(task_id, None)
+        if site is None:
+            return
+        await site.runner.cleanup()
+        if unlink:
+            with contextlib.suppress(OSError):
+                site.path.unlink()
+
+    def usage(self, task_id: str) -> TaskUsage:
+        """Requests and tokens of the task so far (zeros for an unknown task)."""
+        found = self._usage.get(task_id)
+        if found is None:
+            found = self._load_usage(task_id)
+        return TaskUsage(**found.as_dict())
+
+    def _load_usage(self, task_id: str) -> TaskUsage:
+        try:
+            raw = (self.socket_dir / task_id / USAGE_FILE).read_bytes()
+            data = json.loads(raw)
+            return TaskUsage.from_dict(data) if isinstance(data, dict) else TaskUsage()
+        except (OSError, ValueError, TypeError):
+            return TaskUsage()
+
+    def _save_usage(self, task_id: str, usage: TaskUsage) -> None:
+        folder = self.socket_dir / task_id
+        tmp = folder / f".{USAGE_FILE}.tmp"
+        try:
+            tmp.write_text(json.dumps(usage.as_dict()))
+            tmp.replace(folder / USAGE_FILE)
+        except OSError as exc:
+            log.debug("usage not saved", task_id=task_id, error=str(exc))
+
+    # ---- requests ------------------------------------------------------------------------
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        task_id = request.app[TASK_KEY]
+        path = request.path
+        if path not in MESSAGES_PATHS:
+            if path.startswith("/v1/"):
+                return _error(
+                    403, "permission_error", "the Sandstream model proxy forwards only /v1/messages"
+                )
+            return _error(404, "not_found_error", f"not found: {path}")
+        if request.method != "POST":
+            return _error(405, "invalid_request_error", f"{request.method} not allowed on {path}")
+        if self.credential is None or self._session is None:
+            return _error(
+                401,
+                "authentication_error",
+                "no model credential is configured for Sandstream "
+                "(set ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN for the executor)",
+            )
+        usage = self._usage.setdefault(task_id, TaskUsage())
+        usage.requests += 1
+        started = time.monotonic()
+        body = await request.read()
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST
+        )
+        self.credential.apply(headers)
+        url = self.upstream + path
+        if request.query_string:
+            url += "?" + request.query_string
+        try:
+            upstream = await self._session.post(url, data=body, headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            usage.upstream_errors += 1
+            log.warning("model upstream unreachable", task_id=task_id, error=type(exc).__name__)
+            resp = _error(502, "api_error", "the model upstream cannot be reached")
+            resp.headers["x-should-retry"] = "true"
+            return resp
+        counted: dict[str, int] = {}
+        async with upstream:
+            if upstream.status >= 400:
+                usage.upstream_errors += 1
+            out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for key, value in upstream.headers.items():
+                if key.lower() not in _DROP_RESPONSE:
+                    out.headers.add(key, value)
+            content_type = upstream.headers.get("content-type", "")
+            sse = SseUsage() if "text/event-stream" in content_type else None
+            keep_json = (
+                sse is None
+                and path == "/v1/messages"
+                and upstream.status < 300
+                and "json" in content_type
+            )
+            json_body = bytearray()
+            try:
+                await out.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    if sse is not None:
+                        sse.feed(chunk)
+                    elif keep_json and len(json_body) < MAX_JSON_USAGE_BODY:
+                        json_body += chunk
+                    await out.write(chunk)
+                await out.write_eof()
+            except (aiohttp.ClientError, ConnectionError, TimeoutError) as exc:
+                # The upstream or the CLI went away mid-answer: nothing more can be sent.
+                log.info("model stream cut", task_id=task_id, error=type(exc).__name__)
+            finally:
+                if path == "/v1/messages":
+                    if sse is not None:
+                        counted = sse.usage
+                    elif keep_json:
+                        with contextlib.suppress(ValueError):
+                            parsed = json.loads(json_body)
+                            if isinstance(parsed, dict):
+                                counted = _usage_of(parsed.get("usage"))
+                    usage.add(counted)
+                self._save_usage(task_id, usage)
+        log.debug(
+            "model request",
+            task_id=task_id,
+            path=path,
+            status=upstream.status,
+            ms=round((time.monotonic() - started) * 1000, 1),
+            **counted,
+        )
+        return out

@@ -1,0 +1,476 @@
+"""The executor: on ``SandboxStarted``, run the agent in the task's sandbox and report it.
+
+One handler (:meth:`Executor.handle`) per ``SandboxStarted`` message, run by a durable
+:class:`~shared.worker.Worker` (consumer ``executor``). Events it publishes (docs/flow.md):
+
+- ``ExecutionStarted`` (``<task>:ExecutionStarted:<attempt>``): the claim of the run;
+- ``AgentOutput`` (``<task>:AgentOutput:<first line index>``): the CLI's stream-json lines in
+  batches of at most ``batch_lines`` lines, ``batch_interval_s`` seconds or ``max_event_bytes``;
+- exactly one of ``ExecutionCompleted`` / ``ExecutionFailed``
+  (``<task>:ExecutionEnded:<attempt>``).
+
+Crash safety: the run's lock lives in the sandbox (see ``agent.py``). A redelivered message
+(a restarted executor, a lost ack) re-attaches: it follows the output file from the line after
+the last published ``AgentOutput`` and collects the result when the run ends. Event ids are
+deterministic, so whatever was published twice is dropped by the stream.
+
+Outcomes: ``ExecutionCompleted`` only when the CLI exited 0 and said ``is_error: false``;
+otherwise ``ExecutionFailed`` with ``no_credential`` (checked before anything runs),
+``cli_error``, ``timeout`` (the executor's own backstop, a little after the task's deadline),
+``oom``, ``sandbox_lost`` (the sandbox vanished while the task was not yet ended: when the
+task already ended, e.g. the lifecycle timed it out or cancelled it, nothing is published),
+or ``internal``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets as secrets_mod
+import time
+from typing import Any, Final
+
+import msgspec
+import structlog
+
+from services.executor import agent
+from services.executor.model_proxy import ModelProxy
+from shared import events as ev
+from shared.bus import Bus
+from shared.errors import Retry
+from shared.sandbox import SandboxDriver, SandboxError, SandboxNotFound
+from shared.worker import Delivery, Worker
+
+log = structlog.get_logger("sandstream.executor")
+
+DURABLE: Final = "executor"
+KiB: Final = 1024
+
+NO_CREDENTIAL_MESSAGE: Final = (
+    "no model credential is configured: set ANTHROPIC_API_KEY (or CLAUDE_CODE_OAUTH_TOKEN) "
+    "in the executor's environment; it is used by the executor's model proxy and never "
+    "enters the sandbox"
+)
+
+
+class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
+    model_port: int = agent.DEFAULT_PORT
+    """Port of the in-sandbox forwarder to the model socket (``ANTHROPIC_BASE_URL``)."""
+    cli_max_retries: int = agent.DEFAULT_MAX_RETRIES
+    batch_lines: int = 64
+    batch_interval_s: float = 0.1
+    max_event_bytes: int = 256 * KiB
+    max_line_bytes: int = 192 * KiB
+    max_text_bytes: int = 128 * KiB
+    max_denials_bytes: int = 64 * KiB
+    max_diff_bytes: int = agent.MAX_DIFF_BYTES
+    deadline_grace_s: float = 5.0
+    """The executor stops the agent this long after the task's deadline (the lifecycle's
+    deadline normally ends the task first)."""
+
+
+class _History(msgspec.Struct, frozen=True, kw_only=True):
+    requested: ev.TaskRequested | None
+    ended: bool
+    terminal: bool
+    last_output: ev.AgentOutput | None
+
+
+class _Outcome(msgspec.Struct, kw_only=True):
+    collected: agent.Collected | None = None
+    """``None``: the follow stream ended without the closing block (sandbox gone?)."""
+    timed_out: bool = False
+    stderr: str = ""
+
+
+_END: Final = object()
+
+
+class Executor:
+    """Runs agents for ``SandboxStarted`` events. Dependencies come in as arguments."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        driver: SandboxDriver,
+        proxy: ModelProxy,
+        config: ExecutorConfig | None = None,
+    ) -> None:
+        self.bus = bus
+        self.driver = driver
+        self.proxy = proxy
+        self.config = config or ExecutorConfig()
+        self._script = agent.wrapper_script(max_diff_bytes=self.config.max_diff_bytes)
+        credential = proxy.credential
+        self._secrets = [credential.secret] if credential is not None else []
+
+    def worker(
+        self,
+        *,
+        durable: str = DURABLE,
+        concurrency: int = 8,
+        ack_wait: float = 10.0,
+        max_deliver: int = 8,
+    ) -> Worker:
+        """The durable consumer feeding :meth:`handle` (``<prefix>.*.SandboxStarted``)."""
+        return Worker(
+            bus=self.bus,
+            durable=durable,
+            subjects=[f"{self.bus.prefix}.*.SandboxStarted"],
+            handler=self.handle,
+            on_give_up=self.on_give_up,
+            concurrency=concurrency,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+        )
+
+    # ---- handler ----------------------------------------------------------------------------
+    async def handle(self, event: ev.AnyEvent, delivery: Delivery) -> None:
+        """Run (or re-attach to) the agent of one sandbox; publish its output and its end.
+
+        Raises :class:`~shared.errors.Unavailable` / :class:`Retry` for transient trouble
+        (NATS or Docker unreachable, the output stream cut while the sandbox lives): the
+        message comes back and the next delivery re-attaches.
+        """
+        if not isinstance(event, ev.SandboxStarted):
+            return
+        began = time.perf_counter()
+        history = await self._history(event.task_id)
+        if history.terminal or history.ended:
+            log.info("execution already over, skipped", terminal=history.terminal)
+            return
+        requested = history.requested
+        if requested is None:
+            raise Retry("the task's TaskRequested is not readable yet")
+        if self.proxy.credential is None:
+            await self._fail(event, "no_credential", NO_CREDENTIAL_MESSAGE)
+            log.warning("execution failed", code="no_credential")
+            return
+        outcome = await self._execute(event, requested, history)
+        log.info(
+            "execution ended",
+            outcome=outcome,
+            ms=round((time.perf_counter() - began) * 1000, 1),
+            delivery=delivery.num_delivered,
+        )
+
+    async def on_give_up(self, event: ev.AnyEvent, reason: str) -> None:
+        """After ``max_deliver``: end the execution as ``internal`` (the lifecycle cleans up)."""
+        if not isinstance(event, ev.SandboxStarted):
+            return
+        await self._fail(event, "internal", f"the executor gave up on this task: {reason}")
+        await self.proxy.remove_task(event.task_id)
+
+    # ---- steps ------------------------------------------------------------------------------
+    async def _history(self, task_id: str) -> _History:
+        names = (
+            "TaskRequested",
+            "ExecutionCompleted",
+            "ExecutionFailed",
+            "AgentOutput",
+            *(ev.type_name(t) for t in ev.TERMINAL_TYPES),
+        )
+        found = await asyncio.gather(*(self.bus.last(task_id, n) for n in names))
+        by_name = {n: r.event for n, r in zip(names, found, strict=True) if r is not None}
+        requested = by_name.get("TaskRequested")
+        output = by_name.get("AgentOutput")
+        return _History(
+            requested=requested if isinstance(requested, ev.TaskRequested) else None,
+            ended="ExecutionCompleted" in by_name or "ExecutionFailed" in by_name,
+            terminal=any(ev.type_name(t) in by_name for t in ev.TERMINAL_TYPES),
+            last_output=output if isinstance(output, ev.AgentOutput) else None,
+        )
+
+    async def _execute(
+        self, event: ev.SandboxStarted, requested: ev.TaskRequested, history: _History
+    ) -> str:
+        task_id, name, cfg = event.task_id, event.sandbox, self.config
+        spec = requested.spec
+        transcript = agent.Transcript()
+        next_line, next_batch = 0, 0
+        if (last := history.last_output) is not None:
+            next_line = _first_line(last) + len(last.lines)
+            next_batch = last.batch + 1
+            transcript.feed_all(last.lines)  # the result line may already be published
+        await self.bus.publish(
+            ev.ExecutionStarted(
+                event_id=ev.event_id(task_id, "ExecutionStarted", event.attempt),
+                task_id=task_id,
+                tenant=event.tenant,
+                causation_id=event.event_id,
+                sandbox=name,
+                attempt=event.attempt,
+            )
+        )
+        await self.proxy.add_task(task_id)
+        nonce = "sandstream-end-" + secrets_mod.token_hex(16)
+        argv = agent.follow_argv(
+            self._script, spec, from_line=next_line, nonce=nonce, port=cfg.model_port
+        )
+        env = agent.environment(port=cfg.model_port, max_retries=cfg.cli_max_retries)
+        deadline = requested.at.timestamp() + spec.timeout_s + cfg.deadline_grace_s
+        try:
+            outcome = await self._follow(
+                event, argv, env, nonce, transcript, next_line, next_batch, deadline
+            )
+        except SandboxNotFound:
+            outcome = _Outcome()
+        except SandboxError as exc:
+            if await self._sandbox_alive(name):
+                raise
+            log.info("exec refused by a stopped sandbox", error=str(exc))
+            outcome = _Outcome()
+        return await self._finish(event, spec, transcript, outcome)
+
+    async def _follow(
+        self,
+        event: ev.SandboxStarted,
+        argv: list[str],
+        env: dict[str, str],
+        nonce: str,
+        transcript: agent.Transcript,
+        next_line: int,
+        next_batch: int,
+        deadline: float,
+    ) -> _Outcome:
+        """Stream the run's output into ``AgentOutput`` batches until its closing block."""
+        cfg = self.config
+        outcome = _Outcome()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        stream = await self.driver.exec_stream(
+            event.sandbox, argv, env=env, workdir=agent.WORKSPACE
+        )
+
+        async def read() -> None:
+            try:
+                async for raw in stream.lines():
+                    queue.put_nowait(raw.decode("utf-8", errors="replace"))
+            except Exception as exc:  # handed to the consumer below, which re-raises it
+                queue.put_nowait(exc)
+            finally:
+                queue.put_nowait(_END)
+
+        pending: list[str] = []
+        pending_bytes = 0
+        first_at = 0.0
+        line_no, batch_no = next_line, next_batch
+        tail: list[str] | None = None
+        killer: asyncio.Task[Any] | None = None
+
+        async def flush() -> None:
+            nonlocal pending, pending_bytes, batch_no
+            if not pending:
+                return
+            first = line_no - len(pending)
+            await self.bus.publish(
+                ev.AgentOutput(
+                    event_id=ev.event_id(event.task_id, "AgentOutput", first),
+                    task_id=event.task_id,
+                    tenant=event.tenant,
+                    causation_id=event.event_id,
+                    batch=batch_no,
+                    lines=pending,
+                    attempt=event.attempt,
+                )
+            )
+            batch_no += 1
+            pending, pending_bytes = [], 0
+
+        async def add(line: str) -> None:
+            nonlocal pending_bytes, first_at, line_no
+            transcript.feed(line)
+            line = agent.truncate_line(agent.redact(line, self._secrets), cfg.max_line_bytes)
+            size = len(line.encode()) + 4
+            if pending and pending_bytes + size > cfg.max_event_bytes - 1024:
+                await flush()
+            if not pending:
+                first_at = time.monotonic()
+            pending.append(line)
+            pending_bytes += size
+            line_no += 1
+            if len(pending) >= cfg.batch_lines:
+                await flush()
+
+        reader = asyncio.create_task(read(), name=f"exec-read-{event.task_id}")
+        try:
+            async with stream:
+                while True:
+                    waits = [deadline - time.time()] if killer is None else []
+                    if pending:
+                        waits.append(first_at + cfg.batch_interval_s - time.monotonic())
+                    timeout = max(0.0, min(waits)) if waits else None
+                    try:
+                        item = await asyncio.wait_for(queue.get(), timeout)
+                    except TimeoutError:
+                        if pending and time.monotonic() >= first_at + cfg.batch_interval_s:
+                            await flush()
+                        if killer is None and time.time() >= deadline:
+                            log.warning("agent past its deadline, stopping it")
+                            outcome.timed_out = True
+                            killer = asyncio.create_task(
+                                asyncio.wait_for(
+                                    self.driver.exec(event.sandbox, agent.kill_argv(self._script)),
+                                    15.0,
+                                )
+                            )
+                        continue
+                    if item is _END:
+                        break
+                    if isinstance(item, Exception):
+                        raise item
+                    assert isinstance(item, str)
+                    if tail is not None:
+                        tail.append(item)
+                    elif item.endswith(nonce):
+                        if head := item[: -len(nonce)]:
+                            await add(head)  # the output's last line had no newline
+                        await flush()
+                        tail = []
+                    else:
+                        await add(item)
+                await flush()
+            outcome.stderr = stream.stderr.decode("utf-8", errors="replace")
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            if killer is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await killer
+        if tail is not None:
+            outcome.collected = agent.parse_collected(tail, max_diff_bytes=cfg.max_diff_bytes)
+        return outcome
+
+    async def _finish(
+        self,
+        event: ev.SandboxStarted,
+        spec: ev.TaskSpec,
+        transcript: agent.Transcript,
+        outcome: _Outcome,
+    ) -> str:
+        """Turn what the run left into the one end event; returns the outcome's name."""
+        task_id, name, cfg = event.task_id, event.sandbox, self.config
+        collected = outcome.collected
+        if collected is None:
+            if await self._sandbox_alive(name):
+                raise Retry("the agent's output stream ended early; re-attaching", delay=0.2)
+            history = await self._history(task_id)
+            await self.proxy.remove_task(task_id)
+            if history.terminal or history.ended:
+                return "sandbox removed after the task ended"
+            await self._fail(
+                event,
+                "sandbox_lost",
+                "the sandbox disappeared while the agent was running",
+                transcript=transcript,
+            )
+            return "sandbox_lost"
+
+        result = transcript.result()
+        tokens = self.proxy.usage(task_id).as_dict()
+        code: str | None = None
+        message = ""
+        exit_code = collected.exit_code
+        if not collected.started:
+            code, message = "internal", "the agent run was claimed but never started"
+        elif outcome.timed_out:
+            code = "timeout"
+            message = (
+                f"the agent ran past the task's timeout_s of {spec.timeout_s} seconds "
+                "and was stopped"
+            )
+        elif exit_code in (137, None) and (collected.oom_kills > 0 or await self._oom_killed(name)):
+            code, message = "oom", "the agent was killed for running out of memory"
+        elif exit_code != 0 or not result.found or result.is_error:
+            code = "cli_error"
+            message = _cli_error_message(exit_code, result, collected.stderr_tail)
+
+        common: dict[str, Any] = {
+            "event_id": ev.event_id(task_id, "ExecutionEnded", event.attempt),
+            "task_id": task_id,
+            "tenant": event.tenant,
+            "causation_id": event.event_id,
+            "attempt": event.attempt,
+            "text": agent.truncate_line(
+                agent.redact(result.text, self._secrets), cfg.max_text_bytes
+            ),
+            "num_turns": result.num_turns,
+            "total_cost_usd": result.total_cost_usd,
+            "usage": result.usage,
+            "session_id": result.session_id,
+            "permission_denials": agent.bounded_denials(
+                result.permission_denials, cfg.max_denials_bytes
+            ),
+            "duration_ms": result.duration_ms,
+            "diff": agent.redact(collected.diff, self._secrets),
+            "files_changed": collected.files_changed,
+        }
+        end: ev.Event
+        if code is None:
+            end = ev.ExecutionCompleted(**common, is_error=False, exit_code=0, model_tokens=tokens)
+        else:
+            end = ev.ExecutionFailed(
+                **common,
+                code=code,
+                message=agent.redact(message, self._secrets),
+                exit_code=exit_code,
+            )
+        await self.bus.publish(end)
+        await self.proxy.remove_task(task_id)
+        return code or "completed"
+
+    async def _fail(
+        self,
+        event: ev.SandboxStarted,
+        code: str,
+        message: str,
+        *,
+        transcript: agent.Transcript | None = None,
+    ) -> None:
+        extra: dict[str, Any] = {}
+        if transcript is not None:
+            result = transcript.result()
+            extra = {
+                "text": agent.truncate_line(
+                    agent.redact(result.text, self._secrets), self.config.max_text_bytes
+                ),
+                "session_id": result.session_id,
+            }
+        await self.bus.publish(
+            ev.ExecutionFailed(
+                event_id=ev.event_id(event.task_id, "ExecutionEnded", event.attempt),
+                task_id=event.task_id,
+                tenant=event.tenant,
+                causation_id=event.event_id,
+                attempt=event.attempt,
+                code=code,
+                message=agent.redact(message, self._secrets),
+                **extra,
+            )
+        )
+
+    async def _sandbox_alive(self, name: str) -> bool:
+        data = await self.driver.inspect(name)
+        return data is not None and bool((data.get("State") or {}).get("Running"))
+
+    async def _oom_killed(self, name: str) -> bool:
+        data = await self.driver.inspect(name)
+        return data is not None and bool((data.get("State") or {}).get("OOMKilled"))
+
+
+def _first_line(output: ev.AgentOutput) -> int:
+    """The file line index of an ``AgentOutput``'s first line (the last part of its id)."""
+    try:
+        return int(output.event_id.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _cli_error_message(exit_code: int | None, result: agent.AgentResult, stderr: str) -> str:
+    if result.found and result.is_error:
+        detail = result.text or result.subtype or "no detail"
+        return f"the agent reported an error ({result.subtype or 'error'}): {detail[:2000]}"
+    where = f"exited with code {exit_code}" if exit_code is not None else "ended without a status"
+    what = f"the agent {where}" + ("" if result.found else " without a result")
+    return f"{what}; stderr: {stderr[-1000:]}" if stderr else what

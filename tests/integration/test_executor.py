@@ -1,0 +1,313 @@
+"""The executor against real parts: dockerd, the sandbox image with the real CLI, nats-server,
+and the scripted fake Messages API as the model proxy's upstream.
+
+The sandbox is created here with :class:`shared.sandbox.DockerDriver` and the same hardened
+configuration the lifecycle uses; the test publishes ``TaskRequested`` and ``SandboxStarted``
+itself, so nothing but the executor is under test. Skipped when Docker or the image is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+import pytest
+import pytest_asyncio
+
+from services.executor import agent
+from services.executor.model_proxy import Credential, ModelProxy
+from services.executor.service import Executor
+from shared import events as ev
+from shared.bus import Bus
+from shared.errors import Unavailable
+from shared.sandbox import DockerDriver, SandboxSpec, sandbox_name
+from shared.settings import DEFAULT_IMAGE
+from tests.fakes.model import FakeModel, Reply, Text, ToolUse
+
+pytestmark = pytest.mark.docker
+
+SECRET = "sk-ant-test-" + uuid.uuid4().hex
+TENANT = "acme"
+
+
+@pytest_asyncio.fixture
+async def driver() -> AsyncIterator[DockerDriver]:
+    try:
+        d = await DockerDriver.connect()
+    except Unavailable as exc:
+        pytest.skip(f"no Docker engine: {exc}")
+    try:
+        try:
+            await d.docker.images.inspect(DEFAULT_IMAGE)
+        except Exception:
+            pytest.skip(f"sandbox image {DEFAULT_IMAGE} missing: run `make image`")
+        yield d
+    finally:
+        await d.close()
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    # Short on purpose: a Unix socket path must fit in 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="ss-exec-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest_asyncio.fixture
+async def fake() -> AsyncIterator[FakeModel]:
+    async with FakeModel() as f:
+        yield f
+
+
+@dataclass
+class Harness:
+    bus: Bus
+    driver: DockerDriver
+    fake: FakeModel
+    socket_dir: Path
+    sandboxes: list[str]
+
+    def proxy(self, credential: Credential | None = None) -> ModelProxy:
+        return ModelProxy(socket_dir=self.socket_dir, upstream=self.fake.url, credential=credential)
+
+    async def sandbox(self, task_id: str) -> str:
+        """A hardened sandbox exactly as the lifecycle makes it, started."""
+        folder = self.socket_dir / task_id
+        folder.mkdir(mode=0o755)
+        spec = SandboxSpec(
+            task_id=task_id,
+            tenant=TENANT,
+            image=DEFAULT_IMAGE,
+            deadline=time.time() + 600,
+            model_socket_dir=str(folder),
+        )
+        info = await self.driver.create(spec)
+        self.sandboxes.append(info.name)
+        await self.driver.start(info.name)
+        return info.name
+
+    async def submit(self, prompt: str, **spec: object) -> tuple[str, ev.SandboxStarted]:
+        """TaskRequested, a started sandbox, and SandboxStarted: what the executor waits for."""
+        task_id = ev.new_task_id()
+        await self.bus.publish(
+            ev.TaskRequested(
+                event_id=ev.event_id(task_id, "TaskRequested"),
+                task_id=task_id,
+                tenant=TENANT,
+                spec=msgspec.convert({"prompt": prompt, **spec}, ev.TaskSpec),
+            )
+        )
+        name = await self.sandbox(task_id)
+        started = ev.SandboxStarted(
+            event_id=ev.event_id(task_id, "SandboxStarted"),
+            task_id=task_id,
+            tenant=TENANT,
+            sandbox=name,
+            image=DEFAULT_IMAGE,
+        )
+        await self.bus.publish(started)
+        return task_id, started
+
+    async def history(self, task_id: str) -> list[ev.AnyEvent]:
+        return [r.event async for r in self.bus.read(self.bus.task_filter(task_id))]
+
+    async def raw_history(self) -> list[bytes]:
+        """Every stored message of the test's stream, as the bytes on the wire."""
+        out = []
+        last = await self.bus.last_sequence()
+        for seq in range(1, last + 1):
+            msg = await self.bus.js.get_msg(self.bus.stream.name, seq)
+            assert msg.data is not None
+            out.append(msg.data)
+        return out
+
+
+@pytest_asyncio.fixture
+async def harness(
+    bus: Bus, driver: DockerDriver, fake: FakeModel, socket_dir: Path
+) -> AsyncIterator[Harness]:
+    h = Harness(bus, driver, fake, socket_dir, [])
+    yield h
+    for name in h.sandboxes:
+        await driver.remove(name)
+
+
+def marker() -> str:
+    return f"[task {uuid.uuid4().hex[:10]}]"
+
+
+def ends(events: list[ev.AnyEvent]) -> list[ev.ExecutionCompleted | ev.ExecutionFailed]:
+    return [e for e in events if isinstance(e, ev.ExecutionCompleted | ev.ExecutionFailed)]
+
+
+def output_lines(events: list[ev.AnyEvent]) -> list[str]:
+    return [line for e in events if isinstance(e, ev.AgentOutput) for line in e.lines]
+
+
+async def test_write_task_completes_with_diff_and_the_key_stays_outside(
+    harness: Harness,
+) -> None:
+    tag = marker()
+    harness.fake.script(
+        match=tag, replies=[ToolUse.write("hello.txt", "hi\n"), Text("Wrote hello.txt")]
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, sandbox_started = await harness.submit(f"write hello {tag}")
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert end.event_id == f"{task_id}:ExecutionEnded:1"
+    assert end.exit_code == 0 and end.is_error is False
+    assert end.text == "Wrote hello.txt"
+    assert end.files_changed == ["hello.txt"]
+    assert "+++ b/hello.txt" in end.diff and "+hi" in end.diff
+    assert end.num_turns >= 2 and end.session_id
+    assert end.permission_denials == []
+    assert end.model_tokens["requests"] >= 2
+    assert end.model_tokens["input_tokens"] >= 200 and end.model_tokens["output_tokens"] >= 40
+
+    types = [ev.type_name(type(e)) for e in events]
+    assert types[:3] == ["TaskRequested", "SandboxStarted", "ExecutionStarted"]
+    assert types[-1] == "ExecutionCompleted"
+    started = next(e for e in events if isinstance(e, ev.ExecutionStarted))
+    assert started.event_id == f"{task_id}:ExecutionStarted:1"
+    outputs = [e for e in events if isinstance(e, ev.AgentOutput)]
+    assert outputs and outputs[0].event_id == f"{task_id}:AgentOutput:0"
+    lines = output_lines(events)
+    assert json.loads(lines[0])["type"] == "system"
+    assert json.loads(lines[-1])["type"] == "result"
+
+    # The real key reached the model; the sandbox and the events only ever had the placeholder.
+    main = harness.fake.main_requests()
+    assert main and {r.api_key for r in harness.fake.requests} == {SECRET}
+    inspect = await harness.driver.inspect(sandbox_name(task_id))
+    assert inspect is not None
+    assert SECRET not in json.dumps(inspect)
+    for raw in await harness.raw_history():
+        assert SECRET.encode() not in raw
+    elapsed = (end.at - sandbox_started.at).total_seconds()
+    print(f"\nSandboxStarted → ExecutionCompleted (a write, then a text reply): {elapsed:.3f}s")
+
+
+async def test_denied_bash_call_is_reported(harness: Harness) -> None:
+    tag = marker()
+    command = "python3 -c 'print(1)'"
+    harness.fake.script(match=tag, replies=[ToolUse.bash(command), Text("could not run it")])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(f"run python {tag}")
+        await executor.worker().run_until_idle()
+        (end,) = ends(await harness.history(task_id))
+
+    assert isinstance(end, ev.ExecutionCompleted), end
+    denials = [(d["tool_name"], d["tool_input"]["command"]) for d in end.permission_denials]
+    assert denials == [("Bash", command)]
+    assert end.text == "could not run it"
+    assert end.files_changed == [] and end.diff == ""
+
+
+async def test_no_credential_fails_without_running_the_agent(harness: Harness) -> None:
+    tag = marker()
+    harness.fake.script(match=tag, replies=[Text("should never be asked")])
+    async with harness.proxy(None) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(f"hello {tag}")
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionFailed)
+    assert end.code == "no_credential"
+    assert "ANTHROPIC_API_KEY" in end.message
+    assert not any(isinstance(e, ev.ExecutionStarted | ev.AgentOutput) for e in events)
+    assert harness.fake.requests == []
+    probe = await harness.driver.exec(sandbox_name(task_id), ["ls", "-a", "/tmp"])
+    assert b".sandstream-run" not in probe.output  # the run was never even claimed
+
+
+async def test_cli_error_is_reported_as_failure(harness: Harness) -> None:
+    tag = marker()
+    harness.fake.script(match=tag, replies=[Text("never")])
+    harness.fake.fail_next(50, status=400, match=tag)
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(f"bad request {tag}")
+        await executor.worker().run_until_idle()
+        (end,) = ends(await harness.history(task_id))
+
+    assert isinstance(end, ev.ExecutionFailed), end
+    assert end.code == "cli_error"
+    assert end.message
+
+
+async def test_killed_executor_reattaches_and_the_agent_runs_once(harness: Harness) -> None:
+    tag = marker()
+    release = asyncio.Event()
+    harness.fake.script(
+        match=tag,
+        replies=[ToolUse.write("a.txt", "a\n"), Reply(Text("finished"), hold=release)],
+    )
+    proxy = await harness.proxy(Credential("api_key", SECRET)).start()
+    first = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+    first_worker = first.worker(ack_wait=2.0)
+    run = asyncio.create_task(first_worker.run())
+    try:
+        task_id, _ = await harness.submit(f"two steps {tag}")
+        # The agent is mid-run: the second model turn is being held by the fake.
+        await harness.fake.wait_for(
+            lambda: any(r.reply_index == 1 for r in harness.fake.main_requests()), 60
+        )
+        name = sandbox_name(task_id)
+        environ = await harness.driver.exec(
+            name, ["bash", "-c", f"tr '\\0' '\\n' </proc/$(cat {agent.RUN_DIR}/pid)/environ"]
+        )
+        assert f"ANTHROPIC_API_KEY={agent.PLACEHOLDER_KEY}".encode() in environ.output
+        assert SECRET.encode() not in environ.output
+    finally:
+        # The executor dies: its handler is cut off, unacked, and its proxy goes away.
+        await first_worker.stop(timeout=0)
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        await proxy.close()
+
+    second_proxy = await harness.proxy(Credential("api_key", SECRET)).start()
+    try:
+        assert await second_proxy.adopt_existing() == [task_id]
+        second = Executor(bus=harness.bus, driver=harness.driver, proxy=second_proxy)
+        worker = second.worker(ack_wait=2.0)
+        rerun = asyncio.create_task(worker.run_until_idle(idle_timeout=3.0))
+        # The CLI's retry of the held call arrives through the new proxy; then let it finish.
+        await harness.fake.wait_for(
+            lambda: sum(r.reply_index == 1 for r in harness.fake.main_requests()) >= 2, 60
+        )
+        release.set()
+        await asyncio.wait_for(rerun, 120)
+    finally:
+        release.set()
+        await second_proxy.close()
+
+    events = await harness.history(task_id)
+    assert harness.fake.conversations_matching(tag) == 1
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert end.text == "finished" and end.files_changed == ["a.txt"]
+    assert sum(isinstance(e, ev.ExecutionStarted) for e in events) == 1
+    lines = output_lines(events)
+    assert len(lines) == len(set(lines)), "a line was published twice"
+    assert [json.loads(line)["type"] for line in lines][-1] == "result"
+    kinds = [(obj["type"], obj.get("subtype")) for obj in map(json.loads, lines)]
+    assert kinds.count(("system", "init")) == 1, kinds

@@ -10,9 +10,10 @@ from aiohttp import web
 
 from services.gateway.auth import TokenStore
 from services.gateway.http import errors_middleware
-from services.gateway.keys import AUTH, BUS_LINK, PROJECTION, SETTINGS
+from services.gateway.keys import AUTH, BUS_LINK, PROJECTION, RESULTS, SETTINGS
 from services.gateway.link import BusLink
 from services.gateway.projection import Projection
+from services.gateway.results import ResultReader
 from services.gateway.routes import routes
 from services.gateway.sse import routes as sse_routes
 from shared.bus import StreamSettings
@@ -46,13 +47,22 @@ async def _event_log(app: web.Application) -> AsyncIterator[None]:
     await link.close()
 
 
+async def _results(app: web.Application) -> AsyncIterator[None]:
+    reader = app[RESULTS]
+    await reader.open()
+    yield
+    await reader.close()
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[SETTINGS] = settings
     app[AUTH] = TokenStore(settings.tokens_path)
     app[BUS_LINK] = BusLink(settings.nats_url, stream_settings(settings))
     app[PROJECTION] = Projection()
+    app[RESULTS] = ResultReader(settings)
     app.cleanup_ctx.append(_event_log)
+    app.cleanup_ctx.append(_results)
     app.add_routes(routes)
     app.add_routes(sse_routes)
     return app

@@ -7,9 +7,11 @@ from aiohttp import web
 from services.gateway.auth import TokenStore
 from services.gateway.link import BusLink
 from services.gateway.projection import Projection
+from services.gateway.results import ResultReader
 from shared.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 AUTH = web.AppKey("auth", TokenStore)
 BUS_LINK = web.AppKey("bus_link", BusLink)
 PROJECTION = web.AppKey("projection", Projection)
+RESULTS = web.AppKey("results", ResultReader)

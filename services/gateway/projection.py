@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
+from collections.abc import Callable
 
 import structlog
 
@@ -49,14 +50,19 @@ class Projection:
         if waker is not None:
             waker.set()
 
-    async def wait_terminal(self, task_id: str, timeout: float) -> TaskState | None:
-        """Wait up to ``timeout`` seconds for the task to end; return its latest state."""
+    async def wait_until(
+        self, task_id: str, done: Callable[[TaskState], bool], timeout: float
+    ) -> TaskState | None:
+        """Wait up to ``timeout`` seconds for ``done(task)``; return the task's latest state.
+
+        Woken by the task's own events, never by polling.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             task = self.tasks.get(task_id)
             remaining = deadline - loop.time()
-            if (task is not None and task.status.terminal) or remaining <= 0:
+            if (task is not None and done(task)) or remaining <= 0:
                 return task
             changed = self._changed.setdefault(task_id, asyncio.Event())
             with contextlib.suppress(TimeoutError):
@@ -64,16 +70,17 @@ class Projection:
 
     async def wait_for_task(self, task_id: str, timeout: float) -> TaskState | None:
         """Wait until the projection has seen the task at all (after our own publish)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (task := self.tasks.get(task_id)) is None:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return None
-            changed = self._changed.setdefault(task_id, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
-        return task
+        return await self.wait_until(task_id, lambda _: True, timeout)
+
+    async def wait_terminal(self, task_id: str, timeout: float) -> TaskState | None:
+        return await self.wait_until(task_id, lambda t: t.status.terminal, timeout)
+
+    async def wait_stored(self, task_id: str, timeout: float) -> TaskState | None:
+        """Wait for the end *and* the stored result (timeouts and cancels store after ending)."""
+        task = await self.wait_until(
+            task_id, lambda t: t.status.terminal and t.result_location is not None, timeout
+        )
+        return task if task is not None and task.status.terminal else None
 
     async def follow(self, bus: Bus) -> None:
         """Fold the stream from the start, then live; survives NATS restarts."""

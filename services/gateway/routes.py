@@ -13,7 +13,7 @@ from aiohttp import web
 
 from services.gateway import models
 from services.gateway.http import ApiError, json_response, validation_error
-from services.gateway.keys import AUTH, BUS_LINK, PROJECTION
+from services.gateway.keys import AUTH, BUS_LINK, PROJECTION, RESULTS
 from shared import events as ev
 from shared.errors import Conflict
 from shared.state import TaskState
@@ -22,6 +22,7 @@ log = structlog.get_logger("sandstream.gateway")
 routes = web.RouteTableDef()
 
 MAX_WAIT_S = 60.0
+EXECUTE_MARGIN_S = 300.0
 PUBLISH_TIMEOUT_S = 1.5
 T = TypeVar("T")
 
@@ -213,7 +214,55 @@ async def get_task(request: web.Request) -> web.Response:
     task = _task(request, tenant)
     if wait > 0 and not task.status.terminal:
         task = await request.app[PROJECTION].wait_terminal(task.task_id, wait) or task
-    return json_response(view(task))
+    return json_response(await full_view(request, task))
+
+
+async def full_view(request: web.Request, task: TaskState) -> models.TaskView:
+    """The task's view, with its stored result once there is one."""
+    out = view(task)
+    if task.result_location is not None:
+        out.result = await request.app[RESULTS].get(task.task_id)
+    return out
+
+
+@routes.get("/v1/tasks/{task_id}/result")
+async def get_result(request: web.Request) -> web.Response:
+    tenant = authenticate(request)
+    task = _task(request, tenant)
+    result = await request.app[RESULTS].get(task.task_id) if task.result_location else None
+    if result is None:
+        raise ApiError(
+            404,
+            "result_not_ready",
+            f"task {task.task_id} has no stored result yet (status {task.status})",
+            field="task_id",
+        )
+    return json_response(result)
+
+
+@routes.post("/execute")
+async def execute(request: web.Request) -> web.Response:
+    """The synchronous form: submit, wait for the end and the stored result, answer both."""
+    body = await read_json(request, models.ExecuteRequest)
+    body_token = None if "Authorization" in request.headers else body.auth_token
+    if body_token is None and "Authorization" not in request.headers:
+        raise _unauthorized("send the token as `Authorization: Bearer <token>` or `auth_token`")
+    tenant = authenticate(request, body_token)
+    key = idempotency_key(request)
+    task_request = body.as_task()
+    task_id, _ = await submit(request, tenant, task_request, key)
+    structlog.contextvars.bind_contextvars(task_id=task_id)
+    projection = request.app[PROJECTION]
+    # The lifecycle ends the task by its deadline; the margin covers queueing and storing.
+    task = await projection.wait_stored(task_id, task_request.timeout_s + EXECUTE_MARGIN_S)
+    if task is None:
+        raise ApiError(504, "not_finished", f"task {task_id} did not finish in time")
+    out = await full_view(request, task)
+    return json_response(
+        models.ExecuteResponse(
+            task_id=task_id, status=out.status, result=out.result, error=out.error
+        )
+    )
 
 
 @routes.get("/v1/tasks")

@@ -1,0 +1,47 @@
+"""Reading stored results for the gateway, with a small cache (stored results do not change)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import msgspec
+
+from shared import results
+from shared.blobstore import BlobStore, open_store
+from shared.settings import Settings
+
+
+class ResultReader:
+    def __init__(self, settings: Settings, *, cache_size: int = 1024) -> None:
+        self.settings = settings
+        self.cache_size = cache_size
+        self._store: BlobStore | None = None
+        self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    async def open(self) -> None:
+        self._store = await open_store(
+            self.settings.results_url, endpoint_url=self.settings.s3_endpoint_url
+        )
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+    async def get(self, task_id: str) -> dict[str, Any] | None:
+        """``result.json`` of a task as a JSON object, or ``None`` if it is not stored.
+
+        Raises :class:`~shared.errors.Unavailable` when the store cannot be reached.
+        """
+        if (hit := self._cache.get(task_id)) is not None:
+            self._cache.move_to_end(task_id)
+            return hit
+        assert self._store is not None, "ResultReader.open() was not called"
+        raw = await self._store.get(results.result_key(task_id))
+        if raw is None:
+            return None
+        data: dict[str, Any] = msgspec.json.decode(raw)
+        self._cache[task_id] = data
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return data

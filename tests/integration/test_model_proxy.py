@@ -1,0 +1,276 @@
+"""The executor's model proxy over real Unix sockets, in front of the scripted fake Messages API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import stat
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+import structlog
+
+from services.executor.model_proxy import OAUTH_BETA, Credential, ModelProxy
+from tests.fakes.model import FakeModel, Reply, Text, ToolUse
+from tests.support.procs import free_port
+
+SECRET = "sk-ant-proxy-" + uuid.uuid4().hex
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ss-proxy-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest_asyncio.fixture
+async def fake() -> AsyncIterator[FakeModel]:
+    async with FakeModel() as f:
+        yield f
+
+
+@pytest_asyncio.fixture
+async def proxy(fake: FakeModel, socket_dir: Path) -> AsyncIterator[ModelProxy]:
+    async with ModelProxy(
+        socket_dir=socket_dir, upstream=fake.url, credential=Credential("api_key", SECRET)
+    ) as p:
+        yield p
+
+
+def body(prompt: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "claude-test",
+        "max_tokens": 1000,
+        "tools": [{"name": "Write", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}],
+        **extra,
+    }
+
+
+def client(path: Path) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path)))
+
+
+SANDBOX_HEADERS = {
+    "x-api-key": "sandstream-placeholder",
+    "authorization": "Bearer from-the-sandbox",
+    "anthropic-version": "2023-06-01",
+    "x-claude-code-session-id": "sess-1",
+}
+
+
+async def test_socket_is_per_task_and_reachable_by_anyone(
+    proxy: ModelProxy, socket_dir: Path
+) -> None:
+    path = await proxy.add_task("t_one")
+    assert path == socket_dir / "t_one" / "model.sock"
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666
+    assert stat.S_IMODE(path.parent.stat().st_mode) & 0o005 == 0o005
+    assert await proxy.add_task("t_one") == path  # idempotent
+    with pytest.raises(ValueError):
+        await proxy.add_task("../escape")
+    await proxy.remove_task("t_one")
+    assert not path.exists()
+    async with client(path) as http:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http.post("http://sandbox/v1/messages", json=body("x"))
+
+
+async def test_key_is_replaced_and_query_kept(proxy: ModelProxy, fake: FakeModel) -> None:
+    fake.script(replies=[Text("hello")])
+    path = await proxy.add_task("t_key")
+    async with client(path) as http:
+        resp = await http.post(
+            "http://sandbox/v1/messages?beta=true", json=body("hi"), headers=SANDBOX_HEADERS
+        )
+        assert resp.status == 200
+        answer = await resp.json()
+    assert answer["content"] == [{"type": "text", "text": "hello"}]
+    (rec,) = fake.requests
+    assert rec.path == "/v1/messages" and rec.query == {"beta": "true"}
+    assert rec.api_key == SECRET
+    assert rec.authorization is None
+    assert rec.headers["anthropic-version"] == "2023-06-01"
+    assert rec.headers["x-claude-code-session-id"] == "sess-1"
+    assert SECRET not in json.dumps(answer)
+
+
+async def test_oauth_token_goes_as_bearer(fake: FakeModel, socket_dir: Path) -> None:
+    fake.script(replies=[Text("hello")])
+    async with ModelProxy(
+        socket_dir=socket_dir, upstream=fake.url, credential=Credential("oauth", SECRET)
+    ) as proxy:
+        path = await proxy.add_task("t_oauth")
+        async with client(path) as http:
+            headers = {**SANDBOX_HEADERS, "anthropic-beta": "some-beta"}
+            resp = await http.post("http://sandbox/v1/messages", json=body("x"), headers=headers)
+            assert resp.status == 200
+    (rec,) = fake.requests
+    assert rec.authorization == f"Bearer {SECRET}"
+    assert rec.api_key is None
+    assert rec.headers["anthropic-beta"].split(",") == ["some-beta", OAUTH_BETA]
+
+
+async def test_only_the_messages_api_is_forwarded(proxy: ModelProxy, fake: FakeModel) -> None:
+    path = await proxy.add_task("t_paths")
+    async with client(path) as http:
+        cases = [
+            ("GET", "/v1/models", 403),
+            ("POST", "/v1/complete", 403),
+            ("POST", "/v1/messages/batches", 403),
+            ("GET", "/api/hello", 404),
+            ("POST", "/", 404),
+            ("GET", "/v1/messages", 405),
+        ]
+        for method, url, status in cases:
+            resp = await http.request(method, f"http://sandbox{url}", headers=SANDBOX_HEADERS)
+            assert resp.status == status, (method, url)
+            err = await resp.json()
+            assert err["type"] == "error" and err["error"]["message"], err
+        count = await http.post(
+            "http://sandbox/v1/messages/count_tokens", json=body("x"), headers=SANDBOX_HEADERS
+        )
+        assert count.status == 200 and (await count.json())["input_tokens"] > 0
+    assert [(r.method, r.path) for r in fake.requests] == [("POST", "/v1/messages/count_tokens")]
+    usage = proxy.usage("t_paths")
+    assert usage.requests == 1 and usage.input_tokens == 0  # counting is not consuming
+
+
+async def test_streaming_passes_through_as_it_arrives(proxy: ModelProxy, fake: FakeModel) -> None:
+    release = asyncio.Event()
+    fake.script(replies=[Reply(Text("streamed"), hold=release, input_tokens=123, output_tokens=45)])
+    path = await proxy.add_task("t_stream")
+    async with client(path) as http:
+        resp = await http.post(
+            "http://sandbox/v1/messages", json=body("s", stream=True), headers=SANDBOX_HEADERS
+        )
+        assert resp.status == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        # message_start comes through while the model still "thinks": nothing is buffered.
+        first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+        assert b"message_start" in first
+        assert not release.is_set()
+        release.set()
+        rest = (await resp.content.read()).decode()
+    assert "streamed" in rest and "message_stop" in rest
+    usage = proxy.usage("t_stream")
+    assert (usage.requests, usage.input_tokens, usage.output_tokens) == (1, 123, 45)
+
+
+async def test_tokens_are_counted_per_task(proxy: ModelProxy, fake: FakeModel) -> None:
+    fake.script(
+        match="alpha",
+        replies=[
+            Reply(ToolUse.bash("ls"), input_tokens=10, output_tokens=3),
+            Reply(Text("a"), input_tokens=20, output_tokens=4),
+        ],
+    )
+    fake.script(match="beta", replies=[Reply(Text("b"), input_tokens=7, output_tokens=1)])
+    a, b = await proxy.add_task("t_a"), await proxy.add_task("t_b")
+    async with client(a) as http_a, client(b) as http_b:
+        first = await (
+            await http_a.post(
+                "http://s/v1/messages",
+                json=body("alpha"),
+                headers={"x-claude-code-session-id": "A"},
+            )
+        ).json()
+        second_body = body("alpha", stream=True)
+        second_body["messages"] += [
+            {"role": "assistant", "content": first["content"]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x"}]},
+        ]
+        resp = await http_a.post(
+            "http://s/v1/messages", json=second_body, headers={"x-claude-code-session-id": "A"}
+        )
+        await resp.read()
+        resp = await http_b.post(
+            "http://s/v1/messages",
+            json=body("beta", stream=True),
+            headers={"x-claude-code-session-id": "B"},
+        )
+        await resp.read()
+    ua, ub = proxy.usage("t_a"), proxy.usage("t_b")
+    assert (ua.requests, ua.input_tokens, ua.output_tokens) == (2, 30, 7)
+    assert (ub.requests, ub.input_tokens, ub.output_tokens) == (1, 7, 1)
+    assert ua.as_dict()["cache_read_input_tokens"] == 0
+
+
+async def test_upstream_errors_pass_through_and_unreachable_is_502(
+    fake: FakeModel, socket_dir: Path
+) -> None:
+    fake.fail_next(1, status=529)
+    async with ModelProxy(
+        socket_dir=socket_dir, upstream=fake.url, credential=Credential("api_key", SECRET)
+    ) as proxy:
+        path = await proxy.add_task("t_err")
+        async with client(path) as http:
+            resp = await http.post("http://s/v1/messages", json=body("x"))
+            assert resp.status == 529
+            assert "retry-after-ms" in resp.headers
+            assert (await resp.json())["error"]["type"] == "overloaded_error"
+        assert proxy.usage("t_err").upstream_errors == 1
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with structlog.testing.capture_logs() as logs:
+        async with ModelProxy(
+            socket_dir=socket_dir, upstream=dead, credential=Credential("api_key", SECRET)
+        ) as proxy:
+            path = await proxy.add_task("t_dead")
+            async with client(path) as http:
+                resp = await http.post("http://s/v1/messages", json=body("x"))
+                assert resp.status == 502
+                assert resp.headers["x-should-retry"] == "true"
+                text = await resp.text()
+    assert SECRET not in text
+    assert logs and SECRET not in json.dumps(logs, default=str)
+
+
+async def test_without_credential_nothing_is_forwarded(fake: FakeModel, socket_dir: Path) -> None:
+    async with ModelProxy(socket_dir=socket_dir, upstream=fake.url, credential=None) as proxy:
+        path = await proxy.add_task("t_none")
+        async with client(path) as http:
+            resp = await http.post("http://s/v1/messages", json=body("x"), headers=SANDBOX_HEADERS)
+            assert resp.status == 401
+            assert "ANTHROPIC_API_KEY" in (await resp.json())["error"]["message"]
+    assert fake.requests == []
+
+
+async def test_a_new_proxy_adopts_sockets_and_continues_the_count(
+    fake: FakeModel, socket_dir: Path
+) -> None:
+    fake.script(replies=[Reply(Text("x"), input_tokens=5, output_tokens=2)])
+    credential = Credential("api_key", SECRET)
+    async with ModelProxy(socket_dir=socket_dir, upstream=fake.url, credential=credential) as p1:
+        path = await p1.add_task("t_keep")
+        async with client(path) as http:
+            await (await http.post("http://s/v1/messages", json=body("x"))).read()
+    assert path.exists()  # closing the proxy leaves the socket for the next one
+
+    async with ModelProxy(socket_dir=socket_dir, upstream=fake.url, credential=credential) as p2:
+        assert await p2.adopt_existing() == ["t_keep"]
+        async with client(path) as http:
+            await (await http.post("http://s/v1/messages", json=body("x"))).read()
+        usage = p2.usage("t_keep")
+        assert (usage.requests, usage.input_tokens, usage.output_tokens) == (2, 10, 4)
+        await p2.remove_task("t_keep")
+    assert os.listdir(socket_dir / "t_keep") == []
+
+
+def test_credential_never_shows_its_value() -> None:
+    cred = Credential.from_env({"ANTHROPIC_API_KEY": SECRET, "CLAUDE_CODE_OAUTH_TOKEN": "o"})
+    assert cred is not None and cred.kind == "api_key"
+    assert SECRET not in repr(cred) and SECRET not in str(cred) and SECRET not in f"{cred}"
+    oauth = Credential.from_env({"CLAUDE_CODE_OAUTH_TOKEN": "tok"})
+    assert oauth is not None and oauth.kind == "oauth"
+    assert Credential.from_env({"ANTHROPIC_API_KEY": "  "}) is None

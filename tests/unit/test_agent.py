@@ -1,0 +1,169 @@
+"""The agent run's pure parts: command line, environment, script, parsing (no I/O)."""
+
+from __future__ import annotations
+
+import json
+
+from services.executor import agent
+from shared.events import TaskSpec
+
+
+def test_command_has_the_fixed_flags_and_the_task_options() -> None:
+    plain = agent.command(TaskSpec(prompt="hi"))
+    assert plain == [
+        "claude",
+        "-p",
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--permission-mode",
+        "acceptEdits",
+    ]
+    assert "hi" not in plain  # the prompt goes through stdin
+    full = agent.command(
+        TaskSpec(prompt="hi", max_turns=3, model="claude-x", allowed_tools=["Bash", "Read(*)"])
+    )
+    assert full[7:] == [
+        "--max-turns",
+        "3",
+        "--model",
+        "claude-x",
+        "--allowedTools",
+        "Bash",
+        "Read(*)",
+    ]
+
+
+def test_environment_holds_a_placeholder_and_no_secret() -> None:
+    env = agent.environment(port=4100, max_retries=2)
+    assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:4100"
+    assert env["ANTHROPIC_API_KEY"] == agent.PLACEHOLDER_KEY
+    assert env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
+    assert env["CLAUDE_CODE_MAX_RETRIES"] == "2"
+    assert env["HOME"].startswith("/tmp/")
+    assert "CLAUDE_CODE_OAUTH_TOKEN" not in env
+
+
+def test_follow_argv_passes_command_and_prompt_chunks() -> None:
+    prompt = "é" * (agent.PROMPT_CHUNK * 2 + 5)
+    spec = TaskSpec(prompt=prompt, allowed_tools=["Bash"])
+    argv = agent.follow_argv("SCRIPT", spec, from_line=7, nonce="N", port=4001)
+    cmd = agent.command(spec)
+    assert argv[:10] == ["bash", "-c", "SCRIPT", "sandstream", "follow", "7", "4001", "N",
+                         str(len(cmd)), cmd[0]]  # fmt: skip
+    chunks = argv[9 + len(cmd) :]
+    assert "".join(chunks) == prompt and len(chunks) == 3
+    assert all(len(c.encode()) < 128 * 1024 for c in chunks)
+    assert agent.prompt_chunks("") == [""]
+
+
+def test_wrapper_script_has_the_lock_forwarder_and_paths() -> None:
+    script = agent.wrapper_script(run_dir="/tmp/r x", max_diff_bytes=10)
+    assert "R='/tmp/r x'" in script
+    assert 'mkdir "$R"' in script  # the atomic lock
+    assert "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" in script
+    assert "UNIX-CONNECT:$S" in script and agent.MODEL_SOCKET in agent.wrapper_script()
+    assert '</dev/null >"$R/socat.log" 2>&1 &' in script  # detached: exec does not wait
+    assert "head -c 11" in script
+    assert "__" not in script.replace("$((", "")  # every placeholder was filled in
+
+
+def test_parse_collected_reads_status_files_and_diff() -> None:
+    lines = [
+        "exit=0",
+        "pid=42",
+        "oom=0",
+        "stderr=",
+        "files=2",
+        "hello.txt",
+        '"we\\tird\\303\\251.txt"',
+        "diff --git a/hello.txt b/hello.txt",
+        "+hi",
+    ]
+    got = agent.parse_collected(lines)
+    assert got.exit_code == 0 and got.started and got.oom_kills == 0
+    assert got.files_changed == ["hello.txt", "we\tirdé.txt"]
+    assert got.diff == "diff --git a/hello.txt b/hello.txt\n+hi\n"
+    assert not got.diff_truncated
+
+    lost = agent.parse_collected(["exit=", "pid=", "oom=", "stderr=boom", "files=0"])
+    assert lost.exit_code is None and not lost.started and lost.stderr_tail == "boom"
+    assert lost.diff == "" and lost.files_changed == []
+
+    big = agent.parse_collected(
+        ["exit=1", "pid=1", "oom=3", "files=0", "x" * 100], max_diff_bytes=10
+    )
+    assert big.diff_truncated and big.diff.startswith("x" * 10) and "truncated" in big.diff
+    assert big.oom_kills == 3
+    assert agent.parse_collected([]).exit_code is None
+
+
+def _line(obj: dict[str, object]) -> str:
+    return json.dumps(obj)
+
+
+TRANSCRIPT = [
+    _line({"type": "system", "subtype": "init", "session_id": "s-1", "cwd": "/workspace"}),
+    _line(
+        {
+            "type": "assistant",
+            "session_id": "s-1",
+            "message": {"content": [{"type": "text", "text": "working"}]},
+        }
+    ),
+    "not json at all",
+    "",
+    _line(
+        {
+            "type": "result",
+            "subtype": "success",
+            "is_error": False,
+            "result": "all done",
+            "num_turns": 2,
+            "total_cost_usd": 0.0123,
+            "usage": {"input_tokens": 200, "output_tokens": 40},
+            "session_id": "s-1",
+            "permission_denials": [{"tool_name": "Bash", "tool_input": {"command": "env"}}],
+            "duration_ms": 812,
+        }
+    ),
+]
+
+
+def test_transcript_parses_the_final_result() -> None:
+    result = agent.parse_result(TRANSCRIPT)
+    assert result.found and not result.is_error
+    assert result.text == "all done" and result.subtype == "success"
+    assert (result.num_turns, result.total_cost_usd, result.duration_ms) == (2, 0.0123, 812)
+    assert result.usage == {"input_tokens": 200, "output_tokens": 40}
+    assert result.session_id == "s-1"
+    assert result.permission_denials == [{"tool_name": "Bash", "tool_input": {"command": "env"}}]
+
+
+def test_transcript_without_result_is_an_error_with_what_is_known() -> None:
+    t = agent.Transcript().feed_all(TRANSCRIPT[:3])
+    result = t.result()
+    assert not result.found and result.is_error
+    assert result.text == "working" and result.session_id == "s-1"
+    assert t.lines == 3
+    error = agent.parse_result(
+        [_line({"type": "result", "subtype": "error_max_turns", "is_error": True})]
+    )
+    assert error.found and error.is_error and error.subtype == "error_max_turns"
+
+
+def test_truncate_redact_and_bounded_denials() -> None:
+    assert agent.truncate_line("short", 10) == "short"
+    cut = agent.truncate_line("é" * 100, 11)
+    assert cut.startswith("é" * 5) and "line truncated, 200 bytes" in cut
+    assert agent.redact("key=sk-1 and sk-1", ["sk-1", ""]) == "key=[redacted] and [redacted]"
+    big = {"tool_name": "Write", "tool_input": {"content": "x" * 10_000}}
+    small = {"tool_name": "Bash", "tool_input": {"command": "env"}}
+    out = agent.bounded_denials([big, small] * 50, 8 * 1024)
+    assert out[0]["tool_input"]["content"].startswith("x" * 1024)
+    assert len(json.dumps(out)) < 9 * 1024 and out[1] == small
+
+
+def test_unquote_git_path() -> None:
+    assert agent.unquote_git_path("plain name.txt") == "plain name.txt"
+    assert agent.unquote_git_path('"a\\nb\\"c\\\\"') == 'a\nb"c\\'

@@ -1,0 +1,668 @@
+"""The lifecycle service: the single owner of each task's sandbox (docs/flow.md, steps 2, 4, 6).
+
+Two durable consumers, so that tasks waiting for admission never starve the events that free
+their slots:
+
+- ``lifecycle-admit`` (``TaskRequested``): admit (global and per-tenant caps, in order), create
+  and start ``sandstream-<task>``, publish ``SandboxStarted``. A waiting message is held with
+  ``in_progress()`` heartbeats by the :class:`~shared.worker.Worker`.
+- ``lifecycle`` (``ExecutionCompleted``, ``ExecutionFailed``, ``ResultStored``,
+  ``TaskCancelRequested``): stop and remove sandboxes (``SandboxStopped`` with usage), close
+  tasks with their one terminal event.
+
+Deadlines are in-process timers armed from ``TaskRequested`` (``created_at + timeout_s``) and
+re-armed at start-up from the sandbox's ``sandstream.deadline`` label. Every publish uses the
+deterministic ids of docs/flow.md, so each step can be repeated safely; events for tasks that
+already ended are ignored (apart from making sure their sandbox is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Final
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
+
+from services.lifecycle.admission import Admission, AdmissionClosed, Withdrawn
+from shared import events as ev
+from shared.bus import Bus
+from shared.errors import Permanent, Unavailable
+from shared.sandbox import (
+    MANAGED_FILTER,
+    GiB,
+    MiB,
+    SandboxDriver,
+    SandboxSpec,
+    sandbox_name,
+)
+from shared.settings import Settings
+from shared.state import Status, TaskState, fold
+from shared.worker import Delivery, Worker
+
+log = structlog.get_logger("sandstream.lifecycle")
+
+LABEL_STREAM: Final = "sandstream.stream"
+"""Which event stream a sandbox belongs to: a lifecycle only ever reaps its own stream's."""
+
+CONTROL_EVENTS: Final = (
+    "ExecutionCompleted",
+    "ExecutionFailed",
+    "ResultStored",
+    "TaskCancelRequested",
+)
+
+_STOP_REASON: Final[dict[type[ev.Event], str]] = {
+    ev.TaskSucceeded: "completed",
+    ev.TaskFailed: "failed",
+    ev.TaskCancelled: "cancelled",
+    ev.TaskTimedOut: "timeout",
+}
+
+
+class LifecycleOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Sandbox limits and worker sizing; the defaults suit one machine."""
+
+    memory_bytes: int = GiB
+    nano_cpus: int = 1_000_000_000
+    pids_limit: int = 256
+    tmp_size_bytes: int = 512 * MiB
+    workspace: str = "tmpfs"
+    workspace_size_bytes: int = GiB
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    """Extra labels on every sandbox (tests use one to find and clean up their own)."""
+    admit_concurrency: int | None = None
+    """``TaskRequested`` messages in hand at once, waiting ones included (default: 8 × cap)."""
+    control_concurrency: int = 16
+    reconcile_on_start: bool = True
+
+
+class _Recent:
+    """A bounded set: remembers the last ``size`` task ids added."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._items: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def add(self, key: str) -> None:
+        self._items[key] = None
+        self._items.move_to_end(key)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+
+class Lifecycle:
+    """Admits tasks, runs their sandboxes' lives, and ends the tasks.
+
+    ``start()`` reconciles with the engine (reaps orphans, re-occupies slots, re-arms
+    deadlines) and starts consuming; ``run()`` is ``start()`` until ``stop()``;
+    ``run_until_idle()`` is for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        driver: SandboxDriver,
+        settings: Settings,
+        options: LifecycleOptions | None = None,
+    ) -> None:
+        self.bus = bus
+        self.driver = driver
+        self.settings = settings
+        self.options = options or LifecycleOptions()
+        self.admission = Admission(
+            max_concurrent=settings.max_concurrent, max_per_tenant=settings.max_per_tenant
+        )
+        prefix = settings.consumer_prefix
+        self.admit_worker = Worker(
+            bus=bus,
+            durable=f"{prefix}lifecycle-admit",
+            subjects=[bus.subject("*", "TaskRequested")],
+            handler=self._on_requested,
+            on_give_up=self._give_up,
+            concurrency=self.options.admit_concurrency or max(64, 8 * settings.max_concurrent),
+            ack_wait=settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+        )
+        self.control_worker = Worker(
+            bus=bus,
+            durable=f"{prefix}lifecycle",
+            subjects=[bus.subject("*", name) for name in CONTROL_EVENTS],
+            handler=self._on_control,
+            on_give_up=self._give_up,
+            concurrency=self.options.control_concurrency,
+            ack_wait=settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+        )
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._ended = _Recent()  # terminal event known to be stored
+        self._stopped = _Recent()  # sandbox removed by us: never create it again
+        self._usage: dict[str, ev.Usage] = {}  # read before removal, kept until published
+        self._timers: dict[str, asyncio.Task[None]] = {}
+        self._busy = 0
+        self._waiting = 0
+        self._stop_requested = asyncio.Event()
+        self._runners: list[asyncio.Task[None]] = []
+        self._started = False
+        self._shut = False
+
+    # ---- running -----------------------------------------------------------------------------
+
+    @property
+    def stream_label(self) -> str:
+        return f"{LABEL_STREAM}={self.bus.stream.name}"
+
+    async def start(self) -> None:
+        """Create the consumers, reconcile with the engine, then start consuming."""
+        if self._started:
+            return
+        self._started = True
+        await self.admit_worker.ensure_consumer()
+        await self.control_worker.ensure_consumer()
+        if self.options.reconcile_on_start:
+            await self.reconcile()
+        self._runners = [
+            asyncio.create_task(self.admit_worker.run(), name="lifecycle-admit"),
+            asyncio.create_task(self.control_worker.run(), name="lifecycle-control"),
+        ]
+
+    async def run(self) -> None:
+        """Run until :meth:`stop` (or until a consumer loop dies, which then raises)."""
+        await self.start()
+        stop = asyncio.create_task(self._stop_requested.wait())
+        try:
+            done, _ = await asyncio.wait(
+                [stop, *self._runners], return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop.cancel()
+        await self._shutdown()
+        for task in done:
+            if task is not stop and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to shut down (safe from a signal handler)."""
+        self._stop_requested.set()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work: waiting tasks go back to the stream, in-flight work finishes."""
+        self._stop_requested.set()
+        await self._shutdown(timeout)
+
+    async def _shutdown(self, timeout: float = 10.0) -> None:
+        if self._shut:
+            return
+        self._shut = True
+        self.admission.close()  # waiting handlers give their message back (nak)
+        await asyncio.gather(self.admit_worker.stop(timeout), self.control_worker.stop(timeout))
+        for runner in self._runners:
+            runner.cancel()
+        await asyncio.gather(*self._runners, return_exceptions=True)
+        timers = list(self._timers.values())
+        for timer in timers:
+            timer.cancel()
+        await asyncio.gather(*timers, return_exceptions=True)
+        log.info("lifecycle stopped")
+
+    async def run_until_idle(self, idle_timeout: float = 0.3, timeout: float = 60.0) -> None:
+        """Start if needed, then return once nothing is left to do for ``idle_timeout``.
+
+        "Nothing to do": no message pending on either consumer, none in flight except tasks
+        waiting for admission, no deadline firing. Armed deadlines do not count.
+        """
+        await self.start()
+        async with asyncio.timeout(timeout):
+            quiet_since: float | None = None
+            while True:
+                if await self._idle():
+                    now = time.monotonic()
+                    quiet_since = quiet_since or now
+                    if now - quiet_since >= idle_timeout:
+                        return
+                else:
+                    quiet_since = None
+                await asyncio.sleep(0.05)
+
+    async def _idle(self) -> bool:
+        if self._busy:
+            return False
+        stream = self.bus.stream.name
+        admit = await self.bus.js.consumer_info(stream, self.admit_worker.durable)
+        control = await self.bus.js.consumer_info(stream, self.control_worker.durable)
+        return (
+            admit.num_pending == 0
+            and control.num_pending == 0
+            and control.num_ack_pending == 0
+            and admit.num_ack_pending <= self._waiting
+            and not self._busy
+        )
+
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+
+    def _lock(self, task_id: str) -> asyncio.Lock:
+        lock = self._locks.get(task_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[task_id] = lock
+        return lock
+
+    # ---- history -----------------------------------------------------------------------------
+
+    async def _history(self, task_id: str) -> list[ev.AnyEvent]:
+        try:
+            return [r.event async for r in self.bus.read(self.bus.task_filter(task_id))]
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise Unavailable(f"cannot read the history of {task_id}: {exc}") from exc
+
+    async def _nothing_after(self, task_id: str, seq: int) -> bool:
+        """True when the event at ``seq`` is still the task's last one (one direct get)."""
+        try:
+            raw = await self.bus.js.get_last_msg(
+                self.bus.stream.name, self.bus.task_filter(task_id), direct=True
+            )
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise Unavailable("the event log (NATS) did not answer in time") from exc
+        return raw.seq == seq
+
+    # ---- TaskRequested ---------------------------------------------------------------------
+
+    async def _on_requested(self, event: ev.AnyEvent, delivery: Delivery) -> None:
+        if not isinstance(event, ev.TaskRequested):
+            return
+        task = event.task_id
+        with self._working():
+            if task in self._ended:
+                return
+            if not await self._nothing_after(task, delivery.seq):
+                history = await self._history(task)
+                state = fold(history)
+                if state is None:
+                    return
+                if state.status.terminal:
+                    await self._after_end(task, state, history)
+                    return
+                if state.status not in (Status.QUEUED, Status.STARTING):
+                    await self._resume(state)
+                    return
+            deadline = ev_deadline(event)
+            self._arm(task, deadline)
+        self._waiting += 1
+        try:
+            await self.admission.acquire(task, event.tenant)
+        except Withdrawn:
+            log.info("left the admission queue", task_id=task)
+            return
+        except AdmissionClosed:
+            raise Unavailable("the lifecycle is shutting down") from None
+        finally:
+            self._waiting -= 1
+        with self._working():
+            async with self._lock(task):
+                if task in self._ended or task in self._stopped:
+                    self.admission.release(task)  # ended or stopped while it waited
+                    return
+                try:
+                    await self._create_and_start(event, deadline)
+                except Permanent as exc:
+                    error = ev.ErrorInfo(code=exc.code, message=str(exc))
+                    await self._fail(event, error, have_lock=True)
+
+    async def _create_and_start(self, event: ev.TaskRequested, deadline: float) -> None:
+        task = event.task_id
+        began = time.perf_counter()
+        socket_dir = self.settings.model_socket_dir / task
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        socket_dir.chmod(0o755)
+        o = self.options
+        spec = SandboxSpec(
+            task_id=task,
+            tenant=event.tenant,
+            image=self.settings.sandbox_image,
+            deadline=deadline,
+            labels={**o.labels, LABEL_STREAM: self.bus.stream.name},
+            memory_bytes=o.memory_bytes,
+            nano_cpus=o.nano_cpus,
+            pids_limit=o.pids_limit,
+            tmp_size_bytes=o.tmp_size_bytes,
+            workspace=o.workspace,
+            workspace_size_bytes=o.workspace_size_bytes,
+            model_socket_dir=str(socket_dir),
+        )
+        info = await self.driver.create(spec)
+        if info.state != "running":
+            await self.driver.start(info.name)
+        if task in self._ended:  # ended while we were starting it: the ender removes it
+            return
+        await self.bus.publish(
+            ev.SandboxStarted(
+                event_id=ev.event_id(task, "SandboxStarted"),
+                task_id=task,
+                tenant=event.tenant,
+                causation_id=event.event_id,
+                sandbox=info.name,
+                image=self.settings.sandbox_image,
+            )
+        )
+        log.info(
+            "sandbox started",
+            sandbox=info.name,
+            adopted=info.adopted,
+            ms=round((time.perf_counter() - began) * 1000, 1),
+            running=self.admission.running,
+            waiting=self.admission.waiting,
+        )
+
+    async def _resume(self, state: TaskState) -> None:
+        """A redelivered request for a task already past its start: hold its slot, arm it."""
+        if state.status is not Status.RUNNING or state.task_id in self._stopped:
+            return  # storing: the sandbox is already gone
+        if await self.driver.inspect(sandbox_name(state.task_id)) is not None:
+            self.admission.occupy(state.task_id, state.tenant)
+        self._arm(state.task_id, state.created_at.timestamp() + state.timeout_s)
+
+    # ---- the other events ------------------------------------------------------------------
+
+    async def _on_control(self, event: ev.AnyEvent, delivery: Delivery) -> None:
+        with self._working():
+            match event:
+                case ev.ExecutionCompleted() | ev.ExecutionFailed():
+                    await self._on_execution_end(event)
+                case ev.ResultStored():
+                    await self._on_result_stored(event)
+                case ev.TaskCancelRequested():
+                    await self._on_cancel(event)
+                case _:
+                    return
+
+    async def _on_execution_end(self, event: ev.ExecutionCompleted | ev.ExecutionFailed) -> None:
+        task = event.task_id
+        history = await self._history(task)
+        state = fold(history)
+        if state is None:
+            return
+        if state.status.terminal:
+            await self._after_end(task, state, history)
+            return
+        reason = "completed" if isinstance(event, ev.ExecutionCompleted) else "failed"
+        async with self._lock(task):
+            await self._stop_sandbox(task, state.tenant, reason, causation=event.event_id)
+
+    async def _on_result_stored(self, event: ev.ResultStored) -> None:
+        task = event.task_id
+        history = await self._history(task)
+        state = fold(history)
+        if state is None:
+            return
+        if state.status.terminal:
+            await self._after_end(task, state, history)
+            return
+        terminal: ev.Event
+        if event.status == Status.SUCCEEDED:
+            terminal = ev.TaskSucceeded(
+                event_id=ev.terminal_id(task),
+                task_id=task,
+                tenant=state.tenant,
+                causation_id=event.event_id,
+            )
+        else:
+            terminal = ev.TaskFailed(
+                event_id=ev.terminal_id(task),
+                task_id=task,
+                tenant=state.tenant,
+                causation_id=event.event_id,
+                error=failure_of(history, event),
+            )
+        await self.bus.publish(terminal)
+        log.info("task ended", type=ev.type_name(type(terminal)))
+        # Normally the sandbox is long gone; make sure of it (and of its slot).
+        await self._after_end(task, state, [*history, terminal])
+
+    async def _on_cancel(self, event: ev.TaskCancelRequested) -> None:
+        task = event.task_id
+        history = await self._history(task)
+        state = fold(history)
+        if state is None:
+            return
+        if state.status.terminal:
+            await self._after_end(task, state, history)
+            return
+        ending = ev.TaskCancelled(
+            event_id=ev.terminal_id(task),
+            task_id=task,
+            tenant=state.tenant,
+            causation_id=event.event_id,
+            reason=event.reason,
+        )
+        await self._end(ending, state.tenant, "cancelled")
+
+    # ---- endings -----------------------------------------------------------------------------
+
+    async def _end(self, ending: ev.Event, tenant: str, reason: str) -> None:
+        """Terminal event first, then the queue/sandbox: the order of docs/flow.md."""
+        task = ending.task_id
+        await self.bus.publish(ending)
+        self._ended.add(task)
+        log.info("task ended", type=ev.type_name(type(ending)))
+        self.admission.withdraw(task)
+        async with self._lock(task):
+            await self._stop_sandbox(task, tenant, reason, causation=ending.event_id)
+
+    async def _fail(self, cause: ev.Event, error: ev.ErrorInfo, *, have_lock: bool = False) -> None:
+        ending = ev.TaskFailed(
+            event_id=ev.terminal_id(cause.task_id),
+            task_id=cause.task_id,
+            tenant=cause.tenant,
+            causation_id=cause.event_id,
+            error=error,
+        )
+        task = cause.task_id
+        await self.bus.publish(ending)
+        self._ended.add(task)
+        log.warning("task failed", code=error.code, message=error.message)
+        self.admission.withdraw(task)
+        if have_lock:
+            await self._stop_sandbox(task, cause.tenant, "failed", causation=ending.event_id)
+        else:
+            async with self._lock(task):
+                await self._stop_sandbox(task, cause.tenant, "failed", causation=ending.event_id)
+
+    async def _give_up(self, event: ev.AnyEvent, reason: str) -> None:
+        """Poison message: the task ends with ``TaskFailed`` (code ``internal``).
+
+        If it had already ended, only its sandbox is cleaned up. Raising here makes the
+        worker bring the message back, so a failed clean-up is tried again.
+        """
+        history = await self._history(event.task_id)
+        state = fold(history)
+        if state is not None and state.status.terminal:
+            await self._after_end(event.task_id, state, history)
+            return
+        await self._fail(event, ev.ErrorInfo(code="internal", message=reason))
+
+    async def _after_end(self, task: str, state: TaskState, history: list[ev.AnyEvent]) -> None:
+        """The task has ended: only make sure its sandbox is gone and reported."""
+        self._ended.add(task)
+        self.admission.withdraw(task)
+        self._disarm(task)
+        stopped = any(isinstance(e, ev.SandboxStopped) for e in history)
+        if stopped:
+            self.admission.release(task)
+            if await self.driver.inspect(sandbox_name(task)) is None:
+                return
+        ending = next((e for e in reversed(history) if ev.is_terminal(e)), None)
+        reason = _STOP_REASON.get(type(ending), "failed") if ending else "failed"
+        causation = ending.event_id if ending else None
+        async with self._lock(task):
+            await self._stop_sandbox(
+                task, state.tenant, reason, causation=causation, publish=not stopped
+            )
+
+    async def _stop_sandbox(
+        self,
+        task: str,
+        tenant: str,
+        reason: str,
+        *,
+        causation: str | None,
+        publish: bool = True,
+    ) -> None:
+        """Usage, remove, release the slot, ``SandboxStopped``. Call with the task's lock held.
+
+        Usage is read before removal and kept until published, so a retry after a failed
+        publish still reports it.
+        """
+        name = sandbox_name(task)
+        usage = self._usage.get(task)
+        if usage is None:
+            usage = await self.driver.usage(name)
+            if not usage.image:
+                usage = msgspec.structs.replace(usage, image=self.settings.sandbox_image)
+            self._usage[task] = usage
+        await self.driver.remove(name)
+        self._stopped.add(task)
+        self.admission.release(task)
+        self._disarm(task)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.settings.model_socket_dir / task)
+        if not publish:
+            self._usage.pop(task, None)
+            log.info("sandbox removed", sandbox=name)
+            return
+        await self.bus.publish(
+            ev.SandboxStopped(
+                event_id=ev.event_id(task, "SandboxStopped"),
+                task_id=task,
+                tenant=tenant,
+                causation_id=causation,
+                sandbox=name,
+                reason=reason,
+                usage=usage,
+            )
+        )
+        self._usage.pop(task, None)
+        log.info(
+            "sandbox stopped",
+            sandbox=name,
+            reason=reason,
+            cpu_s=round(usage.cpu_seconds, 3),
+            mem_peak=usage.memory_peak_bytes,
+            wall_ms=usage.wall_ms,
+        )
+
+    # ---- deadlines ---------------------------------------------------------------------------
+
+    def _arm(self, task: str, deadline: float) -> None:
+        if task in self._timers or task in self._ended or self._shut:
+            return
+        self._timers[task] = asyncio.create_task(self._deadline(task, deadline), name=task)
+
+    def _disarm(self, task: str) -> None:
+        timer = self._timers.pop(task, None)
+        if timer is not None and timer is not asyncio.current_task():
+            timer.cancel()
+
+    async def _deadline(self, task: str, deadline: float) -> None:
+        with structlog.contextvars.bound_contextvars(task_id=task):
+            try:
+                await asyncio.sleep(max(0.0, deadline - time.time()))
+                attempt = 0
+                while True:
+                    attempt += 1
+                    try:
+                        with self._working():
+                            await self._expire(task)
+                        return
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        delay = min(15.0, 0.5 * 2 ** (attempt - 1))
+                        log.warning("timeout handling failed, retrying", error=repr(exc))
+                        await asyncio.sleep(delay)
+            finally:
+                if self._timers.get(task) is asyncio.current_task():
+                    del self._timers[task]
+
+    async def _expire(self, task: str) -> None:
+        history = await self._history(task)
+        state = fold(history)
+        if state is None:
+            return
+        if state.status.terminal:
+            await self._after_end(task, state, history)
+            return
+        if state.status is Status.STORING:
+            return  # the sandbox is already stopped: the result is being stored
+        ending = ev.TaskTimedOut(
+            event_id=ev.terminal_id(task),
+            task_id=task,
+            tenant=state.tenant,
+            causation_id=ev.event_id(task, "TaskRequested"),
+            timeout_s=state.timeout_s,
+        )
+        await self._end(ending, state.tenant, "timeout")
+
+    # ---- start-up ----------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Reap sandboxes of ended or unknown tasks; re-occupy slots and re-arm deadlines."""
+        sandboxes = await self.driver.list([MANAGED_FILTER, self.stream_label])
+        reaped = kept = 0
+        for info in sandboxes:
+            task = info.task_id
+            with structlog.contextvars.bound_contextvars(task_id=task):
+                history = await self._history(task)
+                state = fold(history)
+                if state is None:
+                    await self.driver.remove(info.name)
+                    log.warning("reaped the sandbox of an unknown task", sandbox=info.name)
+                    reaped += 1
+                elif state.status.terminal:
+                    await self._after_end(task, state, history)
+                    reaped += 1
+                else:
+                    self.admission.occupy(task, state.tenant)
+                    deadline = info.deadline or state.created_at.timestamp() + state.timeout_s
+                    self._arm(task, deadline)
+                    kept += 1
+        log.info("reconciled with the engine", reaped=reaped, live=kept)
+
+
+def ev_deadline(event: ev.TaskRequested) -> float:
+    return event.at.timestamp() + event.spec.timeout_s
+
+
+def failure_of(history: list[ev.AnyEvent], stored: ev.ResultStored) -> ev.ErrorInfo:
+    """The error a failed task ends with: its last ``ExecutionFailed``, else what we know."""
+    for event in reversed(history):
+        if isinstance(event, ev.ExecutionFailed):
+            return ev.ErrorInfo(code=event.code, message=event.message)
+        if isinstance(event, ev.ExecutionCompleted):
+            if event.is_error or event.exit_code != 0:
+                text = event.text.strip() or f"the agent exited with code {event.exit_code}"
+                return ev.ErrorInfo(code="cli_error", message=text[:2000])
+            break
+    return ev.ErrorInfo(
+        code=stored.status or "failed",
+        message=f"the result was stored with status {stored.status!r}",
+    )

@@ -1,0 +1,436 @@
+"""The lifecycle service against a real nats-server and the real Docker engine."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.lifecycle.service import LABEL_STREAM, Lifecycle, LifecycleOptions
+from shared import events as ev
+from shared.bus import Bus
+from shared.sandbox import (
+    LABEL_DEADLINE,
+    LABEL_MANAGED,
+    LABEL_TASK,
+    LABEL_TENANT,
+    DockerDriver,
+    SandboxSpec,
+    sandbox_name,
+)
+from shared.settings import Settings
+from tests.support.sandboxes import (
+    TEST_LABEL,
+    count_container_events,
+    docker_driver,
+    sandbox_image,
+    types_of,
+    wait_for_event,
+)
+
+pytestmark = pytest.mark.docker
+
+
+class Harness:
+    """One test's bus, driver, label and lifecycle(s); every container removed at the end."""
+
+    def __init__(self, bus: Bus, driver: DockerDriver, tag: str, tmp: Path) -> None:
+        self.bus = bus
+        self.driver = driver
+        self.tag = tag
+        self.tmp = tmp
+        self.services: list[Lifecycle] = []
+
+    def lifecycle(self, **settings: Any) -> Lifecycle:
+        base: dict[str, Any] = {
+            "stream": self.bus.stream.name,
+            "subject_prefix": self.bus.prefix,
+            "sandbox_image": sandbox_image(),
+            "socket_dir": self.tmp / "model",
+            "ack_wait_s": 2.0,
+            "max_deliver": 3,
+        }
+        base.update(settings)
+        service = Lifecycle(
+            bus=self.bus,
+            driver=self.driver,
+            settings=Settings(**base),
+            options=LifecycleOptions(
+                labels={TEST_LABEL: self.tag}, memory_bytes=256 << 20, pids_limit=128
+            ),
+        )
+        self.services.append(service)
+        return service
+
+    async def request(self, task: str, *, tenant: str = "acme", timeout_s: int = 600) -> None:
+        await self.bus.publish(
+            ev.TaskRequested(
+                event_id=ev.event_id(task, "TaskRequested"),
+                task_id=task,
+                tenant=tenant,
+                spec=ev.TaskSpec(prompt="hi", timeout_s=timeout_s),
+            ),
+            expected_last_subject_seq=0,
+        )
+
+    async def completed(self, task: str, tenant: str = "acme") -> None:
+        await self.bus.publish(
+            ev.ExecutionCompleted(
+                event_id=ev.event_id(task, "ExecutionEnded"),
+                task_id=task,
+                tenant=tenant,
+                text="done",
+                is_error=False,
+                exit_code=0,
+            )
+        )
+
+    async def cancel(self, task: str, tenant: str = "acme") -> None:
+        await self.bus.publish(
+            ev.TaskCancelRequested(
+                event_id=ev.event_id(task, "TaskCancelRequested"), task_id=task, tenant=tenant
+            )
+        )
+
+    async def stored(self, task: str, status: str, tenant: str = "acme") -> None:
+        await self.bus.publish(
+            ev.ResultStored(
+                event_id=ev.event_id(task, "ResultStored"),
+                task_id=task,
+                tenant=tenant,
+                status=status,
+                location=f"file:///r/{task}",
+                objects=[],
+            )
+        )
+
+    async def container(self, task: str) -> dict[str, Any] | None:
+        return await self.driver.inspect(sandbox_name(task))
+
+
+@pytest.fixture
+async def h(bus: Bus, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with docker_driver() as (driver, tag):
+        harness = Harness(bus, driver, tag, tmp_path)
+        try:
+            yield harness
+        finally:
+            for service in harness.services:
+                await service.stop(timeout=5)
+
+
+def task_id(name: str) -> str:
+    return f"{ev.new_task_id()}{name}"
+
+
+async def test_requested_task_gets_a_hardened_running_sandbox(h: Harness) -> None:
+    service = h.lifecycle()
+    await service.start()
+    task = task_id("a")
+    await h.request(task)
+    started = await wait_for_event(h.bus, task, "SandboxStarted")
+    requested = await wait_for_event(h.bus, task, "TaskRequested")
+    latency_ms = (started.at - requested.at).total_seconds() * 1000
+    print(f"\nTaskRequested -> SandboxStarted: {latency_ms:.0f} ms")
+    assert isinstance(started, ev.SandboxStarted)
+    assert started.event_id == f"{task}:SandboxStarted:1"
+    assert started.causation_id == f"{task}:TaskRequested:1"
+    assert started.sandbox == sandbox_name(task) and started.image == sandbox_image()
+
+    data = await h.container(task)
+    assert data is not None and data["State"]["Running"]
+    labels = data["Config"]["Labels"]
+    assert labels[LABEL_TASK] == task and labels[LABEL_TENANT] == "acme"
+    assert labels[LABEL_MANAGED] == "1" and labels[LABEL_STREAM] == h.bus.stream.name
+    deadline = requested.at.timestamp() + 600
+    assert float(labels[LABEL_DEADLINE]) == pytest.approx(deadline, abs=0.01)
+    socket_dir = h.tmp / "model" / task
+    assert socket_dir.is_dir() and (socket_dir.stat().st_mode & 0o777) == 0o755
+    assert f"{socket_dir}:/run/sandstream:ro" in data["HostConfig"]["Binds"]
+    assert data["HostConfig"]["NetworkMode"] == "none"
+    assert data["HostConfig"]["CapDrop"] == ["ALL"]
+
+
+async def test_duplicate_deliveries_make_one_container(h: Harness) -> None:
+    since = time.time() - 1
+    service = h.lifecycle()
+    task = task_id("dup")
+    await h.request(task)
+    # The same request stored three more times (as a redelivery or a replay would bring it).
+    for n in range(3):
+        await h.bus.publish(
+            ev.TaskRequested(
+                event_id=ev.event_id(task, "TaskRequested"),
+                task_id=task,
+                tenant="acme",
+                spec=ev.TaskSpec(prompt="hi"),
+            ),
+            msg_id=f"{task}:again:{n}",
+        )
+    await service.run_until_idle()
+    assert await types_of(h.bus, task) == ["TaskRequested"] * 4 + ["SandboxStarted"]
+    assert len(await h.driver.list(f"{TEST_LABEL}={h.tag}")) == 1
+    # A restarted lifecycle handling it again still adopts the same container.
+    await service.stop()
+    again = h.lifecycle(consumer_prefix="second-")
+    await again.run_until_idle()
+    assert count_container_events(h.tag, "create", since) == 1
+    assert (await types_of(h.bus, task)).count("SandboxStarted") == 1
+
+
+async def test_global_cap_holds_the_second_task_until_the_first_ends(h: Harness) -> None:
+    service = h.lifecycle(max_concurrent=1)
+    first, second = task_id("one"), task_id("two")
+    await h.request(first)
+    await h.request(second)
+    await service.run_until_idle()
+    assert "SandboxStarted" in await types_of(h.bus, first)
+    assert await types_of(h.bus, second) == ["TaskRequested"]
+    assert await h.container(second) is None
+    assert service.admission.queue() == [second]
+
+    # The executor's work, simulated: burn a little CPU in the sandbox, then report the end.
+    await h.driver.exec(sandbox_name(first), ["bash", "-c", "head -c 20000000 /dev/zero | md5sum"])
+    await h.completed(first)
+    stopped = await wait_for_event(h.bus, first, "SandboxStopped")
+    assert isinstance(stopped, ev.SandboxStopped)
+    assert stopped.reason == "completed" and stopped.event_id == f"{first}:SandboxStopped:1"
+    assert stopped.usage.cpu_seconds > 0 and stopped.usage.memory_peak_bytes > 0
+    assert stopped.usage.wall_ms > 0 and stopped.usage.image == sandbox_image()
+    assert await h.container(first) is None
+    await wait_for_event(h.bus, second, "SandboxStarted")
+    assert await h.container(second) is not None
+
+
+async def test_per_tenant_cap_lets_other_tenants_pass(h: Harness) -> None:
+    service = h.lifecycle(max_concurrent=4, max_per_tenant=1)
+    x1, x2, y1 = task_id("x1"), task_id("x2"), task_id("y1")
+    await h.request(x1, tenant="x")
+    await h.request(x2, tenant="x")
+    await h.request(y1, tenant="y")
+    await service.run_until_idle()
+    assert "SandboxStarted" in await types_of(h.bus, x1)
+    assert "SandboxStarted" in await types_of(h.bus, y1)
+    assert await types_of(h.bus, x2) == ["TaskRequested"]
+    await h.completed(x1, tenant="x")
+    await wait_for_event(h.bus, x2, "SandboxStarted")
+
+
+async def test_deadline_times_the_task_out_and_removes_the_sandbox(h: Harness) -> None:
+    service = h.lifecycle()
+    await service.start()
+    task = task_id("slow")
+    await h.request(task, timeout_s=1)
+    await wait_for_event(h.bus, task, "SandboxStarted")
+    stopped = await wait_for_event(h.bus, task, "SandboxStopped", timeout=15)
+    assert isinstance(stopped, ev.SandboxStopped) and stopped.reason == "timeout"
+    assert await types_of(h.bus, task) == [
+        "TaskRequested",
+        "SandboxStarted",
+        "TaskTimedOut",
+        "SandboxStopped",
+    ]
+    ended = await wait_for_event(h.bus, task, "TaskTimedOut")
+    assert ended.event_id == f"{task}:terminal" and isinstance(ended, ev.TaskTimedOut)
+    assert ended.timeout_s == 1
+    assert await h.container(task) is None
+    assert service.admission.running == 0
+
+
+async def test_deadline_also_applies_while_queued(h: Harness) -> None:
+    service = h.lifecycle(max_concurrent=1)
+    await service.start()
+    running, queued = task_id("run"), task_id("late")
+    await h.request(running)
+    await h.request(queued, timeout_s=1)
+    stopped = await wait_for_event(h.bus, queued, "SandboxStopped", timeout=15)
+    assert isinstance(stopped, ev.SandboxStopped) and stopped.reason == "timeout"
+    assert await types_of(h.bus, queued) == ["TaskRequested", "TaskTimedOut", "SandboxStopped"]
+    await service.run_until_idle()
+    assert service.admission.queue() == [] and service.admission.holds(running)
+    assert await h.container(queued) is None
+
+
+async def test_cancel_while_queued_and_while_running(h: Harness) -> None:
+    service = h.lifecycle(max_concurrent=1)
+    running, queued = task_id("run"), task_id("queue")
+    await h.request(running)
+    await h.request(queued)
+    await service.run_until_idle()
+    assert service.admission.queue() == [queued]
+
+    await h.cancel(queued)
+    await service.run_until_idle()
+    assert await types_of(h.bus, queued) == [
+        "TaskRequested",
+        "TaskCancelRequested",
+        "TaskCancelled",
+        "SandboxStopped",
+    ]
+    stopped = await wait_for_event(h.bus, queued, "SandboxStopped")
+    assert isinstance(stopped, ev.SandboxStopped)
+    assert stopped.reason == "cancelled" and stopped.usage.cpu_seconds == 0
+    assert service.admission.queue() == []
+
+    await h.cancel(running)
+    await service.run_until_idle()
+    assert await types_of(h.bus, running) == [
+        "TaskRequested",
+        "SandboxStarted",
+        "TaskCancelRequested",
+        "TaskCancelled",
+        "SandboxStopped",
+    ]
+    cancelled = await wait_for_event(h.bus, running, "TaskCancelled")
+    assert cancelled.event_id == f"{running}:terminal"
+    assert await h.container(running) is None
+    assert service.admission.running == 0
+    # Neither got (or gets) another sandbox.
+    assert await h.container(queued) is None
+    assert (await types_of(h.bus, queued)).count("SandboxStarted") == 0
+
+
+async def test_result_stored_ends_the_task_and_late_events_are_ignored(h: Harness) -> None:
+    service = h.lifecycle()
+    ok, bad = task_id("ok"), task_id("bad")
+    await h.request(ok)
+    await h.request(bad)
+    await service.run_until_idle()
+    await h.completed(ok)
+    await h.bus.publish(
+        ev.ExecutionFailed(
+            event_id=ev.event_id(bad, "ExecutionEnded"),
+            task_id=bad,
+            tenant="acme",
+            code="cli_error",
+            message="the CLI said is_error",
+        )
+    )
+    await service.run_until_idle()
+    stopped = await wait_for_event(h.bus, bad, "SandboxStopped")
+    assert isinstance(stopped, ev.SandboxStopped) and stopped.reason == "failed"
+    await h.stored(ok, "succeeded")
+    await h.stored(bad, "failed")
+    await service.run_until_idle()
+    done = await wait_for_event(h.bus, ok, "TaskSucceeded")
+    assert done.event_id == f"{ok}:terminal"
+    failed = await wait_for_event(h.bus, bad, "TaskFailed")
+    assert isinstance(failed, ev.TaskFailed)
+    assert failed.error == ev.ErrorInfo(code="cli_error", message="the CLI said is_error")
+
+    # Late events for an ended task change nothing.
+    await h.cancel(ok)
+    await h.bus.publish(
+        ev.ExecutionCompleted(
+            event_id="late-one", task_id=ok, tenant="acme", text="", is_error=False, exit_code=0
+        )
+    )
+    await service.run_until_idle()
+    assert await types_of(h.bus, ok) == [
+        "TaskRequested",
+        "SandboxStarted",
+        "ExecutionCompleted",
+        "SandboxStopped",
+        "ResultStored",
+        "TaskSucceeded",
+        "TaskCancelRequested",
+        "ExecutionCompleted",
+    ]
+    assert await h.driver.list(f"{TEST_LABEL}={h.tag}") == []
+
+
+async def test_missing_image_fails_the_task(h: Harness) -> None:
+    service = h.lifecycle(sandbox_image="sandstream/no-such-image:missing")
+    task = task_id("noimg")
+    await h.request(task)
+    await service.run_until_idle()
+    failed = await wait_for_event(h.bus, task, "TaskFailed")
+    assert isinstance(failed, ev.TaskFailed) and failed.error.code == "image_missing"
+    assert await types_of(h.bus, task) == ["TaskRequested", "TaskFailed", "SandboxStopped"]
+    assert service.admission.running == 0
+
+
+class BrokenDriver(DockerDriver):
+    async def create(self, spec: SandboxSpec) -> Any:
+        raise RuntimeError("the engine is having a bad day")
+
+
+async def test_poison_request_ends_with_task_failed(h: Harness) -> None:
+    service = h.lifecycle(max_deliver=2)
+    service.driver = BrokenDriver(h.driver.docker)
+    await service.start()
+    task = task_id("poison")
+    await h.request(task)
+    failed = await wait_for_event(h.bus, task, "TaskFailed", timeout=20)
+    assert isinstance(failed, ev.TaskFailed) and failed.event_id == f"{task}:terminal"
+    assert failed.error.code == "internal" and "bad day" in failed.error.message
+    stopped = await wait_for_event(h.bus, task, "SandboxStopped")
+    assert isinstance(stopped, ev.SandboxStopped) and stopped.reason == "failed"
+    await service.run_until_idle()
+    assert service.admission.running == 0
+
+
+async def test_start_up_reaps_orphans_and_keeps_live_sandboxes(h: Harness) -> None:
+    live, ended = task_id("live"), task_id("ended")
+    unknown = task_id("unknown")
+    first = h.lifecycle()
+    await h.request(live)
+    await h.request(ended)
+    await first.run_until_idle()
+    await first.stop()
+    # While no lifecycle runs: one task is cancelled, and a stray container appears.
+    await h.bus.publish(
+        ev.TaskCancelled(event_id=ev.terminal_id(ended), task_id=ended, tenant="acme")
+    )
+    stray = SandboxSpec(
+        task_id=unknown,
+        tenant="acme",
+        image=sandbox_image(),
+        deadline=time.time() + 60,
+        labels={TEST_LABEL: h.tag, LABEL_STREAM: h.bus.stream.name},
+    )
+    await h.driver.create(stray)
+    await h.driver.start(stray.name)
+    # Someone else's sandbox (another stream) must survive our reaper.
+    other = SandboxSpec(
+        task_id=task_id("other"),
+        tenant="acme",
+        image=sandbox_image(),
+        deadline=time.time() + 60,
+        labels={TEST_LABEL: h.tag, LABEL_STREAM: "someone-else"},
+    )
+    await h.driver.create(other)
+
+    second = h.lifecycle()
+    await second.start()
+    assert await h.container(unknown) is None
+    assert await h.container(ended) is None
+    assert await h.container(live) is not None
+    assert await h.driver.inspect(other.name) is not None
+    assert second.admission.holds(live) and second.admission.running == 1
+    stopped = await wait_for_event(h.bus, ended, "SandboxStopped")
+    assert isinstance(stopped, ev.SandboxStopped) and stopped.reason == "cancelled"
+    await second.run_until_idle()
+    assert (await types_of(h.bus, live)).count("SandboxStarted") == 1
+
+
+async def test_restart_loses_no_waiting_task(h: Harness) -> None:
+    first = h.lifecycle(max_concurrent=1)
+    running, waiting = task_id("run"), task_id("wait")
+    await h.request(running)
+    await h.request(waiting)
+    await first.run_until_idle()
+    assert first.admission.queue() == [waiting]
+    await first.stop()  # the waiting request goes back to the stream
+
+    second = h.lifecycle(max_concurrent=1)  # same durable consumers
+    await second.start()
+    assert second.admission.holds(running)  # re-occupied from the live sandbox
+    await second.run_until_idle()
+    assert second.admission.queue() == [waiting]
+    await h.completed(running)
+    await wait_for_event(h.bus, waiting, "SandboxStarted")
+    assert (await types_of(h.bus, running)).count("SandboxStarted") == 1

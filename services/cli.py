@@ -88,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         _token_create(args)
         return
     from services import client
+    from shared import logging as logging_mod
+
+    logging_mod.configure("WARNING")  # client commands: stdout is for results only
 
     if args.command == "replay":
         sys.exit(asyncio.run(client.replay(args)))

@@ -72,6 +72,8 @@ async def connect(
     """
 
     async def disconnected() -> None:
+        if nc_ref and nc_ref[0].is_closed:
+            return  # our own close(), not an outage
         log.warning("nats disconnected")
         if on_state:
             await on_state(False)
@@ -85,6 +87,7 @@ async def connect(
         log.debug("nats error", error=str(exc))
 
     servers = [s.strip() for s in url.split(",") if s.strip()]
+    nc_ref: list[NATS] = []
     try:
         # The first connect is bounded: one pass over the servers. Only once connected does
         # the client switch to reconnecting forever (nats.py reads this option on each try).
@@ -106,6 +109,7 @@ async def connect(
         )
     except (OSError, nats.errors.Error, TimeoutError) as exc:
         raise Unavailable(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from exc
+    nc_ref.append(nc)
     nc.options["max_reconnect_attempts"] = -1
     nc.options["reconnect_time_wait"] = 0.5
     return nc

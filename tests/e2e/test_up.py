@@ -1,0 +1,225 @@
+"""The whole system through `sandstream up`, everything real but the model (a scripted fake)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.fakes.model import FakeModel, Text, ToolUse
+from tests.support.sandboxes import sandbox_image
+from tests.support.procs import free_port
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+SECRET = "sk-test-e2e-secret-0123456789"
+
+
+def docker_available() -> bool:
+    probe = subprocess.run(["docker", "image", "inspect", sandbox_image()], capture_output=True,
+                           timeout=30, check=False)
+    return probe.returncode == 0
+
+
+def sandbox_names(task_id: str) -> list[str]:
+    out = subprocess.run(
+        ["docker", "ps", "-a", "--filter", f"name=sandstream-{task_id}", "--format", "{{.Names}}"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    return out.stdout.split()
+
+
+@dataclass
+class System:
+    url: str
+    token: str
+    nats_url: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+async def start_up(tmp: Path, fake: FakeModel, extra_env: dict[str, str] | None = None) -> System:
+    port, nats_port = free_port(), free_port()
+    data_dir = tmp / "data"
+    log = tmp / "up.log"
+    env = dict(
+        os.environ,
+        SANDSTREAM_MODEL_UPSTREAM=fake.url,
+        ANTHROPIC_API_KEY=SECRET,
+        SANDSTREAM_ACK_WAIT_S="5",
+        **(extra_env or {}),
+    )
+    env.pop("SANDSTREAM_NATS_URL", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data_dir),
+             "--port", str(port), "--nats-port", str(nats_port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    system = System(f"http://127.0.0.1:{port}", "", f"nats://127.0.0.1:{nats_port}", data_dir,
+                    proc, log)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    async with aiohttp.ClientSession() as http:
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                async with http.get(f"{system.url}/readyz") as r:
+                    if r.status == 200 and (data_dir / "dev-token").exists():
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert loop.time() < deadline, "`sandstream up` did not become ready:\n" + log.read_text()
+            await asyncio.sleep(0.1)
+    system.token = (data_dir / "dev-token").read_text().strip()
+    return system
+
+
+def stop_up(system: System) -> None:
+    if system.proc.poll() is None:
+        system.proc.send_signal(signal.SIGINT)
+        system.proc.wait(60)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeModel]:
+    async with FakeModel() as model:
+        yield model
+
+
+@pytest.fixture
+async def system(tmp_path: Path, fake: FakeModel) -> AsyncIterator[System]:
+    if not docker_available():
+        pytest.skip("needs a running Docker engine and the sandbox image (make image)")
+    up = await start_up(tmp_path, fake)
+    yield up
+    stop_up(up)
+
+
+async def read_sse(
+    http: aiohttp.ClientSession, system: System, task_id: str, last_id: int | None = None
+) -> list[tuple[int, str, dict[str, Any]]]:
+    headers = system.headers()
+    if last_id is not None:
+        headers["Last-Event-ID"] = str(last_id)
+    out = []
+    async with http.get(f"{system.url}/v1/tasks/{task_id}/events", headers=headers) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        fields: dict[str, str] = {}
+        async for raw in r.content:
+            line = raw.decode().rstrip("\n")
+            if line:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+                continue
+            out.append((int(fields["id"]), fields["event"], json.loads(fields["data"])))
+            fields = {}
+    return out
+
+
+async def test_a_task_end_to_end(system: System, fake: FakeModel, tmp_path: Path) -> None:
+    prompt = "create hello.txt for the e2e test"
+    fake.script([ToolUse.write("hello.txt", "hi from the sandbox\n"), Text("I wrote hello.txt")],
+                match=prompt)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{system.url}/v1/tasks", json={"prompt": prompt, "timeout_s": 120},
+                             headers=system.headers()) as r:
+            assert r.status == 202
+            task_id = (await r.json())["task_id"]
+
+        events = await read_sse(http, system, task_id)  # ends after the terminal event
+        types = [name for _, name, _ in events]
+        assert types[0] == "TaskRequested" and types[-1] == "TaskSucceeded", types
+        for expected in ("SandboxStarted", "ExecutionStarted", "AgentOutput",
+                         "ExecutionCompleted", "SandboxStopped", "ResultStored"):
+            assert expected in types
+        seqs = [seq for seq, _, _ in events]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+        # resuming after the third event delivers exactly the rest
+        rest = await read_sse(http, system, task_id, last_id=seqs[2])
+        assert [seq for seq, _, _ in rest] == seqs[3:]
+
+        async with http.get(f"{system.url}/v1/tasks/{task_id}", headers=system.headers()) as r:
+            view = await r.json()
+        assert view["status"] == "succeeded"
+        async with http.get(f"{system.url}/v1/tasks/{task_id}/result",
+                            headers=system.headers()) as r:
+            assert r.status == 200
+            result = await r.json()
+    assert result["status"] == "succeeded"
+    assert result["text"] == "I wrote hello.txt"
+    assert result["total_cost_usd"] > 0
+    assert "hello.txt" in result["diff"] and result["files_changed"] == ["hello.txt"]
+    assert result["sandbox"]["wall_ms"] > 0
+    stored = system.data_dir / "results" / "tasks" / task_id
+    assert sorted(p.name for p in stored.iterdir()) == ["diff.patch", "result.json",
+                                                       "transcript.jsonl"]
+    assert fake.conversations_matching(prompt) == 1
+    assert all(r.api_key == SECRET for r in fake.main_requests())
+
+    # replay reads the same events straight from the stream
+    replay = subprocess.run(
+        [sys.executable, "-m", "services.cli", "replay", task_id, "--json"],
+        env=dict(os.environ, SANDSTREAM_NATS_URL=system.nats_url),
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    replayed = [json.loads(line) for line in replay.stdout.splitlines()]
+    assert [(e["seq"], e["type"]) for e in replayed] == [(s, n) for s, n, _ in events]
+    # the secret is in no event
+    assert SECRET not in replay.stdout
+
+    # Ctrl-C leaves nothing behind
+    stop_up(system)
+    assert system.proc.returncode == 0, system.log.read_text()[-3000:]
+    assert sandbox_names(task_id) == []
+    assert SECRET not in system.log.read_text()
+
+
+async def test_execute_and_cancel(system: System, fake: FakeModel) -> None:
+    fake.script([Text("the answer is 4")], match="what is 2+2")
+    hold = asyncio.Event()
+    from tests.fakes.model import Reply
+
+    fake.script([Reply(Text("never"), hold=hold)], match="a slow task")
+    async with aiohttp.ClientSession() as http:
+        body = {"task": "what is 2+2", "auth_token": system.token, "timeout_s": 120}
+        async with http.post(f"{system.url}/execute", json=body) as r:
+            assert r.status == 200, await r.text()
+            answer = await r.json()
+        assert answer["status"] == "succeeded"
+        assert answer["result"]["text"] == "the answer is 4"
+
+        async with http.post(f"{system.url}/v1/tasks", json={"prompt": "a slow task"},
+                             headers=system.headers()) as r:
+            task_id = (await r.json())["task_id"]
+        await fake.wait_for(lambda: fake.conversations_matching("a slow task") == 1, within=60)
+        async with http.delete(f"{system.url}/v1/tasks/{task_id}", headers=system.headers()) as r:
+            assert r.status == 202
+        async with http.get(f"{system.url}/v1/tasks/{task_id}?wait=60",
+                            headers=system.headers()) as r:
+            view = await r.json()
+        assert view["status"] == "cancelled"
+        hold.set()
+        # the container is removed once the cancellation is handled
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while sandbox_names(task_id):
+            assert loop.time() < deadline, "the cancelled task's container is still there"
+            await asyncio.sleep(0.2)

@@ -306,6 +306,11 @@ class Lifecycle:
                     await self._resume(state)
                     return
             deadline = ev_deadline(event)
+            if deadline <= time.time():
+                # Expired before we got to it: end it here, so a failure is retried with
+                # this message rather than lost with an in-process timer.
+                await self._expire(task)
+                return
             self._arm(task, deadline)
         self._waiting += 1
         try:

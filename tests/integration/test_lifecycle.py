@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -434,3 +435,20 @@ async def test_restart_loses_no_waiting_task(h: Harness) -> None:
     await h.completed(running)
     await wait_for_event(h.bus, waiting, "SandboxStarted")
     assert (await types_of(h.bus, running)).count("SandboxStarted") == 1
+
+
+async def test_request_handled_after_its_deadline_times_out_at_once(h: Harness) -> None:
+    task = task_id("stale")
+    await h.bus.publish(
+        ev.TaskRequested(
+            event_id=ev.event_id(task, "TaskRequested"),
+            task_id=task,
+            tenant="acme",
+            at=ev.now() - timedelta(seconds=30),
+            spec=ev.TaskSpec(prompt="hi", timeout_s=5),
+        )
+    )
+    service = h.lifecycle()
+    await service.run_until_idle()
+    assert await types_of(h.bus, task) == ["TaskRequested", "TaskTimedOut", "SandboxStopped"]
+    assert count_container_events(h.tag, "create", time.time() - 60) == 0

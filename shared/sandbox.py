@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -224,7 +223,6 @@ def container_config(spec: SandboxSpec) -> dict[str, Any]:
         "User": SANDBOX_USER,
         "WorkingDir": WORKSPACE,
         "Labels": labels,
-        "NetworkDisabled": False,  # network mode "none" below gives a lone loopback
         "AttachStdin": False,
         "AttachStdout": False,
         "AttachStderr": False,
@@ -640,13 +638,3 @@ class DockerDriver:
             return int(parts[0]), int(parts[1])
         except ValueError:
             return None, None
-
-
-def deadline_of(created_at: datetime, timeout_s: float) -> float:
-    """Epoch seconds of a task's deadline."""
-    return created_at.timestamp() + timeout_s
-
-
-def monotonic_delay(deadline: float) -> float:
-    """Seconds from now until ``deadline`` (epoch), never negative."""
-    return max(0.0, deadline - time.time())

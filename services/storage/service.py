@@ -26,6 +26,7 @@ from services.storage.build import Artifacts, build
 from shared import events as ev
 from shared.blobstore import BlobStore
 from shared.bus import Bus
+from shared.errors import Unavailable
 from shared.results import CONTENT_TYPES, DIFF_FILE, RESULT_FILE, TRANSCRIPT_FILE, task_prefix
 from shared.worker import Delivery, Worker
 
@@ -88,7 +89,7 @@ class StorageService:
     async def store_result(self, stopped: ev.SandboxStopped) -> ev.ResultStored | None:
         """Store the result of the task ``stopped`` ends; ``None`` if it was stored before."""
         began = time.perf_counter()
-        history = [r.event async for r in self.bus.read(self.bus.task_filter(stopped.task_id))]
+        history = await self._history(stopped)
         if any(isinstance(e, ev.ResultStored) for e in history):
             log.info("result already stored", task_id=stopped.task_id)
             return None
@@ -112,6 +113,23 @@ class StorageService:
             ms=round((time.perf_counter() - began) * 1000, 1),
         )
         return stored
+
+    async def _history(self, stopped: ev.SandboxStopped, tries: int = 3) -> list[ev.AnyEvent]:
+        """The task's events up to at least ``stopped`` (which is in the stream already).
+
+        A read that does not reach ``stopped`` is incomplete (``Bus.read`` can return early
+        when its ordered consumer's messages are still on their way): read again, and after
+        ``tries`` raise :class:`Unavailable` so the message is retried rather than a result
+        built from part of the history.
+        """
+        for attempt in range(1, tries + 1):
+            events = [r.event async for r in self.bus.read(self.bus.task_filter(stopped.task_id))]
+            if any(e.event_id == stopped.event_id for e in events):
+                return events
+            log.warning("history read incomplete, reading again", attempt=attempt, n=len(events))
+        raise Unavailable(
+            f"the history of task {stopped.task_id} came back without {stopped.event_id}"
+        )
 
     async def _write(self, task_id: str, artifacts: Artifacts) -> list[ev.StoredObject]:
         """Write the three objects concurrently; return only once every one is durable."""

@@ -361,6 +361,36 @@ async def test_many_tasks_at_once(bus: Bus, backend: Backend) -> None:
         assert stored.status == "succeeded"
 
 
+async def test_an_incomplete_history_read_is_read_again(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Bus.read`` can come back early and empty; the result must never be built from that."""
+    task = ev.new_task_id()
+    events = succeeded_history(task)
+    await publish_all(bus, events)
+    real_read = bus.read
+    calls = 0
+
+    def flaky_read(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return _nothing()
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(bus, "read", flaky_read)
+    service = service_for(bus, await open_store(f"file://{tmp_path}"))
+    stopped_event = events[-1]
+    assert isinstance(stopped_event, ev.SandboxStopped)
+    stored = await service.store_result(stopped_event)
+    assert stored is not None and stored.status == "succeeded" and calls == 2
+
+
+async def _nothing() -> AsyncIterator[Any]:
+    return
+    yield
+
+
 # ---- a store that refuses writes for a while -------------------------------------------
 
 

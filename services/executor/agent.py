@@ -103,17 +103,30 @@ S=__SOCKET__
 mode=$1; shift
 case "$mode" in
 run)
-    # The agent itself, in its own session (so a kill reaches all it started).
+    # The agent, in its own session (a kill reaches all it started). This shell outlives it
+    # to record its status: a TERM to the session only interrupts the wait (a trap, not an
+    # ignore, so the agent itself still gets the default action).
+    trap 'true' TERM INT HUP
     cd "$W" || exit 1
-    "$@" <"$R/prompt" >"$R/out.jsonl" 2>"$R/err.log"
-    echo $? >"$R/exit.tmp" && mv "$R/exit.tmp" "$R/exit"
+    "$@" <"$R/prompt" >"$R/out.jsonl" 2>"$R/err.log" &
+    cpid=$!
+    echo "$cpid" >"$R/cpid"
+    while :; do
+        wait "$cpid"
+        rc=$?
+        kill -0 "$cpid" 2>/dev/null || break
+    done
+    echo "$rc" >"$R/exit.tmp" && mv "$R/exit.tmp" "$R/exit"
     exit 0
     ;;
 kill)
     pid=$(cat "$R/pid" 2>/dev/null) || exit 0
+    [ -f "$R/exit" ] && exit 0
     kill -TERM -- "-$pid" 2>/dev/null
-    for _ in $(seq 50); do [ -f "$R/exit" ] && exit 0; sleep 0.1; done
-    kill -KILL -- "-$pid" 2>/dev/null
+    for _ in $(seq 50); do [ -f "$R/exit" ] && break; sleep 0.1; done
+    [ -f "$R/exit" ] || kill -KILL "$(cat "$R/cpid" 2>/dev/null)" 2>/dev/null
+    for _ in $(seq 20); do [ -f "$R/exit" ] && break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null  # whatever the agent left behind
     exit 0
     ;;
 follow)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -25,13 +28,15 @@ import pytest_asyncio
 
 from services.executor import agent
 from services.executor.model_proxy import Credential, ModelProxy
-from services.executor.service import Executor
+from services.executor.service import Executor, ExecutorConfig
 from shared import events as ev
 from shared.bus import Bus
 from shared.errors import Unavailable
 from shared.sandbox import DockerDriver, SandboxSpec, sandbox_name
 from shared.settings import DEFAULT_IMAGE
+from shared.worker import Delivery
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse
+from tests.support.procs import NatsServer
 
 pytestmark = pytest.mark.docker
 
@@ -311,3 +316,240 @@ async def test_killed_executor_reattaches_and_the_agent_runs_once(harness: Harne
     assert [json.loads(line)["type"] for line in lines][-1] == "result"
     kinds = [(obj["type"], obj.get("subtype")) for obj in map(json.loads, lines)]
     assert kinds.count(("system", "init")) == 1, kinds
+
+
+async def test_agent_past_its_deadline_is_stopped_as_timeout(harness: Harness) -> None:
+    tag = marker()
+    never = asyncio.Event()
+    harness.fake.script(match=tag, replies=[Reply(Text("too late"), hold=never)])
+    config = ExecutorConfig(deadline_grace_s=0.0)
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, config=config)
+        task_id, _ = await harness.submit(f"think forever {tag}", timeout_s=2)
+        try:
+            await asyncio.wait_for(executor.worker().run_until_idle(), 60)
+        finally:
+            never.set()
+        (end,) = ends(await harness.history(task_id))
+
+    assert isinstance(end, ev.ExecutionFailed), end
+    assert end.code == "timeout" and "timeout_s of 2 seconds" in end.message
+    assert end.exit_code == 143  # the agent got SIGTERM and its status was still recorded
+
+
+async def test_sandbox_removed_mid_run_is_sandbox_lost(harness: Harness) -> None:
+    tag = marker()
+    hold = asyncio.Event()
+    harness.fake.script(match=tag, replies=[Reply(Text("never seen"), hold=hold)])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(f"vanish {tag}")
+        run = asyncio.create_task(executor.worker().run_until_idle())
+        try:
+            await harness.fake.wait_for(lambda: harness.fake.conversations_matching(tag) == 1, 60)
+            await harness.driver.remove(sandbox_name(task_id))
+            await asyncio.wait_for(run, 60)
+        finally:
+            hold.set()
+        events = await harness.history(task_id)
+
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionFailed), end
+    assert end.code == "sandbox_lost"
+    assert not (harness.socket_dir / task_id / "model.sock").exists()
+
+
+async def test_sandbox_removed_after_the_task_ended_publishes_nothing(harness: Harness) -> None:
+    tag = marker()
+    hold = asyncio.Event()
+    harness.fake.script(match=tag, replies=[Reply(Text("never seen"), hold=hold)])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(f"cancelled {tag}")
+        run = asyncio.create_task(executor.worker().run_until_idle())
+        try:
+            await harness.fake.wait_for(lambda: harness.fake.conversations_matching(tag) == 1, 60)
+            # What the lifecycle does on a cancel: the terminal event first, then the kill.
+            await harness.bus.publish(
+                ev.TaskCancelled(
+                    event_id=ev.terminal_id(task_id), task_id=task_id, tenant=TENANT, reason="t"
+                )
+            )
+            await harness.driver.remove(sandbox_name(task_id))
+            await asyncio.wait_for(run, 60)
+        finally:
+            hold.set()
+        events = await harness.history(task_id)
+
+    assert ends(events) == []
+    assert isinstance(events[-1], ev.TaskCancelled | ev.AgentOutput)
+
+
+async def test_redelivery_after_the_end_changes_nothing(harness: Harness) -> None:
+    tag = marker()
+    harness.fake.script(match=tag, replies=[Text("once")])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, started = await harness.submit(f"once {tag}")
+        await executor.worker().run_until_idle()
+        before = await harness.history(task_id)
+        delivery = Delivery(seq=2, subject="x", num_delivered=2, max_deliver=8)
+        await executor.handle(started, delivery)
+        after = await harness.history(task_id)
+
+    assert [e.event_id for e in after] == [e.event_id for e in before]
+    assert harness.fake.conversations_matching(tag) == 1
+    (end,) = ends(after)
+    assert isinstance(end, ev.ExecutionCompleted) and end.text == "once"
+
+
+async def test_redelivery_mid_run_reattaches_without_a_second_agent(harness: Harness) -> None:
+    """Two handlers for one SandboxStarted at once (a lost ack): one agent, one end."""
+    tag = marker()
+    release = asyncio.Event()
+    harness.fake.script(match=tag, replies=[Reply(Text("shared"), hold=release)])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, started = await harness.submit(f"twice {tag}")
+        d1 = Delivery(seq=2, subject="x", num_delivered=1, max_deliver=8)
+        d2 = Delivery(seq=2, subject="x", num_delivered=2, max_deliver=8)
+        first = asyncio.create_task(executor.handle(started, d1))
+        await harness.fake.wait_for(lambda: harness.fake.conversations_matching(tag) == 1, 60)
+        second = asyncio.create_task(executor.handle(started, d2))
+        await asyncio.sleep(0.5)  # let the second one attach while the agent is held
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 60)
+        events = await harness.history(task_id)
+
+    assert harness.fake.conversations_matching(tag) == 1
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted) and end.text == "shared"
+    lines = output_lines(events)
+    assert len(lines) == len(set(lines))
+
+
+# ---- the executor as a process ---------------------------------------------------------------
+
+
+def executor_env(harness: Harness, nats_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("CLAUDE_CODE_OAUTH_TOKEN",)}
+    env.update(
+        SANDSTREAM_NATS_URL=nats_url,
+        SANDSTREAM_STREAM=harness.bus.stream.name,
+        SANDSTREAM_SUBJECT_PREFIX=harness.bus.stream.subject_prefix,
+        SANDSTREAM_DUPLICATE_WINDOW_S=str(harness.bus.stream.duplicate_window_s),
+        SANDSTREAM_SOCKET_DIR=str(harness.socket_dir),
+        SANDSTREAM_MODEL_UPSTREAM=harness.fake.url,
+        SANDSTREAM_ACK_WAIT_S="2",
+        ANTHROPIC_API_KEY=SECRET,
+    )
+    return env
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def start_executor(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.executor", env=env, stdout=out, stderr=out,
+            cwd=str(REPO),
+        )  # fmt: skip
+
+
+async def test_sigkilled_executor_process_is_replaced_and_the_agent_runs_once(
+    harness: Harness, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    tag = marker()
+    release = asyncio.Event()
+    harness.fake.script(
+        match=tag,
+        replies=[ToolUse.write("b.txt", "b\n"), Reply(Text("survived"), hold=release)],
+    )
+    env = executor_env(harness, nats_server.url)
+    log = tmp_path / "executor.log"
+    proc = await start_executor(env, log)
+    try:
+        task_id, _ = await harness.submit(f"survive {tag}")
+        await harness.fake.wait_for(
+            lambda: any(r.reply_index == 1 for r in harness.fake.main_requests()), 60
+        )
+        proc.kill()
+        await proc.wait()
+        proc = await start_executor(env, log)
+        await harness.fake.wait_for(
+            lambda: sum(r.reply_index == 1 for r in harness.fake.main_requests()) >= 2, 60
+        )
+        release.set()
+        end = await wait_for_end(harness, task_id, 60)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0, log.read_text()[-3000:]
+    finally:
+        release.set()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    assert isinstance(end, ev.ExecutionCompleted), (end, log.read_text()[-3000:])
+    assert end.text == "survived" and end.files_changed == ["b.txt"]
+    assert harness.fake.conversations_matching(tag) == 1
+    events = await harness.history(task_id)
+    assert len(ends(events)) == 1
+    assert SECRET not in log.read_text()
+    for raw in await harness.raw_history():
+        assert SECRET.encode() not in raw
+
+
+async def wait_for_end(
+    harness: Harness, task_id: str, within: float
+) -> ev.ExecutionCompleted | ev.ExecutionFailed:
+    async with asyncio.timeout(within):
+        async for record in harness.bus.read(harness.bus.task_filter(task_id), follow=True):
+            if isinstance(record.event, ev.ExecutionCompleted | ev.ExecutionFailed):
+                return record.event
+    raise AssertionError("unreachable")
+
+
+async def test_one_reply_latency_next_to_a_bare_exec(harness: Harness) -> None:
+    """Prints SandboxStarted → ExecutionCompleted next to a bare ``docker exec`` of the CLI."""
+    runs, ours, bare = 5, [], []
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        for _ in range(runs):
+            tag = marker()
+            harness.fake.script(match=tag, replies=[Text("hi")])
+            task_id, started = await harness.submit(f"say hi {tag}")
+            await executor.worker().run_until_idle(idle_timeout=0.05)
+            (end,) = ends(await harness.history(task_id))
+            assert isinstance(end, ev.ExecutionCompleted)
+            ours.append((end.at - started.at).total_seconds())
+
+        # The floor: the same CLI run by one exec in a warm sandbox, socat already listening.
+        task_id = ev.new_task_id()
+        name = await harness.sandbox(task_id)
+        await proxy.add_task(task_id)
+        port = agent.DEFAULT_PORT
+        forward = (
+            f"socat TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr "
+            f"UNIX-CONNECT:{agent.MODEL_SOCKET} </dev/null >/dev/null 2>&1 &"
+        )
+        await harness.driver.exec(name, ["bash", "-c", forward + " sleep 0.2"])
+        env = agent.environment(port=port)
+        for _ in range(runs):
+            tag = marker()
+            harness.fake.script(match=tag, replies=[Text("hi")])
+            argv = [*agent.command(ev.TaskSpec(prompt="x")), f"say hi {tag}"]
+            t0 = time.perf_counter()
+            result = await harness.driver.exec(
+                name, ["bash", "-c", 'mkdir -p "$HOME"; "$@"', "_", *argv], env=env
+            )
+            bare.append(time.perf_counter() - t0)
+            assert result.exit_code == 0, result.output[-2000:]
+
+    ours.sort()
+    bare.sort()
+    print(
+        f"\none-reply task, SandboxStarted → ExecutionCompleted: median {ours[runs // 2]:.3f}s "
+        f"(min {ours[0]:.3f}s); bare docker exec of the CLI: median {bare[runs // 2]:.3f}s "
+        f"(min {bare[0]:.3f}s)"
+    )

@@ -82,6 +82,7 @@ async def supervise(child: Child, stopping: asyncio.Event) -> None:
     """Run the child; restart it (with a growing pause) whenever it dies before we stop."""
     while not stopping.is_set():
         child.proc = await asyncio.create_subprocess_exec(*child.argv, env=child.env)
+        log.info("service started", service=child.name, pid=child.proc.pid)
         child.started.set()
         code = await child.proc.wait()
         if stopping.is_set():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,24 +18,34 @@ from typing import Any
 import aiohttp
 import pytest
 
+from shared import events as ev
+from shared.bus import Bus, connect
 from tests.fakes.model import FakeModel, Text, ToolUse
-from tests.support.sandboxes import sandbox_image
 from tests.support.procs import free_port
+from tests.support.s3 import MotoS3, fake_aws_env
+from tests.support.sandboxes import sandbox_image, wait_for_event
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 SECRET = "sk-test-e2e-secret-0123456789"
 
 
 def docker_available() -> bool:
-    probe = subprocess.run(["docker", "image", "inspect", sandbox_image()], capture_output=True,
-                           timeout=30, check=False)
+    probe = subprocess.run(
+        ["docker", "image", "inspect", sandbox_image()],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
     return probe.returncode == 0
 
 
 def sandbox_names(task_id: str) -> list[str]:
     out = subprocess.run(
         ["docker", "ps", "-a", "--filter", f"name=sandstream-{task_id}", "--format", "{{.Names}}"],
-        capture_output=True, text=True, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     return out.stdout.split()
 
@@ -65,14 +77,25 @@ async def start_up(tmp: Path, fake: FakeModel, extra_env: dict[str, str] | None 
     env.pop("SANDSTREAM_NATS_URL", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data_dir),
-             "--port", str(port), "--nats-port", str(nats_port)],
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "up",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(port),
+                "--nats-port",
+                str(nats_port),
+            ],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    system = System(f"http://127.0.0.1:{port}", "", f"nats://127.0.0.1:{nats_port}", data_dir,
-                    proc, log)
+    system = System(
+        f"http://127.0.0.1:{port}", "", f"nats://127.0.0.1:{nats_port}", data_dir, proc, log
+    )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 60
     async with aiohttp.ClientSession() as http:
@@ -84,7 +107,9 @@ async def start_up(tmp: Path, fake: FakeModel, extra_env: dict[str, str] | None 
                         break
             except aiohttp.ClientError:
                 pass
-            assert loop.time() < deadline, "`sandstream up` did not become ready:\n" + log.read_text()
+            assert loop.time() < deadline, (
+                "`sandstream up` did not become ready:\n" + log.read_text()
+            )
             await asyncio.sleep(0.1)
     system.token = (data_dir / "dev-token").read_text().strip()
     return system
@@ -135,19 +160,30 @@ async def read_sse(
 
 async def test_a_task_end_to_end(system: System, fake: FakeModel, tmp_path: Path) -> None:
     prompt = "create hello.txt for the e2e test"
-    fake.script([ToolUse.write("hello.txt", "hi from the sandbox\n"), Text("I wrote hello.txt")],
-                match=prompt)
+    fake.script(
+        [ToolUse.write("hello.txt", "hi from the sandbox\n"), Text("I wrote hello.txt")],
+        match=prompt,
+    )
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{system.url}/v1/tasks", json={"prompt": prompt, "timeout_s": 120},
-                             headers=system.headers()) as r:
+        async with http.post(
+            f"{system.url}/v1/tasks",
+            json={"prompt": prompt, "timeout_s": 120},
+            headers=system.headers(),
+        ) as r:
             assert r.status == 202
             task_id = (await r.json())["task_id"]
 
         events = await read_sse(http, system, task_id)  # ends after the terminal event
         types = [name for _, name, _ in events]
         assert types[0] == "TaskRequested" and types[-1] == "TaskSucceeded", types
-        for expected in ("SandboxStarted", "ExecutionStarted", "AgentOutput",
-                         "ExecutionCompleted", "SandboxStopped", "ResultStored"):
+        for expected in (
+            "SandboxStarted",
+            "ExecutionStarted",
+            "AgentOutput",
+            "ExecutionCompleted",
+            "SandboxStopped",
+            "ResultStored",
+        ):
             assert expected in types
         seqs = [seq for seq, _, _ in events]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
@@ -159,8 +195,9 @@ async def test_a_task_end_to_end(system: System, fake: FakeModel, tmp_path: Path
         async with http.get(f"{system.url}/v1/tasks/{task_id}", headers=system.headers()) as r:
             view = await r.json()
         assert view["status"] == "succeeded"
-        async with http.get(f"{system.url}/v1/tasks/{task_id}/result",
-                            headers=system.headers()) as r:
+        async with http.get(
+            f"{system.url}/v1/tasks/{task_id}/result", headers=system.headers()
+        ) as r:
             assert r.status == 200
             result = await r.json()
     assert result["status"] == "succeeded"
@@ -169,8 +206,11 @@ async def test_a_task_end_to_end(system: System, fake: FakeModel, tmp_path: Path
     assert "hello.txt" in result["diff"] and result["files_changed"] == ["hello.txt"]
     assert result["sandbox"]["wall_ms"] > 0
     stored = system.data_dir / "results" / "tasks" / task_id
-    assert sorted(p.name for p in stored.iterdir()) == ["diff.patch", "result.json",
-                                                       "transcript.jsonl"]
+    assert sorted(p.name for p in stored.iterdir()) == [
+        "diff.patch",
+        "result.json",
+        "transcript.jsonl",
+    ]
     assert fake.conversations_matching(prompt) == 1
     assert all(r.api_key == SECRET for r in fake.main_requests())
 
@@ -178,16 +218,24 @@ async def test_a_task_end_to_end(system: System, fake: FakeModel, tmp_path: Path
     replay = subprocess.run(
         [sys.executable, "-m", "services.cli", "replay", task_id, "--json"],
         env=dict(os.environ, SANDSTREAM_NATS_URL=system.nats_url),
-        capture_output=True, text=True, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     replayed = [json.loads(line) for line in replay.stdout.splitlines()]
     assert [(e["seq"], e["type"]) for e in replayed] == [(s, n) for s, n, _ in events]
     # the secret is in no event
     assert SECRET not in replay.stdout
 
-    # Ctrl-C leaves nothing behind
+    # Ctrl-C leaves nothing behind: no process it started, no container
     stop_up(system)
     assert system.proc.returncode == 0, system.log.read_text()[-3000:]
+    started = re.findall(r'"pid": ?(\d+)|pid=(\d+)', system.log.read_text())
+    pids = [int(json_pid or console_pid) for json_pid, console_pid in started]
+    assert len(pids) >= 5  # nats-server and the four services
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert alive == []
     assert sandbox_names(task_id) == []
     assert SECRET not in system.log.read_text()
 
@@ -206,14 +254,16 @@ async def test_execute_and_cancel(system: System, fake: FakeModel) -> None:
         assert answer["status"] == "succeeded"
         assert answer["result"]["text"] == "the answer is 4"
 
-        async with http.post(f"{system.url}/v1/tasks", json={"prompt": "a slow task"},
-                             headers=system.headers()) as r:
+        async with http.post(
+            f"{system.url}/v1/tasks", json={"prompt": "a slow task"}, headers=system.headers()
+        ) as r:
             task_id = (await r.json())["task_id"]
         await fake.wait_for(lambda: fake.conversations_matching("a slow task") == 1, within=60)
         async with http.delete(f"{system.url}/v1/tasks/{task_id}", headers=system.headers()) as r:
             assert r.status == 202
-        async with http.get(f"{system.url}/v1/tasks/{task_id}?wait=60",
-                            headers=system.headers()) as r:
+        async with http.get(
+            f"{system.url}/v1/tasks/{task_id}?wait=60", headers=system.headers()
+        ) as r:
             view = await r.json()
         assert view["status"] == "cancelled"
         hold.set()
@@ -223,3 +273,67 @@ async def test_execute_and_cancel(system: System, fake: FakeModel) -> None:
         while sandbox_names(task_id):
             assert loop.time() < deadline, "the cancelled task's container is still there"
             await asyncio.sleep(0.2)
+
+
+async def test_s3_storage_with_an_outage(
+    tmp_path: Path, fake: FakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Results go to S3 (moto on loopback); while S3 is down the task waits, then stores once."""
+    if not docker_available():
+        pytest.skip("needs a running Docker engine and the sandbox image (make image)")
+    env = fake_aws_env(monkeypatch)
+    s3 = MotoS3()
+    s3.start()
+    bucket = await s3.create_bucket()
+    system = await start_up(
+        tmp_path,
+        fake,
+        {
+            **env,
+            "SANDSTREAM_STORAGE_URL": f"s3://{bucket}/runs",
+            "SANDSTREAM_S3_ENDPOINT_URL": s3.endpoint_url,
+        },
+    )
+    try:
+        prompt = "write notes.md while storage is down"
+        fake.script([ToolUse.write("notes.md", "# notes\n"), Text("done with notes")], match=prompt)
+        s3.stop()  # storage refuses every write from now on
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{system.url}/v1/tasks", json={"prompt": prompt}, headers=system.headers()
+            ) as r:
+                task_id = (await r.json())["task_id"]
+            # the sandbox is gone and the result is waiting for storage
+            async with http.get(
+                f"{system.url}/v1/tasks/{task_id}?wait=20", headers=system.headers()
+            ) as r:
+                assert (await r.json())["status"] == "storing"
+            nc = await connect(system.nats_url, name="check")
+            bus = Bus(nc)
+            await wait_for_event(bus, task_id, "SandboxStopped", timeout=60)
+            assert await bus.last(task_id, "ResultStored") is None
+            s3.start()  # storage is back: the retried write lands
+            async with http.get(
+                f"{system.url}/v1/tasks/{task_id}?wait=60", headers=system.headers()
+            ) as r:
+                view = await r.json()
+            assert view["status"] == "succeeded", view
+            assert view["result"]["text"] == "done with notes"
+            stored = [r.event async for r in bus.read(bus.subject(task_id, "ResultStored"))]
+            await nc.close()
+        assert len(stored) == 1
+        event = stored[0]
+        assert isinstance(event, ev.ResultStored)
+        async with s3.client() as client:
+            # keys in the event are relative to the store's prefix (`runs/`)
+            assert sorted(o.key for o in event.objects) == [
+                f"tasks/{task_id}/{name}"
+                for name in ("diff.patch", "result.json", "transcript.jsonl")
+            ]
+            for obj in event.objects:
+                answer = await client.get_object(Bucket=bucket, Key=f"runs/{obj.key}")
+                body = await answer["Body"].read()
+                assert hashlib.sha256(body).hexdigest() == obj.sha256
+    finally:
+        stop_up(system)
+        s3.stop()

@@ -91,7 +91,11 @@ def environment(
 
 
 def prompt_chunks(prompt: str, size: int = PROMPT_CHUNK) -> list[str]:
-    """The prompt split into argv-sized strings (at least one, possibly empty)."""
+    """The prompt split into argv-sized strings (at least one, possibly empty).
+
+    NUL characters are dropped: no argv string can carry one.
+    """
+    prompt = prompt.replace("\x00", "")
     return [prompt[i : i + size] for i in range(0, len(prompt), size)] or [""]
 
 

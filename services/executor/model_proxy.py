@@ -24,12 +24,14 @@ The credential never appears in a log line, an error message or a response.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import re
 import time
 from collections.abc import Mapping
+from contextvars import Context
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -299,21 +301,27 @@ class ModelProxy:
         if task_id not in self._usage:
             self._usage[task_id] = self._load_usage(task_id)
             self._save_usage(task_id, self._usage[task_id])  # also marks the dir as ours
+        # Served from an empty context: requests must not inherit the log context (message
+        # ids, sequence) of whichever handler happened to open the socket.
+        runner = await asyncio.create_task(self._serve(task_id, path), context=Context())
+        self._sites[task_id] = _Site(runner, path)
+        log.debug("model socket listening", task_id=task_id)
+        return path
+
+    async def _serve(self, task_id: str, path: Path) -> web.AppRunner:
         app = web.Application(client_max_size=MAX_BODY)
         app[TASK_KEY] = task_id
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            unix_site = web.UnixSite(runner, str(path))
-            await unix_site.start()
+            site = web.UnixSite(runner, str(path))
+            await site.start()
             os.chmod(path, 0o666)
         except BaseException:
             await runner.cleanup()
             raise
-        self._sites[task_id] = _Site(runner, path)
-        log.debug("model socket listening", task_id=task_id)
-        return path
+        return runner
 
     async def adopt_existing(self) -> list[str]:
         """Listen again on every task socket left in ``socket_dir`` (after a restart).

@@ -85,7 +85,7 @@ class Harness:
     def proxy(self, credential: Credential | None = None) -> ModelProxy:
         return ModelProxy(socket_dir=self.socket_dir, upstream=self.fake.url, credential=credential)
 
-    async def sandbox(self, task_id: str) -> str:
+    async def sandbox(self, task_id: str, **options: int) -> str:
         """A hardened sandbox exactly as the lifecycle makes it, started."""
         folder = self.socket_dir / task_id
         folder.mkdir(mode=0o755)
@@ -95,13 +95,16 @@ class Harness:
             image=DEFAULT_IMAGE,
             deadline=time.time() + 600,
             model_socket_dir=str(folder),
+            **options,
         )
         info = await self.driver.create(spec)
         self.sandboxes.append(info.name)
         await self.driver.start(info.name)
         return info.name
 
-    async def submit(self, prompt: str, **spec: object) -> tuple[str, ev.SandboxStarted]:
+    async def submit(
+        self, prompt: str, *, sandbox: dict[str, int] | None = None, **spec: object
+    ) -> tuple[str, ev.SandboxStarted]:
         """TaskRequested, a started sandbox, and SandboxStarted: what the executor waits for."""
         task_id = ev.new_task_id()
         await self.bus.publish(
@@ -112,7 +115,7 @@ class Harness:
                 spec=msgspec.convert({"prompt": prompt, **spec}, ev.TaskSpec),
             )
         )
-        name = await self.sandbox(task_id)
+        name = await self.sandbox(task_id, **(sandbox or {}))
         started = ev.SandboxStarted(
             event_id=ev.event_id(task_id, "SandboxStarted"),
             task_id=task_id,
@@ -426,6 +429,43 @@ async def test_redelivery_mid_run_reattaches_without_a_second_agent(harness: Har
     assert isinstance(end, ev.ExecutionCompleted) and end.text == "shared"
     lines = output_lines(events)
     assert len(lines) == len(set(lines))
+
+
+async def test_huge_output_lines_are_truncated_and_batches_bounded(harness: Harness) -> None:
+    tag = marker()
+    content = "x" * 300_000 + "\n"
+    harness.fake.script(match=tag, replies=[ToolUse.write("big.txt", content), Text("big")])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(f"write big {tag}")
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert end.files_changed == ["big.txt"] and "+" + "x" * 1000 in end.diff
+    outputs = [e for e in events if isinstance(e, ev.AgentOutput)]
+    assert all(len(ev.encode(e)) <= 256 * 1024 for e in outputs)
+    assert any("[sandstream: line truncated" in line for line in output_lines(events))
+    assert [o.batch for o in outputs] == list(range(len(outputs)))
+    firsts = [int(o.event_id.rsplit(":", 1)[1]) for o in outputs]
+    assert firsts == [sum(len(o.lines) for o in outputs[:i]) for i in range(len(outputs))]
+
+
+async def test_agent_killed_for_memory_is_oom(harness: Harness) -> None:
+    tag = marker()
+    harness.fake.script(match=tag, replies=[Text("unreachable")])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        # Far too little memory for the CLI itself: the kernel kills it as it starts.
+        task_id, _ = await harness.submit(
+            f"no room {tag}", sandbox={"memory_bytes": 48 * 1024 * 1024}
+        )
+        await executor.worker().run_until_idle()
+        (end,) = ends(await harness.history(task_id))
+
+    assert isinstance(end, ev.ExecutionFailed), end
+    assert (end.code, end.exit_code) == ("oom", 137), end
 
 
 # ---- the executor as a process ---------------------------------------------------------------

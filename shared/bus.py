@@ -268,7 +268,10 @@ class Bus:
         try:
             if not follow:
                 info = await sub.consumer_info()
-                if info.num_pending == 0 and queue.empty():
+                # Empty only if nothing was delivered either: messages already pushed can
+                # still be on their way to ``queue`` (num_pending no longer counts them).
+                delivered = info.delivered.consumer_seq if info.delivered else 0
+                if info.num_pending == 0 and not delivered and queue.empty():
                     return
             while True:
                 msg = await queue.get()

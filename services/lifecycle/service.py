@@ -267,23 +267,36 @@ class Lifecycle:
 
     # ---- history -----------------------------------------------------------------------------
 
-    async def _history(self, task_id: str) -> list[ev.AnyEvent]:
-        try:
-            return [r.event async for r in self.bus.read(self.bus.task_filter(task_id))]
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise Unavailable(f"cannot read the history of {task_id}: {exc}") from exc
+    async def _history(self, task_id: str, tries: int = 3) -> list[ev.AnyEvent]:
+        """The task's events, checked to reach its last stored one.
 
-    async def _nothing_after(self, task_id: str, seq: int) -> bool:
-        """True when the event at ``seq`` is still the task's last one (one direct get)."""
+        Decisions here are destructive (an "unknown" task's sandbox is removed), so a read
+        that stops short of the last sequence is read again, then :class:`Unavailable`.
+        """
+        last = await self._last_seq(task_id)
+        if last == 0:
+            return []
+        for _ in range(tries):
+            try:
+                records = [r async for r in self.bus.read(self.bus.task_filter(task_id))]
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise Unavailable(f"cannot read the history of {task_id}: {exc}") from exc
+            if records and records[-1].seq >= last:
+                return [r.event for r in records]
+            log.warning("history read incomplete, reading again", task_id=task_id)
+        raise Unavailable(f"the history of {task_id} came back incomplete")
+
+    async def _last_seq(self, task_id: str) -> int:
+        """Stream sequence of the task's last event, 0 if it has none (one direct get)."""
         try:
             raw = await self.bus.js.get_last_msg(
                 self.bus.stream.name, self.bus.task_filter(task_id), direct=True
             )
         except nats.js.errors.NotFoundError:
-            return False
+            return 0
         except (nats.errors.TimeoutError, TimeoutError) as exc:
             raise Unavailable("the event log (NATS) did not answer in time") from exc
-        return raw.seq == seq
+        return int(raw.seq or 0)
 
     # ---- TaskRequested ---------------------------------------------------------------------
 
@@ -294,7 +307,7 @@ class Lifecycle:
         with self._working():
             if task in self._ended:
                 return
-            if not await self._nothing_after(task, delivery.seq):
+            if await self._last_seq(task) != delivery.seq:  # anything after the request?
                 history = await self._history(task)
                 state = fold(history)
                 if state is None:

@@ -52,6 +52,8 @@ log = structlog.get_logger("sandstream.lifecycle")
 
 LABEL_STREAM: Final = "sandstream.stream"
 """Which event stream a sandbox belongs to: a lifecycle only ever reaps its own stream's."""
+LABEL_INSTANCE: Final = "sandstream.instance"
+"""The installation (``settings.instance``, set by ``sandstream up``) that owns the sandbox."""
 
 CONTROL_EVENTS: Final = (
     "ExecutionCompleted",
@@ -358,7 +360,7 @@ class Lifecycle:
             tenant=event.tenant,
             image=self.settings.sandbox_image,
             deadline=deadline,
-            labels={**o.labels, LABEL_STREAM: self.bus.stream.name},
+            labels=self._labels(),
             memory_bytes=o.memory_bytes,
             nano_cpus=o.nano_cpus,
             pids_limit=o.pids_limit,
@@ -390,6 +392,12 @@ class Lifecycle:
             running=self.admission.running,
             waiting=self.admission.waiting,
         )
+
+    def _labels(self) -> dict[str, str]:
+        labels = {**self.options.labels, LABEL_STREAM: self.bus.stream.name}
+        if self.settings.instance:
+            labels[LABEL_INSTANCE] = self.settings.instance
+        return labels
 
     async def _resume(self, state: TaskState) -> None:
         """A redelivered request for a task already past its start: hold its slot, arm it."""

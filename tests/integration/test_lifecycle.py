@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from services.lifecycle.service import LABEL_STREAM, Lifecycle, LifecycleOptions
+from services.lifecycle.service import LABEL_INSTANCE, LABEL_STREAM, Lifecycle, LifecycleOptions
 from shared import events as ev
 from shared.bus import Bus
 from shared.sandbox import (
@@ -128,7 +128,7 @@ def task_id(name: str) -> str:
 
 
 async def test_requested_task_gets_a_hardened_running_sandbox(h: Harness) -> None:
-    service = h.lifecycle()
+    service = h.lifecycle(instance=f"up-{h.tag}")
     await service.start()
     task = task_id("a")
     await h.request(task)
@@ -146,6 +146,7 @@ async def test_requested_task_gets_a_hardened_running_sandbox(h: Harness) -> Non
     labels = data["Config"]["Labels"]
     assert labels[LABEL_TASK] == task and labels[LABEL_TENANT] == "acme"
     assert labels[LABEL_MANAGED] == "1" and labels[LABEL_STREAM] == h.bus.stream.name
+    assert labels[LABEL_INSTANCE] == f"up-{h.tag}"
     deadline = requested.at.timestamp() + 600
     assert float(labels[LABEL_DEADLINE]) == pytest.approx(deadline, abs=0.01)
     socket_dir = h.tmp / "model" / task

@@ -70,7 +70,8 @@ class Timeline:
         elapsed = (event.at - start).total_seconds()
         task = f"{event.task_id}  " if with_task else ""
         name = ev.type_name(type(event))
-        return f"+{elapsed:8.3f}s  #{seq:<6} {task}{name:<20} {summary(event)}".rstrip()
+        stamp = f"+{elapsed:.3f}s"
+        return f"{stamp:>10}  #{seq:<6} {task}{name:<20} {summary(event)}".rstrip()
 
 
 # ---- replay (reads the stream directly) --------------------------------------------------

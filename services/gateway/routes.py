@@ -120,6 +120,7 @@ def _not_found(task_id: str) -> ApiError:
 
 def _task(request: web.Request, tenant: str) -> TaskState:
     task_id = request.match_info["task_id"]
+    structlog.contextvars.bind_contextvars(task_id=task_id)
     task = request.app[PROJECTION].get(tenant, task_id)
     if task is None:
         raise _not_found(task_id)

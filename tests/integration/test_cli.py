@@ -1,0 +1,111 @@
+"""The `sandstream` command: token creation and replay of the stream, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from services.gateway.auth import TokenStore
+from shared import events as ev
+from shared.bus import Bus
+from tests.support.procs import NatsServer
+
+
+def sandstream(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_token_create_prints_only_the_token(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    done = sandstream("token", "create", "--tenant", "acme", "--tokens-file", str(tokens))
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    assert done.stdout == token + "\n" and token.startswith("sst_")
+    assert "acme" in done.stderr
+    assert token not in tokens.read_text()  # only its hash is stored
+    assert oct(tokens.stat().st_mode & 0o777) == "0o600"
+    assert TokenStore(tokens).tenant_for(token) == "acme"
+
+
+def test_token_create_rejects_a_bad_tenant(tmp_path: Path) -> None:
+    done = sandstream(
+        "token", "create", "--tenant", "Bad Name", "--tokens-file", str(tmp_path / "t")
+    )
+    assert done.returncode == 2 and "tenant must be" in done.stderr
+
+
+async def test_replay_lists_events_in_stream_order(bus: Bus, nats_server: NatsServer) -> None:
+    a, b = ev.new_task_id(), ev.new_task_id()
+    published = [
+        ev.TaskRequested(
+            event_id=ev.event_id(a, "TaskRequested"),
+            task_id=a,
+            tenant="x",
+            spec=ev.TaskSpec(prompt="first"),
+        ),
+        ev.TaskRequested(
+            event_id=ev.event_id(b, "TaskRequested"),
+            task_id=b,
+            tenant="x",
+            spec=ev.TaskSpec(prompt="second"),
+        ),
+        ev.SandboxStarted(
+            event_id=ev.event_id(a, "SandboxStarted"),
+            task_id=a,
+            tenant="x",
+            sandbox=f"sandstream-{a}",
+            image="img",
+        ),
+        ev.TaskFailed(
+            event_id=ev.terminal_id(a),
+            task_id=a,
+            tenant="x",
+            error=ev.ErrorInfo(code="cli_error", message="exit 1"),
+        ),
+    ]
+    for event in published:
+        await bus.publish(event)
+    env = {
+        "SANDSTREAM_NATS_URL": nats_server.url,
+        "SANDSTREAM_STREAM": bus.stream.name,
+        "SANDSTREAM_SUBJECT_PREFIX": bus.prefix,
+    }
+
+    as_json = sandstream("replay", a, "--json", env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [(e["seq"], e["type"]) for e in lines] == [
+        (1, "TaskRequested"),
+        (3, "SandboxStarted"),
+        (4, "TaskFailed"),
+    ]
+    assert lines[0]["subject"] == f"{bus.prefix}.{a}.TaskRequested"
+    assert lines[0]["spec"]["prompt"] == "first" and lines[0]["event_id"] == f"{a}:TaskRequested:1"
+
+    timeline = sandstream("replay", a, env=env).stdout.splitlines()
+    assert [line.split()[2] for line in timeline] == [
+        "TaskRequested",
+        "SandboxStarted",
+        "TaskFailed",
+    ]
+    assert "cli_error: exit 1" in timeline[-1]
+
+    everything = sandstream("replay", "--json", "--from-seq", "2", env=env).stdout.splitlines()
+    assert [json.loads(line)["seq"] for line in everything] == [2, 3, 4]
+    only = sandstream("replay", "--json", "--type", "TaskRequested", env=env).stdout.splitlines()
+    assert [json.loads(line)["task_id"] for line in only] == [a, b]
+
+
+def test_replay_without_a_server_fails_clearly() -> None:
+    done = sandstream("replay", env={"SANDSTREAM_NATS_URL": "nats://127.0.0.1:1"})
+    assert done.returncode == 1 and "cannot reach NATS" in done.stderr

@@ -78,8 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command in SERVICES:
         module = importlib.import_module(f"services.{args.command}.__main__")
-        module.main()
-        return
+        sys.exit(module.main() or 0)
     if args.command == "up":
         from services.up import run_up
 

@@ -19,7 +19,8 @@ How a run looks inside the sandbox (all under :data:`RUN_DIR`, on the sandbox's 
   ``err.log``, and its exit code to ``exit`` when done (atomically, by rename).
 - The same exec then follows ``out.jsonl`` from a given line (``tail -F --pid``) until the
   run has ended, and prints a block marked by a per-exec random nonce: exit code, OOM-kill
-  count, changed files and the diff. The nonce cannot occur in the CLI's output.
+  count, changed files and the diff, closed by ``<nonce>.done`` (so the reader need not wait
+  for the engine to close the stream). The nonce cannot occur in the CLI's output.
 """
 
 from __future__ import annotations
@@ -137,18 +138,19 @@ follow)
     from=$1; port=$2; nonce=$3; ncmd=$4; shift 4
     cmd=("${@:1:$ncmd}"); shift "$ncmd"
     if mkdir "$R" 2>/dev/null; then
-        mkdir -p "${HOME:-/tmp/.sandstream-home}"
+        [ -d "${HOME:-/nonexistent}" ] || mkdir -p "${HOME:-/tmp/.sandstream-home}"
         printf '%s' "$@" >"$R/prompt"
         : >"$R/out.jsonl"
+        # The forwarder first: it starts listening while git records the workspace.
+        socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$S" \
+            </dev/null >"$R/socat.log" 2>&1 &
         (
             cd "$W" && { [ -d .git ] || git init -q; } && git add -A \
                 && git commit -q --allow-empty --no-verify -m "sandstream: before the run" \
                 && git rev-parse HEAD >"$R/base"
         ) >"$R/git.log" 2>&1
-        socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$S" \
-            </dev/null >"$R/socat.log" 2>&1 &
-        hex=$(printf ':%04X 00000000:0000 0A' "$port")
-        for _ in $(seq 200); do grep -q "$hex" /proc/net/tcp && break; sleep 0.005; done
+        printf -v hex ':%04X 00000000:0000 0A' "$port"
+        for ((i = 0; i < 200; i++)); do grep -q "$hex" /proc/net/tcp && break; sleep 0.005; done
         setsid bash -c "$BASH_EXECUTION_STRING" sandstream run "${cmd[@]}" \
             </dev/null >/dev/null 2>&1 &
         echo $! >"$R/pid.tmp" && mv "$R/pid.tmp" "$R/pid"
@@ -157,27 +159,42 @@ follow)
         echo "__ATTACHED__" >&2
     fi
     # A lock without a pid: the claim was made but the start was cut short; give it a moment.
-    for _ in $(seq 100); do [ -f "$R/pid" ] && break; sleep 0.05; done
-    if [ -f "$R/pid" ]; then
-        tail -n "+$((from + 1))" -s 0.05 --pid="$(cat "$R/pid")" -F "$R/out.jsonl" 2>/dev/null
+    for ((i = 0; i < 100; i++)); do [ -f "$R/pid" ] && break; sleep 0.05; done
+    # Builtins (read, mapfile) where possible: every process here delays the result.
+    pid="" rc="" base="" oom=0
+    read -r pid <"$R/pid" 2>/dev/null
+    if [ -n "$pid" ]; then
+        # -s: how soon the end of the run is noticed (tail checks the pid that often).
+        tail -n "+$((from + 1))" -s 0.005 --pid="$pid" -F "$R/out.jsonl" 2>/dev/null
     fi
     echo "$nonce"
-    echo "exit=$(cat "$R/exit" 2>/dev/null)"
-    echo "pid=$(cat "$R/pid" 2>/dev/null)"
-    echo "oom=$(sed -n 's/^oom_kill //p' /sys/fs/cgroup/memory/memory.oom_control 2>/dev/null)"
-    echo "stderr=$(tail -c 2000 "$R/err.log" 2>/dev/null | tr '\n\r' '  ')"
-    base=$(cat "$R/base" 2>/dev/null)
+    read -r rc <"$R/exit" 2>/dev/null
+    echo "exit=$rc"
+    echo "pid=$pid"
+    while read -r key value; do
+        [ "$key" = oom_kill ] && oom=$value
+    done </sys/fs/cgroup/memory/memory.oom_control 2>/dev/null
+    echo "oom=$oom"
+    if [ "$rc" = 0 ]; then
+        echo "stderr="
+    else
+        echo "stderr=$(tail -c 2000 "$R/err.log" 2>/dev/null | tr '\n\r' '  ')"
+    fi
+    read -r base <"$R/base" 2>/dev/null
     if [ -n "$base" ] && cd "$W" 2>/dev/null; then
         export GIT_INDEX_FILE="$R/index"
         git read-tree "$base" >/dev/null 2>&1 && git add -A >/dev/null 2>&1
-        git -c core.quotePath=false diff --cached --name-only "$base" >"$R/names" 2>/dev/null
-        echo "files=$(wc -l <"$R/names")"
-        cat "$R/names"
-        git -c core.quotePath=false diff --cached --binary "$base" 2>/dev/null \
-            | head -c __MAX_DIFF__
+        gitq=(git -c core.quotePath=false)
+        mapfile -t names < <("${gitq[@]}" diff --cached --name-only "$base" 2>/dev/null)
+        echo "files=${#names[@]}"
+        if [ "${#names[@]}" -gt 0 ]; then
+            printf '%s\n' "${names[@]}"
+            "${gitq[@]}" diff --cached --binary "$base" 2>/dev/null | head -c __MAX_DIFF__
+        fi
     else
         echo "files=0"
     fi
+    echo "$nonce.done"
     exit 0
     ;;
 esac

@@ -256,6 +256,7 @@ class Executor:
         first_at = 0.0
         line_no, batch_no = next_line, next_batch
         tail: list[str] | None = None
+        done, complete = nonce + ".done", False
         killer: asyncio.Task[Any] | None = None
 
         async def flush() -> None:
@@ -321,6 +322,11 @@ class Executor:
                         raise item
                     assert isinstance(item, str)
                     if tail is not None:
+                        if item.endswith(done):
+                            if head := item[: -len(done)]:
+                                tail.append(head)  # a truncated diff has no final newline
+                            complete = True
+                            break
                         tail.append(item)
                     elif item.endswith(nonce):
                         if head := item[: -len(nonce)]:
@@ -330,7 +336,7 @@ class Executor:
                     else:
                         await add(item)
                 await flush()
-            outcome.stderr = stream.stderr.decode("utf-8", errors="replace")
+                outcome.stderr = stream.stderr.decode("utf-8", errors="replace")
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -338,7 +344,7 @@ class Executor:
             if killer is not None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await killer
-        if tail is not None:
+        if tail is not None and complete:
             outcome.collected = agent.parse_collected(tail, max_diff_bytes=cfg.max_diff_bytes)
         return outcome
 
@@ -353,7 +359,7 @@ class Executor:
         task_id, name, cfg = event.task_id, event.sandbox, self.config
         collected = outcome.collected
         if collected is None:
-            if await self._sandbox_alive(name):
+            if await self._sandbox_alive(name, settle_s=0.5):
                 raise Retry("the agent's output stream ended early; re-attaching", delay=0.2)
             history = await self._history(task_id)
             await self.proxy.remove_task(task_id)
@@ -450,9 +456,17 @@ class Executor:
             )
         )
 
-    async def _sandbox_alive(self, name: str) -> bool:
-        data = await self.driver.inspect(name)
-        return data is not None and bool((data.get("State") or {}).get("Running"))
+    async def _sandbox_alive(self, name: str, *, settle_s: float = 0.0) -> bool:
+        """Whether the sandbox runs; with ``settle_s``, a sandbox being killed or removed
+        (whose exec streams end a moment before the engine says so) gets that long to stop."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + settle_s
+        while True:
+            data = await self.driver.inspect(name)
+            alive = data is not None and bool((data.get("State") or {}).get("Running"))
+            if not alive or loop.time() >= until:
+                return alive
+            await asyncio.sleep(0.05)
 
     async def _oom_killed(self, name: str) -> bool:
         data = await self.driver.inspect(name)

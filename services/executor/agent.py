@@ -9,9 +9,10 @@ How a run looks inside the sandbox (all under :data:`RUN_DIR`, on the sandbox's 
 - ``mkdir RUN_DIR`` is the lock: the first exec that creates it starts the agent; any later
   exec (a redelivery, a restarted executor) finds it and only re-attaches. So the agent runs at
   most once per sandbox, whatever happens to the executor.
-- Before starting, the workspace is committed (``git init`` when needed) and the commit id is
-  kept in ``base``, so the diff at the end shows exactly what the agent changed, untracked
-  files included.
+- Before starting, the workspace is recorded as a git tree in a private repository
+  (``RUN_DIR/git``, with ``/workspace`` as its work tree; ``base`` holds the tree id), so the
+  diff at the end shows exactly what the agent changed, untracked files included, while the
+  workspace itself gets no ``.git`` and a repository already there is left untouched.
 - socat bridges ``127.0.0.1:<port>`` to the model proxy's Unix socket, fully detached (a
   background process holding the exec's stdout open would make ``docker exec`` wait).
 - The CLI runs in its own session (``setsid``), reads the prompt from a file (argv strings are
@@ -145,9 +146,8 @@ follow)
         socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$S" \
             </dev/null >"$R/socat.log" 2>&1 &
         (
-            cd "$W" && { [ -d .git ] || git init -q; } && git add -A \
-                && git commit -q --allow-empty --no-verify -m "sandstream: before the run" \
-                && git rev-parse HEAD >"$R/base"
+            export GIT_DIR="$R/git" GIT_WORK_TREE="$W" GIT_INDEX_FILE="$R/base.index"
+            git init -q && git add -A && git write-tree >"$R/base"
         ) >"$R/git.log" 2>&1
         printf -v hex ':%04X 00000000:0000 0A' "$port"
         for ((i = 0; i < 200; i++)); do grep -q "$hex" /proc/net/tcp && break; sleep 0.005; done
@@ -182,7 +182,8 @@ follow)
     fi
     read -r base <"$R/base" 2>/dev/null
     if [ -n "$base" ] && cd "$W" 2>/dev/null; then
-        export GIT_INDEX_FILE="$R/index"
+        # An index of its own: a second follower (a re-attach) may be collecting too.
+        export GIT_DIR="$R/git" GIT_WORK_TREE="$W" GIT_INDEX_FILE="$R/index.$nonce"
         git read-tree "$base" >/dev/null 2>&1 && git add -A >/dev/null 2>&1
         gitq=(git -c core.quotePath=false)
         mapfile -t names < <("${gitq[@]}" diff --cached --name-only "$base" 2>/dev/null)
@@ -191,6 +192,7 @@ follow)
             printf '%s\n' "${names[@]}"
             "${gitq[@]}" diff --cached --binary "$base" 2>/dev/null | head -c __MAX_DIFF__
         fi
+        rm -f "$GIT_INDEX_FILE"
     else
         echo "files=0"
     fi

@@ -103,9 +103,17 @@ class Harness:
         return info.name
 
     async def submit(
-        self, prompt: str, *, sandbox: dict[str, int] | None = None, **spec: object
+        self,
+        prompt: str,
+        *,
+        sandbox: dict[str, int] | None = None,
+        setup: str | None = None,
+        **spec: object,
     ) -> tuple[str, ev.SandboxStarted]:
-        """TaskRequested, a started sandbox, and SandboxStarted: what the executor waits for."""
+        """TaskRequested, a started sandbox, and SandboxStarted: what the executor waits for.
+
+        ``setup`` is a bash command run in the sandbox first (to seed the workspace).
+        """
         task_id = ev.new_task_id()
         await self.bus.publish(
             ev.TaskRequested(
@@ -116,6 +124,9 @@ class Harness:
             )
         )
         name = await self.sandbox(task_id, **(sandbox or {}))
+        if setup is not None:
+            done = await self.driver.exec(name, ["bash", "-c", setup], workdir="/workspace")
+            assert done.exit_code == 0, done.output
         started = ev.SandboxStarted(
             event_id=ev.event_id(task_id, "SandboxStarted"),
             task_id=task_id,
@@ -171,7 +182,9 @@ async def test_write_task_completes_with_diff_and_the_key_stays_outside(
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
         executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
-        task_id, sandbox_started = await harness.submit(f"write hello {tag}")
+        task_id, sandbox_started = await harness.submit(
+            f"write hello {tag}", setup="echo seed > seed.txt && mkdir docs && echo d > docs/d.md"
+        )
         await executor.worker().run_until_idle()
         events = await harness.history(task_id)
 
@@ -183,6 +196,8 @@ async def test_write_task_completes_with_diff_and_the_key_stays_outside(
     assert end.files_changed == ["hello.txt"]
     assert "+++ b/hello.txt" in end.diff and "+hi" in end.diff
     assert end.num_turns >= 2 and end.session_id
+    listing = await harness.driver.exec(sandbox_name(task_id), ["ls", "-a", "/workspace"])
+    assert listing.output.split() == [b".", b"..", b"docs", b"hello.txt", b"seed.txt"]
     assert end.permission_denials == []
     assert end.model_tokens["requests"] >= 2
     assert end.model_tokens["input_tokens"] >= 200 and end.model_tokens["output_tokens"] >= 40

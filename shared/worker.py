@@ -152,9 +152,22 @@ class Worker:
         try:
             while not self._stopping.is_set():
                 free = await self._wait_for_slot()
+                heartbeat = fetch_timeout / 4 if fetch_timeout >= 2 else None
+                fetch = asyncio.ensure_future(
+                    sub.fetch(free, timeout=fetch_timeout, heartbeat=heartbeat)
+                )
+                stopping = asyncio.ensure_future(self._stopping.wait())
+                await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not fetch.done():
+                    # Stop now rather than at the end of the long poll. A message the server
+                    # handed to this cancelled pull comes back to a live worker after ack_wait.
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await fetch
+                    return
                 try:
-                    heartbeat = fetch_timeout / 4 if fetch_timeout >= 2 else None
-                    msgs = await sub.fetch(free, timeout=fetch_timeout, heartbeat=heartbeat)
+                    msgs = fetch.result()
                 except (nats.errors.TimeoutError, TimeoutError):
                     if idle_exit:
                         return

@@ -33,20 +33,30 @@ import time
 import uuid
 
 HARDENED = [
-    "--network", "none",
+    "--network",
+    "none",
     "--read-only",
-    "--tmpfs", "/tmp:rw,exec,nosuid,size=256m",
-    "--cap-drop", "ALL",
-    "--security-opt", "no-new-privileges",
-    "--pids-limit", "256",
-    "--memory", "1g",
+    "--tmpfs",
+    "/tmp:rw,exec,nosuid,size=256m",
+    "--cap-drop",
+    "ALL",
+    "--security-opt",
+    "no-new-privileges",
+    "--pids-limit",
+    "256",
+    "--memory",
+    "1g",
     "--init",
-    "--user", "1000:1000",
+    "--user",
+    "1000:1000",
 ]
 ENV = [
-    "-e", "ANTHROPIC_BASE_URL=http://127.0.0.1:4000",
-    "-e", "ANTHROPIC_API_KEY=sk-bench-fake",
-    "-e", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+    "-e",
+    "ANTHROPIC_BASE_URL=http://127.0.0.1:4000",
+    "-e",
+    "ANTHROPIC_API_KEY=sk-bench-fake",
+    "-e",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
 ]
 INNER = (
     "socat TCP-LISTEN:4000,bind=127.0.0.1,fork,reuseaddr "
@@ -83,13 +93,20 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         req = json.loads(self.rfile.read(length) or b"{}")
         if not self.path.startswith("/v1/messages") or "count_tokens" in self.path:
-            self._send_json(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
+            self._send_json(
+                404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}}
+            )
             return
         type(self).requests += 1
         model = req.get("model", "fake")
         msg = {
-            "id": "msg_" + uuid.uuid4().hex[:20], "type": "message", "role": "assistant",
-            "model": model, "content": [], "stop_reason": None, "stop_sequence": None,
+            "id": "msg_" + uuid.uuid4().hex[:20],
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
             "usage": {"input_tokens": 10, "output_tokens": 1},
         }
         if not req.get("stream"):
@@ -98,14 +115,31 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
             return
         events = [
             ("message_start", {"type": "message_start", "message": msg}),
-            ("content_block_start", {"type": "content_block_start", "index": 0,
-                                     "content_block": {"type": "text", "text": ""}}),
-            ("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                     "delta": {"type": "text_delta", "text": "ok"}}),
+            (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            ),
+            (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": "ok"},
+                },
+            ),
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            ("message_delta", {"type": "message_delta",
-                               "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                               "usage": {"output_tokens": 1}}),
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": 1},
+                },
+            ),
             ("message_stop", {"type": "message_stop"}),
         ]
         body = "".join(f"event: {e}\ndata: {json.dumps(d)}\n\n" for e, d in events).encode()
@@ -116,7 +150,9 @@ class FakeAPI(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        self._send_json(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
+        self._send_json(
+            404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}}
+        )
 
 
 class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -131,7 +167,9 @@ def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
 
 def check_result(p: subprocess.CompletedProcess) -> None:
     if p.returncode != 0:
-        raise SystemExit(f"run failed rc={p.returncode}\nstdout: {p.stdout[-2000:]}\nstderr: {p.stderr[-2000:]}")
+        raise SystemExit(
+            f"run failed rc={p.returncode}\nstdout: {p.stdout[-2000:]}\nstderr: {p.stderr[-2000:]}"
+        )
     res = json.loads(p.stdout.strip().splitlines()[-1])
     if res.get("is_error") or res.get("result") != "ok":
         raise SystemExit(f"unexpected result: {res}")
@@ -158,18 +196,25 @@ def main() -> None:
     name = "sandstream-bench-" + uuid.uuid4().hex[:8]
     try:
         for _ in range(args.n):
-            ms, p = timed([docker, "run", "--rm", *HARDENED, *mounts, args.image, "claude", "--version"])
+            ms, p = timed(
+                [docker, "run", "--rm", *HARDENED, *mounts, args.image, "claude", "--version"]
+            )
             if p.returncode != 0:
                 raise SystemExit(p.stderr)
             results["version"].append(ms)
             print(f"version {ms:7.0f} ms", flush=True)
         for _ in range(args.n):
-            ms, p = timed([docker, "run", "--rm", *HARDENED, *ENV, *mounts, args.image, "bash", "-c", INNER])
+            ms, p = timed(
+                [docker, "run", "--rm", *HARDENED, *ENV, *mounts, args.image, "bash", "-c", INNER]
+            )
             check_result(p)
             results["fresh"].append(ms)
             print(f"fresh   {ms:7.0f} ms", flush=True)
-        subprocess.run([docker, "run", "-d", "--name", name, *HARDENED, *ENV, *mounts, args.image],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [docker, "run", "-d", "--name", name, *HARDENED, *ENV, *mounts, args.image],
+            check=True,
+            capture_output=True,
+        )
         for _ in range(args.n):
             ms, p = timed([docker, "exec", name, "bash", "-c", INNER])
             check_result(p)
@@ -182,8 +227,16 @@ def main() -> None:
         shutil.rmtree(sockdir, ignore_errors=True)
         shutil.rmtree(ws, ignore_errors=True)
 
-    summary = {k: {"median_ms": round(statistics.median(v)), "min_ms": round(min(v)), "max_ms": round(max(v)),
-                   "n": len(v)} for k, v in results.items() if v}
+    summary = {
+        k: {
+            "median_ms": round(statistics.median(v)),
+            "min_ms": round(min(v)),
+            "max_ms": round(max(v)),
+            "n": len(v),
+        }
+        for k, v in results.items()
+        if v
+    }
     summary["model_requests"] = FakeAPI.requests
     print(json.dumps(summary))
 

@@ -483,6 +483,30 @@ async def test_agent_killed_for_memory_is_oom(harness: Harness) -> None:
     assert (end.code, end.exit_code) == ("oom", 137), end
 
 
+async def test_a_message_that_keeps_failing_ends_the_execution_as_internal(
+    harness: Harness,
+) -> None:
+    # A SandboxStarted whose task was never requested: every delivery fails (Retry).
+    task_id = ev.new_task_id()
+    await harness.bus.publish(
+        ev.SandboxStarted(
+            event_id=ev.event_id(task_id, "SandboxStarted"),
+            task_id=task_id,
+            tenant=TENANT,
+            sandbox=sandbox_name(task_id),
+            image=DEFAULT_IMAGE,
+        )
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        await asyncio.wait_for(executor.worker(max_deliver=2).run_until_idle(), 30)
+        (end,) = ends(await harness.history(task_id))
+
+    assert isinstance(end, ev.ExecutionFailed)
+    assert end.code == "internal" and "TaskRequested" in end.message
+    assert end.event_id == f"{task_id}:ExecutionEnded:1"
+
+
 # ---- the executor as a process ---------------------------------------------------------------
 
 

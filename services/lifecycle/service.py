@@ -651,8 +651,15 @@ class Lifecycle:
     # ---- start-up ----------------------------------------------------------------------------
 
     async def reconcile(self) -> None:
-        """Reap sandboxes of ended or unknown tasks; re-occupy slots and re-arm deadlines."""
-        sandboxes = await self.driver.list([MANAGED_FILTER, self.stream_label])
+        """Reap sandboxes of ended or unknown tasks; re-occupy slots and re-arm deadlines.
+
+        Only this installation's sandboxes are looked at (same stream and, when set, same
+        ``instance``): another installation sharing the engine has tasks we do not know.
+        """
+        filters = [MANAGED_FILTER, self.stream_label]
+        if self.settings.instance:
+            filters.append(f"{LABEL_INSTANCE}={self.settings.instance}")
+        sandboxes = await self.driver.list(filters)
         reaped = kept = 0
         for info in sandboxes:
             task = info.task_id

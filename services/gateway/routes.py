@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import re
 from typing import TypeVar
 
 import msgspec
@@ -15,7 +16,7 @@ from services.gateway import models
 from services.gateway.http import ApiError, json_response, validation_error
 from services.gateway.keys import AUTH, BUS_LINK, PROJECTION, RESULTS
 from shared import events as ev
-from shared.errors import Conflict
+from shared.errors import Conflict, Unavailable
 from shared.state import TaskState
 
 log = structlog.get_logger("sandstream.gateway")
@@ -24,6 +25,7 @@ routes = web.RouteTableDef()
 MAX_WAIT_S = 60.0
 EXECUTE_MARGIN_S = 300.0
 PUBLISH_TIMEOUT_S = 1.5
+_TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # safe inside a NATS subject
 T = TypeVar("T")
 
 
@@ -118,13 +120,34 @@ def _not_found(task_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no task {task_id}", field="task_id")
 
 
-def _task(request: web.Request, tenant: str) -> TaskState:
-    task_id = request.match_info["task_id"]
+async def find_task(request: web.Request, tenant: str, task_id: str) -> TaskState:
+    """The caller's task; ``404`` only once the event log confirms there is no such task.
+
+    The projection can lag the stream: a restarted gateway answers while it is still
+    rebuilding, and another replica's new task is a moment away. So a task the projection does
+    not know is looked up in the stream (one direct get) and, when it is there, waited for
+    briefly; if it still cannot be shown the answer is ``503`` (retry), never a false ``404``
+    that would tell a reconnecting client its task is gone.
+    """
     structlog.contextvars.bind_contextvars(task_id=task_id)
-    task = request.app[PROJECTION].get(tenant, task_id)
-    if task is None:
+    projection = request.app[PROJECTION]
+    task = projection.get(tenant, task_id)
+    if task is not None:
+        return task
+    if task_id in projection.tasks or not _TASK_ID.match(task_id):
+        raise _not_found(task_id)  # another tenant's, or not an id at all
+    stored = await request.app[BUS_LINK].require().last(task_id, "TaskRequested")
+    if stored is None or stored.event.tenant != tenant:
         raise _not_found(task_id)
+    await projection.wait_for_task(task_id, timeout=PUBLISH_TIMEOUT_S)
+    task = projection.get(tenant, task_id)
+    if task is None:
+        raise Unavailable("the gateway is still catching up with the event log; retry shortly")
     return task
+
+
+async def _task(request: web.Request, tenant: str) -> TaskState:
+    return await find_task(request, tenant, request.match_info["task_id"])
 
 
 # ---- submission --------------------------------------------------------------------------
@@ -212,7 +235,7 @@ def _wait_seconds(request: web.Request) -> float:
 async def get_task(request: web.Request) -> web.Response:
     tenant = authenticate(request)
     wait = _wait_seconds(request)
-    task = _task(request, tenant)
+    task = await _task(request, tenant)
     if wait > 0 and not task.status.terminal:
         task = await request.app[PROJECTION].wait_terminal(task.task_id, wait) or task
     return json_response(await full_view(request, task))
@@ -229,7 +252,7 @@ async def full_view(request: web.Request, task: TaskState) -> models.TaskView:
 @routes.get("/v1/tasks/{task_id}/result")
 async def get_result(request: web.Request) -> web.Response:
     tenant = authenticate(request)
-    task = _task(request, tenant)
+    task = await _task(request, tenant)
     result = await request.app[RESULTS].get(task.task_id) if task.result_location else None
     if result is None:
         raise ApiError(
@@ -277,6 +300,8 @@ async def list_tasks(request: web.Request) -> web.Response:
     if not 1 <= limit <= 500:
         raise ApiError(400, "invalid_query", "limit must be between 1 and 500", field="limit")
     projection = request.app[PROJECTION]
+    if not projection.ready.is_set():  # a partial list would hide tasks that exist
+        raise Unavailable("the gateway is still catching up with the event log; retry shortly")
     ids = projection.by_tenant.get(tenant, [])
     page = ids[start : start + limit]
     tasks = [view(projection.tasks[i]) for i in page]
@@ -287,7 +312,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 @routes.delete("/v1/tasks/{task_id}")
 async def cancel_task(request: web.Request) -> web.Response:
     tenant = authenticate(request)
-    task = _task(request, tenant)
+    task = await _task(request, tenant)
     if task.status.terminal:
         raise ApiError(409, "already_finished", f"task {task.task_id} already ended: {task.status}")
     bus = request.app[BUS_LINK].require()

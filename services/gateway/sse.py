@@ -11,8 +11,8 @@ import msgspec
 from aiohttp import web
 
 from services.gateway.http import ApiError
-from services.gateway.keys import BUS_LINK, PROJECTION
-from services.gateway.routes import authenticate
+from services.gateway.keys import BUS_LINK
+from services.gateway.routes import authenticate, find_task
 from shared import events as ev
 
 _encoder = msgspec.json.Encoder()
@@ -42,9 +42,7 @@ def _last_event_id(request: web.Request) -> int:
 async def task_events(request: web.Request) -> web.StreamResponse:
     tenant = authenticate(request)
     task_id = request.match_info["task_id"]
-    task = request.app[PROJECTION].get(tenant, task_id)
-    if task is None:
-        raise ApiError(404, "not_found", f"no task {task_id}", field="task_id")
+    task = await find_task(request, tenant, task_id)
     after = _last_event_id(request)
     follow = request.query.get("follow", "true").lower() not in ("0", "false", "no")
     bus = request.app[BUS_LINK].require()

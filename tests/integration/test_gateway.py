@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from services.gateway.keys import PROJECTION
 from shared import events as ev
 from shared.bus import Bus, StreamSettings
 from shared.errors import Conflict
@@ -329,6 +330,46 @@ async def test_projection_is_rebuilt_after_restart(
         assert statuses == ["cancelled", "queued", "queued"]
     finally:
         await again.stop()
+
+
+async def test_a_task_the_projection_has_not_seen_is_never_a_404(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    """A restarted gateway answers before its projection has caught up (the chaos run saw
+    404s for accepted tasks): a task in the stream is waited for, or 503, never 404."""
+    token = gateway.token("acme")
+    other = auth(gateway.token("globex"))
+    task_id = ev.new_task_id()
+    await bus.publish(  # as another gateway replica would
+        ev.TaskRequested(
+            event_id=ev.event_id(task_id, "TaskRequested"),
+            task_id=task_id,
+            tenant="acme",
+            spec=ev.TaskSpec(prompt="elsewhere"),
+        )
+    )
+    async with http.get(f"{gateway.url}/v1/tasks/{task_id}", headers=auth(token)) as r:
+        assert r.status == 200
+    async with http.get(f"{gateway.url}/v1/tasks/{task_id}", headers=other) as r:
+        assert r.status == 404
+
+    # The projection "has not seen it yet" (as while it rebuilds): 503, retry, not 404.
+    assert gateway.app is not None
+    projection = gateway.app[PROJECTION]
+    del projection.tasks[task_id]
+    projection.by_tenant["acme"].remove(task_id)
+    for path in (f"/v1/tasks/{task_id}", f"/v1/tasks/{task_id}/events"):
+        async with http.get(f"{gateway.url}{path}", headers=auth(token)) as r:
+            assert r.status == 503, path
+            assert r.headers["Retry-After"] == "1"
+    async with http.get(f"{gateway.url}/v1/tasks/{ev.new_task_id()}", headers=auth(token)) as r:
+        assert r.status == 404  # not in the stream at all
+    async with http.get(f"{gateway.url}/v1/tasks/a.b*", headers=auth(token)) as r:
+        assert r.status == 404  # not an id: never put into a subject
+
+    projection.ready.clear()  # rebuilding: a partial list would hide tasks
+    async with http.get(f"{gateway.url}/v1/tasks", headers=auth(token)) as r:
+        assert r.status == 503
 
 
 async def test_wait_returns_when_the_task_ends(

@@ -378,7 +378,10 @@ class Executor:
         code: str | None = None
         message = ""
         exit_code = collected.exit_code
-        if not collected.started:
+        succeeded = exit_code == 0 and result.found and not result.is_error
+        if succeeded:
+            pass  # even past the deadline: it finished before it could be stopped
+        elif not collected.started:
             code, message = "internal", "the agent run was claimed but never started"
         elif outcome.timed_out:
             code = "timeout"
@@ -388,7 +391,7 @@ class Executor:
             )
         elif exit_code in (137, None) and (collected.oom_kills > 0 or await self._oom_killed(name)):
             code, message = "oom", "the agent was killed for running out of memory"
-        elif exit_code != 0 or not result.found or result.is_error:
+        else:
             code = "cli_error"
             message = _cli_error_message(exit_code, result, collected.stderr_tail)
 

@@ -109,7 +109,7 @@ class Worker:
         await self.ensure_consumer()
         while not self._stopping.is_set():
             try:
-                await self._fetch_loop(idle_exit=False)
+                await self._fetch_loop()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a lost subscription is re-created (nats.py issue 504)
@@ -125,7 +125,7 @@ class Worker:
         """
         await self.ensure_consumer()
         while True:
-            await self._fetch_loop(idle_exit=True, fetch_timeout=idle_timeout)
+            await self._fetch_loop(fetch_timeout=idle_timeout)
             await self._drain_inflight(timeout=None)
             info = await self.bus.js.consumer_info(self.bus.stream.name, self.durable)
             if info.num_pending == 0 and info.num_ack_pending == 0:
@@ -145,17 +145,19 @@ class Worker:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _fetch_loop(self, *, idle_exit: bool, fetch_timeout: float = 5.0) -> None:
+    async def _fetch_loop(self, *, fetch_timeout: float = 5.0) -> None:
+        """Fetch and dispatch until a long poll comes back empty (or we stop)."""
         sub = await self.bus.js.pull_subscribe_bind(
             durable=self.durable, stream=self.bus.stream.name
         )
         try:
             while not self._stopping.is_set():
                 free = await self._wait_for_slot()
-                heartbeat = fetch_timeout / 4 if fetch_timeout >= 2 else None
-                fetch = asyncio.ensure_future(
-                    sub.fetch(free, timeout=fetch_timeout, heartbeat=heartbeat)
-                )
+                # No idle heartbeat on the pull: with one, nats.py's fetch now and then sat
+                # on a delivered message for about a second. A silent subscription (after a
+                # server restart, nats.py issue 504) is instead replaced after every empty
+                # long poll, below.
+                fetch = asyncio.ensure_future(sub.fetch(free, timeout=fetch_timeout))
                 stopping = asyncio.ensure_future(self._stopping.wait())
                 await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()
@@ -169,9 +171,7 @@ class Worker:
                 try:
                     msgs = fetch.result()
                 except (nats.errors.TimeoutError, TimeoutError):
-                    if idle_exit:
-                        return
-                    continue
+                    return  # idle: the caller binds a fresh subscription (or stops)
                 for msg in msgs:
                     await self._slots.acquire()
                     task = asyncio.create_task(self._handle(msg))

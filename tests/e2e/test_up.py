@@ -337,3 +337,35 @@ async def test_s3_storage_with_an_outage(
     finally:
         stop_up(system)
         s3.stop()
+
+
+async def test_cli_submit_wait_and_a_crashed_service_is_restarted(
+    system: System, fake: FakeModel
+) -> None:
+    """`sandstream submit --wait` shows the task live; `up` restarts a service killed with -9."""
+    log = system.log.read_text()
+    executor_pid = int(re.findall(r'"service": ?"executor", ?"pid": ?(\d+)', log)[-1])
+    os.kill(executor_pid, signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while "service died, restarting" not in system.log.read_text():
+        assert loop.time() < deadline, "up did not notice the dead executor"
+        await asyncio.sleep(0.1)
+
+    prompt = "say hello from the cli"
+    fake.script([Text("hello from the cli")], match=prompt)
+    env = dict(os.environ, SANDSTREAM_URL=system.url, SANDSTREAM_TOKEN=system.token)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "services.cli", "submit", prompt, "--wait"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    names = [line.split()[2] for line in lines if line.strip().startswith("+")]
+    assert names[0] == "TaskRequested" and names[-1] == "TaskSucceeded"
+    assert "ExecutionCompleted" in names
+    assert lines[-1] == "hello from the cli"
+    # the restarted executor ran it: a new executor pid was logged
+    pids = re.findall(r'"service": ?"executor", ?"pid": ?(\d+)', system.log.read_text())
+    assert int(pids[-1]) != executor_pid

@@ -1,0 +1,132 @@
+"""One-reply task latency through the whole system, next to a bare hardened `docker run`.
+
+In one run: ``bench/bare_run.py`` (the floor: the same image and CLI in a fresh hardened
+container, and by ``docker exec`` in a running one), then ``sandstream up`` with a scripted
+fake model that answers at once, and ``--tasks`` sequential one-reply tasks. For each task it
+reports HTTP accept → terminal status (client side, ``?wait``), and from the event log
+``TaskRequested`` → ``SandboxStarted`` → ``ExecutionCompleted`` → terminal.
+
+    .venv/bin/python bench/task_latency.py --tasks 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared import events as ev  # noqa: E402
+from shared.bus import Bus, connect  # noqa: E402
+from tests.fakes.model import FakeModel, Text  # noqa: E402
+from tests.support.procs import free_port  # noqa: E402
+
+
+def median_ms(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:7.0f} ms  (min {min(values) * 1000:.0f}, max {max(values) * 1000:.0f})"
+
+
+async def through_the_system(tasks: int) -> dict[str, list[float]]:
+    figures: dict[str, list[float]] = {
+        "accept→terminal": [], "requested→sandbox": [], "requested→completed": [],
+        "requested→terminal": [],
+    }  # fmt: skip
+    async with FakeModel() as fake:
+        fake.script([Text("ok")])
+        with tempfile.TemporaryDirectory() as tmp:
+            port, nats_port = free_port(), free_port()
+            env = dict(
+                os.environ,
+                SANDSTREAM_MODEL_UPSTREAM=fake.url,
+                ANTHROPIC_API_KEY="bench-key",
+            )
+            env.pop("SANDSTREAM_NATS_URL", None)
+            up = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "up", "--data-dir", tmp,
+                 "--port", str(port), "--nats-port", str(nats_port)],
+                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                url = f"http://127.0.0.1:{port}"
+                token_file = Path(tmp) / "dev-token"
+                async with aiohttp.ClientSession() as http:
+                    for _ in range(300):
+                        try:
+                            async with http.get(f"{url}/readyz") as r:
+                                if r.status == 200 and token_file.exists():
+                                    break
+                        except aiohttp.ClientError:
+                            pass
+                        await asyncio.sleep(0.1)
+                    headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+                    ids = []
+                    for i in range(tasks + 1):  # the first one warms up the engine and caches
+                        began = time.perf_counter()
+                        body = {"prompt": f"say ok ({i})", "timeout_s": 120}
+                        async with http.post(f"{url}/v1/tasks", json=body, headers=headers) as r:
+                            task_id = (await r.json())["task_id"]
+                        async with http.get(
+                            f"{url}/v1/tasks/{task_id}?wait=60", headers=headers
+                        ) as r:
+                            status = (await r.json())["status"]
+                        if status != "succeeded":
+                            raise SystemExit(f"task {task_id} ended {status}")
+                        if i:
+                            figures["accept→terminal"].append(time.perf_counter() - began)
+                            ids.append(task_id)
+                nc = await connect(f"nats://127.0.0.1:{nats_port}", name="bench")
+                bus = Bus(nc)
+                for task_id in ids:
+                    at = {ev.type_name(type(r.event)): r.event.at
+                          async for r in bus.read(bus.task_filter(task_id))}  # fmt: skip
+                    start = at["TaskRequested"]
+                    figures["requested→sandbox"].append(
+                        (at["SandboxStarted"] - start).total_seconds()
+                    )
+                    figures["requested→completed"].append(
+                        (at["ExecutionCompleted"] - start).total_seconds()
+                    )
+                    figures["requested→terminal"].append(
+                        (at["TaskSucceeded"] - start).total_seconds()
+                    )
+                await nc.close()
+            finally:
+                up.send_signal(signal.SIGINT)
+                up.wait(60)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=10)
+    args = parser.parse_args()
+    bare = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bare_run.py"), "-n", str(args.tasks)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    floor = json.loads(bare.stdout.strip().splitlines()[-1])
+    figures = asyncio.run(through_the_system(args.tasks))
+    print(
+        f"bare docker run (fresh hardened container, claude -p)  {floor['fresh']['median_ms']:5d} ms median"
+    )
+    print(
+        f"bare docker exec (running container, claude -p)        {floor['exec']['median_ms']:5d} ms median"
+    )
+    for name, values in figures.items():
+        print(f"sandstream {name:<22} {median_ms(values)}")
+
+
+if __name__ == "__main__":
+    main()

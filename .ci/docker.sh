@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure a Docker daemon is installed, running and reachable; install
-# debootstrap too (images/sandbox/build.sh needs it for the base image).
+# debootstrap too (images/sandbox/build.sh needs it for the base image), and
+# docker-compose to validate compose.yaml.
 #
 # Idempotent: every step is skipped when already done. Safe to run as often as
 # you like (CI, `make image`, by hand). Needs root on a fresh Debian 12 machine.
@@ -36,6 +37,8 @@ docker_client() {
 missing=()
 command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || missing+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+# docker-compose (1.29) only validates compose.yaml in the tests; there is no compose plugin.
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         log "missing ${missing[*]} and not root: install them first"; exit 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import msgspec
@@ -273,17 +273,26 @@ class Bus:
                 delivered = info.delivered.consumer_seq if info.delivered else 0
                 if info.num_pending == 0 and not delivered and queue.empty():
                     return
+            # nats.py re-creates an ordered consumer that lost its server (a NATS restart)
+            # from "the last sequence it delivered + 1", which is 1 when it had delivered
+            # nothing yet: the history before ``from_seq``/``since`` would come again. So
+            # nothing at or below what was already yielded, or before the start, is yielded.
+            floor = from_seq - 1 if from_seq is not None else 0
+            start = since if since is None or since.tzinfo else since.replace(tzinfo=UTC)
             while True:
                 msg = await queue.get()
                 meta = msg.metadata
-                try:
-                    event = ev.decode(msg.data)
-                except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
-                    log.warning(
-                        "undecodable event skipped", seq=meta.sequence.stream, error=str(exc)
-                    )
+                seq = meta.sequence.stream
+                if seq <= floor or (start is not None and meta.timestamp < start):
+                    pass  # delivered again by a re-created consumer
                 else:
-                    yield Record(meta.sequence.stream, msg.subject, meta.timestamp, event)
+                    floor = seq
+                    try:
+                        event = ev.decode(msg.data)
+                    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+                        log.warning("undecodable event skipped", seq=seq, error=str(exc))
+                    else:
+                        yield Record(seq, msg.subject, meta.timestamp, event)
                 if not follow and meta.num_pending == 0:
                     return
         finally:

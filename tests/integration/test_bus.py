@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
 from shared import events as ev
-from shared.bus import Bus, connect
+from shared.bus import Bus, StreamSettings, connect
 from shared.errors import Conflict, Permanent, Unavailable
 from shared.worker import Delivery, Worker
-from tests.support.procs import free_port
+from tests.support.procs import NatsServer, free_port
 
 
 def requested(task_id: str, prompt: str = "hi") -> ev.TaskRequested:
@@ -177,3 +178,50 @@ async def test_graceful_stop_finishes_inflight(bus: Bus) -> None:
     assert finished.is_set()
     info = await bus.js.consumer_info(bus.stream.name, "w4")
     assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_a_follow_read_survives_a_nats_restart_without_repeating_history(
+    tmp_path: Path,
+) -> None:
+    """nats.py re-creates an ordered consumer that lost its server from "last delivered + 1",
+    which is 1 when nothing was delivered yet: a read from sequence N (an SSE client's
+    Last-Event-ID) was sent the history again. Found by the chaos run."""
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    try:
+        nc = await connect(server.url, name="test")
+        bus = Bus(nc, StreamSettings(name="RESTART", subject_prefix="restart"))
+        await bus.ensure_stream()
+        task = ev.new_task_id()
+        await bus.publish(requested(task))
+        await bus.publish(started(task))
+        seen: list[tuple[int, str]] = []
+        got_new = asyncio.Event()
+
+        async def follow() -> None:
+            async for r in bus.read(
+                bus.task_filter(task), from_seq=3, follow=True, idle_heartbeat=0.5
+            ):
+                seen.append((r.seq, ev.type_name(type(r.event))))
+                got_new.set()
+
+        reader = asyncio.create_task(follow())
+        await asyncio.sleep(0.5)
+        server.kill()
+        await asyncio.sleep(1.5)  # more than two missed heartbeats: the consumer is re-created
+        server.start()
+        ended = ev.TaskCancelled(event_id=ev.terminal_id(task), task_id=task, tenant="acme")
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    await bus.publish(ended)
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.1)
+            await got_new.wait()
+        await asyncio.sleep(1.5)  # anything replayed would arrive by now
+        reader.cancel()
+        assert seen == [(3, "TaskCancelled")]
+        await nc.close()
+    finally:
+        server.stop()

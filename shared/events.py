@@ -128,7 +128,7 @@ class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
     """The agent could not produce a successful result.
 
     ``code`` is one of ``no_credential``, ``cli_error``, ``timeout``, ``sandbox_lost``,
-    ``oom``, ``cancelled``, ``internal``.
+    ``oom``, ``pids_limit``, ``cancelled``, ``internal``.
     """
 
     code: str

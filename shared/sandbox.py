@@ -193,6 +193,10 @@ class SandboxDriver(Protocol):
         """CPU seconds, peak memory and wall time so far (zeros when not measurable)."""
         ...
 
+    async def pids_limit_hits(self, name: str) -> int:
+        """How many forks the sandbox's pids limit refused (0 when not measurable)."""
+        ...
+
     async def inspect(self, name: str) -> dict[str, Any] | None:
         """The engine's description of the sandbox, or ``None`` if it does not exist."""
         ...
@@ -607,11 +611,29 @@ class DockerDriver:
             wall_ms=wall_ms,
         )
 
+    async def pids_limit_hits(self, name: str) -> int:
+        """Read from the host's cgroup: during a fork bomb no exec can start in the sandbox."""
+        data = await self.inspect(name)
+        if data is None:
+            return 0
+        for rel in self._cgroup_dirs(data):
+            try:
+                events = (_CGROUP_ROOT / "pids" / rel / "pids.events").read_text().split()
+            except OSError:
+                continue
+            if len(events) == 2 and events[0] == "max" and events[1].isdigit():
+                return int(events[1])
+        return 0
+
     @staticmethod
-    def _host_cgroup(data: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    def _cgroup_dirs(data: Mapping[str, Any]) -> tuple[str, str]:
         cid = str(data.get("Id", ""))
         parent = str((data.get("HostConfig") or {}).get("CgroupParent") or "docker").strip("/")
-        for rel in (f"{parent}/{cid}", f"system.slice/docker-{cid}.scope"):
+        return f"{parent}/{cid}", f"system.slice/docker-{cid}.scope"
+
+    @staticmethod
+    def _host_cgroup(data: Mapping[str, Any]) -> tuple[int | None, int | None]:
+        for rel in DockerDriver._cgroup_dirs(data):
             try:
                 cpu = int((_CGROUP_ROOT / "cpuacct" / rel / "cpuacct.usage").read_text())
                 mem = int((_CGROUP_ROOT / "memory" / rel / "memory.max_usage_in_bytes").read_text())

@@ -175,6 +175,9 @@ follow)
         [ "$key" = oom_kill ] && oom=$value
     done </sys/fs/cgroup/memory/memory.oom_control 2>/dev/null
     echo "oom=$oom"
+    # How often the sandbox hit its pids limit (a fork bomb): a builtin read, no fork needed.
+    read -r key value </sys/fs/cgroup/pids/pids.events 2>/dev/null
+    [ "$key" = max ] && echo "pids_max=$value"
     if [ "$rc" = 0 ]; then
         echo "stderr="
     else
@@ -264,6 +267,8 @@ class Collected(msgspec.Struct, frozen=True, kw_only=True):
     started: bool
     """The run had a pid: it was started at some point."""
     oom_kills: int = 0
+    pids_limit_hits: int = 0
+    """How often a fork in the sandbox was refused by its pids limit."""
     stderr_tail: str = ""
     files_changed: list[str] = msgspec.field(default_factory=list)
     diff: str = ""
@@ -298,6 +303,7 @@ def parse_collected(lines: Sequence[str], *, max_diff_bytes: int = MAX_DIFF_BYTE
         exit_code=_int_or_none(fields.get("exit")),
         started=bool(fields.get("pid", "").strip()),
         oom_kills=_int_or_none(fields.get("oom")) or 0,
+        pids_limit_hits=_int_or_none(fields.get("pids_max")) or 0,
         stderr_tail=fields.get("stderr", "").strip(),
         files_changed=names,
         diff=diff,

@@ -391,6 +391,12 @@ class Executor:
             )
         elif exit_code in (137, None) and (collected.oom_kills > 0 or await self._oom_killed(name)):
             code, message = "oom", "the agent was killed for running out of memory"
+        elif collected.pids_limit_hits > 0 or await self.driver.pids_limit_hits(name) > 0:
+            code = "pids_limit"
+            message = (
+                "the sandbox ran out of processes (its pids limit refused "
+                f"{collected.pids_limit_hits} forks) and the agent failed"
+            )
         else:
             code = "cli_error"
             message = _cli_error_message(exit_code, result, collected.stderr_tail)

@@ -229,3 +229,14 @@ async def test_create_start_timing(env: Env) -> None:
     median_ms = statistics.median(durations) * 1000
     print(f"\nsandbox create+start median: {median_ms:.0f} ms over {len(durations)}")
     assert median_ms < 2000
+
+
+async def test_pids_limit_hits_are_counted_during_a_fork_bomb(env: Env) -> None:
+    name = await env.running()
+    assert await env.driver.pids_limit_hits(name) == 0
+    await env.driver.exec(name, ["bash", "-c", "bomb() { bomb | bomb; }; bomb"], detach=True)
+    async with asyncio.timeout(30):
+        while await env.driver.pids_limit_hits(name) == 0:
+            await asyncio.sleep(0.05)
+    await env.driver.remove(name)  # removal still works while the bomb holds every pid
+    assert await env.driver.inspect(name) is None

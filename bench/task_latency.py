@@ -35,7 +35,8 @@ from tests.support.procs import free_port  # noqa: E402
 
 
 def median_ms(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1000:7.0f} ms  (min {min(values) * 1000:.0f}, max {max(values) * 1000:.0f})"
+    low, mid, high = (x * 1000 for x in (min(values), statistics.median(values), max(values)))
+    return f"{mid:7.0f} ms  (min {low:.0f}, max {high:.0f})"
 
 
 async def through_the_system(tasks: int) -> dict[str, list[float]]:
@@ -118,12 +119,9 @@ def main() -> None:
     )  # fmt: skip
     floor = json.loads(bare.stdout.strip().splitlines()[-1])
     figures = asyncio.run(through_the_system(args.tasks))
-    print(
-        f"bare docker run (fresh hardened container, claude -p)  {floor['fresh']['median_ms']:5d} ms median"
-    )
-    print(
-        f"bare docker exec (running container, claude -p)        {floor['exec']['median_ms']:5d} ms median"
-    )
+    fresh, warm = floor["fresh"]["median_ms"], floor["exec"]["median_ms"]
+    print(f"bare docker run (fresh hardened container, claude -p)  {fresh:5d} ms median")
+    print(f"bare docker exec (running container, claude -p)        {warm:5d} ms median")
     for name, values in figures.items():
         print(f"sandstream {name:<22} {median_ms(values)}")
 

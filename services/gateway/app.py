@@ -10,8 +10,9 @@ from aiohttp import web
 
 from services.gateway.auth import TokenStore
 from services.gateway.http import errors_middleware
-from services.gateway.keys import AUTH, BUS_LINK, PROJECTION, RESULTS, SETTINGS
+from services.gateway.keys import AUTH, BUS_LINK, METRICS, PROJECTION, RESULTS, SETTINGS
 from services.gateway.link import BusLink
+from services.gateway.metrics import Metrics
 from services.gateway.projection import Projection
 from services.gateway.results import ResultReader
 from services.gateway.routes import routes
@@ -61,6 +62,7 @@ def create_app(settings: Settings) -> web.Application:
     app[BUS_LINK] = BusLink(settings.nats_url, stream_settings(settings))
     app[PROJECTION] = Projection()
     app[RESULTS] = ResultReader(settings)
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_event_log)
     app.cleanup_ctx.append(_results)
     app.add_routes(routes)

@@ -11,6 +11,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from services.gateway.keys import METRICS
 from services.gateway.models import ErrorBody, ErrorResponse
 from shared.errors import Unavailable
 
@@ -106,9 +107,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             code = exc.reason.lower().replace(" ", "_")
             return error_response(ApiError(exc.status, code, exc.reason))
         finally:
+            elapsed = time.perf_counter() - started
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            request.app[METRICS].observe(route, status, elapsed)
             if request.path not in ("/healthz", "/readyz", "/metrics"):
-                log.info(
-                    "request",
-                    status=status,
-                    ms=round((time.perf_counter() - started) * 1000, 2),
-                )
+                log.info("request", status=status, ms=round(elapsed * 1000, 2))

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from services.gateway.auth import TokenStore
 from services.gateway.link import BusLink
+from services.gateway.metrics import Metrics
 from services.gateway.projection import Projection
 from services.gateway.results import ResultReader
 from shared.settings import Settings
@@ -15,3 +16,4 @@ AUTH = web.AppKey("auth", TokenStore)
 BUS_LINK = web.AppKey("bus_link", BusLink)
 PROJECTION = web.AppKey("projection", Projection)
 RESULTS = web.AppKey("results", ResultReader)
+METRICS = web.AppKey("metrics", Metrics)

@@ -14,7 +14,8 @@ from aiohttp import web
 
 from services.gateway import models
 from services.gateway.http import ApiError, json_response, validation_error
-from services.gateway.keys import AUTH, BUS_LINK, PROJECTION, RESULTS
+from services.gateway.keys import AUTH, BUS_LINK, METRICS, PROJECTION, RESULTS
+from services.gateway.metrics import exposition
 from shared import events as ev
 from shared.errors import Conflict, Unavailable
 from shared.state import TaskState
@@ -343,6 +344,14 @@ async def readyz(request: web.Request) -> web.Response:
     ready = all(checks.values())
     body = {"status": "ready" if ready else "not_ready", "checks": checks}
     return json_response(body, 200 if ready else 503)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    text = exposition(
+        request.app[METRICS], request.app[PROJECTION], connected=request.app[BUS_LINK].connected
+    )
+    return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
 
 @routes.get("/openapi.json")

@@ -428,3 +428,24 @@ async def test_nats_down_gives_503_then_recovers(
         await asyncio.sleep(0.1)
     prompts = [e.spec.prompt for _, e in await events_of(bus) if isinstance(e, ev.TaskRequested)]
     assert prompts == ["up"]  # the request answered 503 was never published
+
+
+async def test_metrics_and_openapi_need_no_token(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    token = gateway.token("acme")
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "m"}, headers=auth(token)) as r:
+        assert r.status == 202
+    async with http.post(f"{gateway.url}/v1/tasks", json={}, headers=auth(token)) as r:
+        assert r.status == 422
+    async with http.get(f"{gateway.url}/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    assert 'sandstream_http_responses_total{route="/v1/tasks",status="202"} 1' in text
+    assert 'sandstream_http_responses_total{route="/v1/tasks",status="422"} 1' in text
+    assert 'sandstream_tasks{status="queued"} 1' in text
+    assert "sandstream_nats_connected 1" in text
+    async with http.get(f"{gateway.url}/openapi.json") as r:
+        doc = await r.json()
+    assert "/v1/tasks" in doc["paths"] and "TaskRequest" in doc["components"]["schemas"]
+    assert doc["components"]["schemas"]["TaskRequest"]["properties"]["timeout_s"]["maximum"] == 3600

@@ -154,7 +154,8 @@ async def main_async(args: argparse.Namespace) -> int:
         nats_port = args.nats_port
         env["SANDSTREAM_NATS_URL"] = f"nats://127.0.0.1:{nats_port}"
         store = data_dir / "nats"
-        argv = [nats_binary(), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(nats_port)]
+        argv = [nats_binary(), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(nats_port),
+                "-l", str(data_dir / "nats-server.log")]  # fmt: skip
         children.append(Child("nats-server", argv, env))
     for name in SERVICES:
         children.append(Child(name, [sys.executable, "-m", f"services.{name}"], env))

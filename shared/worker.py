@@ -7,6 +7,10 @@ One place maps a handler's outcome to JetStream:
   exception → ``nak`` with a delay that grows with the number of deliveries;
 - raises :class:`~shared.errors.Permanent`, or fails on its last allowed delivery → the
   ``on_give_up`` callback publishes an error event, then ``term``;
+- delivered again after its last allowed delivery (that handler never finished: the service
+  died or was stopped while handling it, perhaps because of this very message) → the same
+  give-up, without running the handler again. The consumer itself never drops a message
+  (no server-side ``max_deliver``), so nothing disappears without an error event;
 - an undecodable message → ``term`` (logged; there is no task to fail);
 - ``CancelledError`` is always re-raised: the message is redelivered after ``ack_wait``.
 
@@ -96,9 +100,10 @@ class Worker:
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
-            # A few deliveries beyond our own give-up point, so that a failed give-up
-            # (the error event could not be published) still comes back.
-            max_deliver=self.max_deliver + 3,
+            # Unlimited: the server would drop a message after its last delivery without a
+            # trace. The worker gives up itself (see _handle), and a give-up that could not
+            # publish its error event comes back until it can.
+            max_deliver=-1,
             max_ack_pending=max(64, self.concurrency * 4),
             filter_subjects=self.subjects,
         )
@@ -210,6 +215,13 @@ class Worker:
         with structlog.contextvars.bound_contextvars(
             task_id=event.task_id, event_id=event.event_id, seq=delivery.seq
         ):
+            if delivery.num_delivered > self.max_deliver:
+                reason = (
+                    f"delivered {delivery.num_delivered} times; its handling never finished "
+                    "(the service died or was stopped while handling it)"
+                )
+                await self._give_up(msg, event, reason)
+                return
             heartbeat = asyncio.create_task(self._heartbeat(msg))
             try:
                 await self.handler(event, delivery)

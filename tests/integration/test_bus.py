@@ -144,6 +144,54 @@ async def test_worker_gives_up_after_max_deliver(bus: Bus) -> None:
     assert given_up == ["RuntimeError: always"]
 
 
+async def test_a_message_whose_handling_never_finishes_ends_with_a_give_up(bus: Bus) -> None:
+    """A handler that never finishes (its service dies each time, as under the chaos run's
+    kills) used to be dropped by the server after max_deliver + 3 deliveries, silently: now the
+    delivery after the last allowed one gives up (error event) without running it again."""
+    task = ev.new_task_id()
+    calls: list[int] = []
+    given_up: list[str] = []
+
+    async def handler(event: ev.AnyEvent, delivery: Delivery) -> None:
+        calls.append(delivery.num_delivered)
+        await asyncio.Event().wait()  # until the "service dies"
+
+    async def give_up(event: ev.AnyEvent, reason: str) -> None:
+        given_up.append(reason)
+
+    def worker() -> Worker:
+        return Worker(
+            bus=bus,
+            durable="w5",
+            subjects=[f"{bus.prefix}.>"],
+            handler=handler,
+            on_give_up=give_up,
+            ack_wait=0.5,
+            max_deliver=2,
+        )
+
+    await bus.publish(requested(task))
+    async with asyncio.timeout(20):
+        for _ in range(2):  # two deliveries, each "killed" while it is being handled
+            w = worker()
+            runner = asyncio.create_task(w.run())
+            handled = len(calls)
+            while len(calls) == handled:
+                await asyncio.sleep(0.02)
+            await w.stop(timeout=0)  # the handler is cancelled: no ack, no nak
+            await runner
+        w = worker()
+        runner = asyncio.create_task(w.run())
+        while not given_up:
+            await asyncio.sleep(0.02)
+        await w.stop(timeout=1)
+        await runner
+        info = await bus.js.consumer_info(bus.stream.name, "w5")
+    assert calls == [1, 2]
+    assert len(given_up) == 1 and "delivered 3 times" in given_up[0]
+    assert info is not None and info.num_ack_pending == 0 and info.num_pending == 0
+
+
 async def test_worker_heartbeats_keep_long_work(bus: Bus) -> None:
     task = ev.new_task_id()
     deliveries: list[int] = []

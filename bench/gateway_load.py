@@ -86,7 +86,11 @@ def main() -> None:
             wall = time.perf_counter() - began
         finally:
             gateway.terminate()
-            gateway.wait(10)
+            try:
+                gateway.wait(30)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+                gateway.wait()
             nats.stop()
     lat.sort()
 

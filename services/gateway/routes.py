@@ -160,7 +160,8 @@ async def submit(
     """Publish ``TaskRequested`` once; return ``(task_id, created)``.
 
     With an idempotency key the task id is derived from (tenant, key), and the event is
-    appended only if the task has no events yet (expected subject sequence 0). A replay finds
+    appended only if the task has no events yet (expected subject sequence 0 on the task's
+    subjects, which holds beyond the stream's duplicate window). A replay finds
     the stored request and compares hashes: same body → same task, other body → 409.
     """
     bus = request.app[BUS_LINK].require()
@@ -178,7 +179,12 @@ async def submit(
         request_hash=digest,
     )
     try:
-        ack = await bus.publish(event, expected_last_subject_seq=0, timeout=PUBLISH_TIMEOUT_S)
+        # Only a keyed id can be asked for twice; a random one (100 bits) cannot collide, and
+        # its retries inside the duplicate window are dropped by the message id.
+        expected = 0 if key else None
+        ack = await bus.publish(
+            event, expected_last_subject_seq=expected, timeout=PUBLISH_TIMEOUT_S
+        )
     except Conflict:
         ack = None
     if ack is not None and not ack.duplicate:

@@ -13,7 +13,7 @@ import sys
 
 from shared import logging as slog
 from tests.chaos.run import ChaosConfig, run
-from tests.chaos.system import docker_problem
+from tests.chaos.system import SERVICES, docker_problem
 
 
 def parse(argv: list[str] | None = None) -> ChaosConfig:
@@ -25,9 +25,9 @@ def parse(argv: list[str] | None = None) -> ChaosConfig:
     p.add_argument(
         "--kill-every",
         type=float,
-        default=4.0,
+        default=3.0,
         metavar="S",
-        help="mean seconds between kills, jittered ±40%% (default 4)",
+        help="mean seconds between kills, jittered ±40%% (default 3)",
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--max-concurrent", type=int, default=5, help="sandboxes at once (default 5)")
@@ -42,8 +42,17 @@ def parse(argv: list[str] | None = None) -> ChaosConfig:
         "--ack-wait", type=float, default=4.0, metavar="S", help="SANDSTREAM_ACK_WAIT_S (4)"
     )
     p.add_argument("--nats-restarts", type=int, default=1, help="nats-server restarts (default 1)")
+    p.add_argument(
+        "--only",
+        default=",".join(SERVICES),
+        metavar="NAMES",
+        help="comma-separated services to kill (default: all four)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the run's folder even on success")
     a = p.parse_args(argv)
+    targets = tuple(n for n in a.only.split(",") if n)
+    if not set(targets) <= set(SERVICES):
+        p.error(f"--only takes names among {', '.join(SERVICES)}")
     if a.tasks < 1 or a.kill_every <= 0 or a.max_concurrent < 1 or a.timeout <= 0:
         p.error("--tasks, --max-concurrent, --kill-every and --timeout must be positive")
     return ChaosConfig(
@@ -54,6 +63,7 @@ def parse(argv: list[str] | None = None) -> ChaosConfig:
         timeout=a.timeout,
         ack_wait=a.ack_wait,
         nats_restarts=a.nats_restarts,
+        targets=targets,
         keep=a.keep,
     )
 

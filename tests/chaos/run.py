@@ -46,7 +46,7 @@ WATCH_GRACE_S: Final = 30.0
 @dataclass
 class ChaosConfig:
     tasks: int = 60
-    kill_every: float = 4.0
+    kill_every: float = 3.0
     """Mean seconds between kills (each pause is drawn from 0.6-1.4 times this)."""
     seed: int | None = None
     max_concurrent: int = 5
@@ -55,6 +55,8 @@ class ChaosConfig:
     ack_wait: float = 4.0
     max_deliver: int = 8
     nats_restarts: int = 1
+    targets: tuple[str, ...] = SERVICES
+    """The services that are killed (each at least once); all four by default."""
     tenants: int = 2
     task_timeout_s: int = 300
     submit_gap: float = 0.25
@@ -90,6 +92,7 @@ async def run(config: ChaosConfig) -> Report:
         root=root,
         tasks=config.tasks,
         nats_restarts_planned=config.nats_restarts,
+        targets=config.targets,
     )
     began = time.monotonic()
     config.say(f"chaos {instance}: seed {seed}, {config.tasks} tasks, folder {root}")
@@ -265,7 +268,7 @@ def agents_active(fake: FakeModel) -> int:
 async def _kill_loop(state: _Run) -> None:
     """SIGKILL a part every few seconds and restart it; the mandatory kills come first."""
     cfg, rng, system = state.config, state.rng, state.system
-    mandatory = [*SERVICES, *([NATS] * cfg.nats_restarts)]
+    mandatory = [*cfg.targets, *([NATS] * cfg.nats_restarts)]
     rng.shuffle(mandatory)
     while True:
         with contextlib.suppress(TimeoutError):
@@ -274,7 +277,7 @@ async def _kill_loop(state: _Run) -> None:
         if state.stop_kills.is_set():
             return
         active = agents_active(state.fake)
-        target = _choose(mandatory, active, rng)
+        target = _choose(mandatory, cfg.targets, active, rng)
         if target is None:
             continue
         if target == "lifecycle" and state.orphan is None:
@@ -286,8 +289,14 @@ async def _kill_loop(state: _Run) -> None:
         await system.restart(target)
 
 
-def _choose(mandatory: list[str], active: int, rng: random.Random) -> str | None:
-    """The next part to kill: the mandatory ones first (the executor only while agents run)."""
+def _choose(
+    mandatory: list[str], targets: tuple[str, ...], active: int, rng: random.Random
+) -> str | None:
+    """The next part to kill: the mandatory ones first (the executor only while agents run,
+    and then before the others: its window is the narrowest)."""
+    if "executor" in mandatory and active > 0:
+        mandatory.remove("executor")
+        return "executor"
     for target in mandatory:
         if target == "executor" and active == 0:
             continue
@@ -295,7 +304,7 @@ def _choose(mandatory: list[str], active: int, rng: random.Random) -> str | None
         return target
     if mandatory:
         return None  # only the executor is left, and no agent runs just now
-    return rng.choice(SERVICES)
+    return rng.choice(targets) if targets else None
 
 
 # ---- after the chaos -----------------------------------------------------------------------

@@ -84,7 +84,7 @@ async def replay(args: argparse.Namespace) -> int:
     except Unavailable as exc:
         print(f"sandstream: {exc} (set SANDSTREAM_NATS_URL)", file=sys.stderr)
         return 1
-    bus = Bus(nc, StreamSettings(name=config.stream, subject_prefix=config.subject_prefix))
+    bus = Bus(nc, StreamSettings.of(config))
     timeline = Timeline()
     try:
         subject = bus.task_filter(args.task_id) if args.task_id else bus.all_filter

@@ -35,6 +35,7 @@ from nats.js.api import (
 
 from shared import events as ev
 from shared.errors import Conflict, Unavailable
+from shared.settings import Settings
 
 log = structlog.get_logger("sandstream.bus")
 
@@ -56,6 +57,15 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
     subject_prefix: str = "tasks"
     replicas: int = 1
     duplicate_window_s: float = 6 * 3600.0
+
+    @classmethod
+    def of(cls, settings: Settings) -> StreamSettings:
+        return cls(
+            name=settings.stream,
+            subject_prefix=settings.subject_prefix,
+            replicas=settings.stream_replicas,
+            duplicate_window_s=settings.duplicate_window_s,
+        )
 
 
 async def connect(

@@ -49,15 +49,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         adopted = await proxy.adopt_existing()
         nc = await connect(settings.nats_url, name="sandstream-executor")
         stack.push_async_callback(_drain, nc)
-        bus = Bus(
-            nc,
-            StreamSettings(
-                name=settings.stream,
-                subject_prefix=settings.subject_prefix,
-                replicas=settings.stream_replicas,
-                duplicate_window_s=settings.duplicate_window_s,
-            ),
-        )
+        bus = Bus(nc, StreamSettings.of(settings))
         await bus.ensure_stream()
         driver = await DockerDriver.connect()
         stack.push_async_callback(driver.close)

@@ -23,15 +23,6 @@ from shared.settings import Settings
 MAX_BODY = 1024 * 1024
 
 
-def stream_settings(settings: Settings) -> StreamSettings:
-    return StreamSettings(
-        name=settings.stream,
-        subject_prefix=settings.subject_prefix,
-        replicas=settings.stream_replicas,
-        duplicate_window_s=settings.duplicate_window_s,
-    )
-
-
 async def _event_log(app: web.Application) -> AsyncIterator[None]:
     """Connect in the background, then keep the projection following the stream."""
     link, projection = app[BUS_LINK], app[PROJECTION]
@@ -59,7 +50,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[SETTINGS] = settings
     app[AUTH] = TokenStore(settings.tokens_path)
-    app[BUS_LINK] = BusLink(settings.nats_url, stream_settings(settings))
+    app[BUS_LINK] = BusLink(settings.nats_url, StreamSettings.of(settings))
     app[PROJECTION] = Projection()
     app[RESULTS] = ResultReader(settings)
     app[METRICS] = Metrics()

@@ -28,15 +28,7 @@ async def serve(settings: Settings) -> None:
     nc = await connect(settings.nats_url, name="sandstream-lifecycle")
     driver: DockerDriver | None = None
     try:
-        bus = Bus(
-            nc,
-            StreamSettings(
-                name=settings.stream,
-                subject_prefix=settings.subject_prefix,
-                replicas=settings.stream_replicas,
-                duplicate_window_s=settings.duplicate_window_s,
-            ),
-        )
+        bus = Bus(nc, StreamSettings.of(settings))
         await bus.ensure_stream()
         driver = await DockerDriver.connect()
         service = Lifecycle(bus=bus, driver=driver, settings=settings)

@@ -39,15 +39,7 @@ async def serve(config: settings.Settings, *, stop: asyncio.Event | None = None)
         stack.push_async_callback(store.close)
         nc = await connect(config.nats_url, name="sandstream-storage")
         stack.push_async_callback(_drain, nc)
-        bus = Bus(
-            nc,
-            StreamSettings(
-                name=config.stream,
-                subject_prefix=config.subject_prefix,
-                replicas=config.stream_replicas,
-                duplicate_window_s=config.duplicate_window_s,
-            ),
-        )
+        bus = Bus(nc, StreamSettings.of(config))
         await bus.ensure_stream()
         service = StorageService(
             bus=bus,

@@ -7,6 +7,8 @@ the history is sent).
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from aiohttp import web
 
@@ -14,6 +16,7 @@ from services.gateway.http import ApiError
 from services.gateway.keys import BUS_LINK
 from services.gateway.routes import authenticate, find_task
 from shared import events as ev
+from shared.bus import Record
 
 _encoder = msgspec.json.Encoder()
 routes = web.RouteTableDef()
@@ -58,12 +61,34 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     records = bus.read(
         bus.task_filter(task_id), from_seq=after + 1, follow=follow and not task.status.terminal
     )
-    async for record in records:
-        name = ev.type_name(type(record.event))
-        data = _encoder.encode(record.event).decode()
-        await response.write(f"id: {record.seq}\nevent: {name}\ndata: {data}\n\n".encode())
-        if ev.is_terminal(record.event):
-            break
-    await records.aclose()
+    queue: asyncio.Queue[Record | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for record in records:
+                queue.put_nowait(record)
+        finally:
+            queue.put_nowait(None)  # the read ended (history only, or an error)
+
+    reader = asyncio.create_task(pump())
+    try:
+        while True:
+            try:
+                record = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+            except TimeoutError:
+                # A comment line: keeps proxies and load balancers from closing an idle stream.
+                await response.write(b": keep-alive\n\n")
+                continue
+            if record is None:
+                break
+            name = ev.type_name(type(record.event))
+            data = _encoder.encode(record.event).decode()
+            await response.write(f"id: {record.seq}\nevent: {name}\ndata: {data}\n\n".encode())
+            if ev.is_terminal(record.event):
+                break
+    finally:
+        reader.cancel()
+        # A failed read only ends this stream: the client resumes with Last-Event-ID.
+        await asyncio.gather(reader, return_exceptions=True)
     await response.write_eof()
     return response

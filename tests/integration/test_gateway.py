@@ -449,3 +449,37 @@ async def test_metrics_and_openapi_need_no_token(
         doc = await r.json()
     assert "/v1/tasks" in doc["paths"] and "TaskRequest" in doc["components"]["schemas"]
     assert doc["components"]["schemas"]["TaskRequest"]["properties"]["timeout_s"]["maximum"] == 3600
+
+
+async def test_sse_history_live_keepalive_and_resume(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.gateway import sse
+
+    monkeypatch.setattr(sse, "KEEPALIVE_S", 0.1)
+    token = gateway.token("acme")
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "s"}, headers=auth(token)) as r:
+        task_id = (await r.json())["task_id"]
+    started = ev.SandboxStarted(
+        event_id=ev.event_id(task_id, "SandboxStarted"), task_id=task_id, tenant="acme",
+        sandbox=f"sandstream-{task_id}", image="img",
+    )  # fmt: skip
+    ended = ev.TaskSucceeded(event_id=ev.terminal_id(task_id), task_id=task_id, tenant="acme")
+    lines: list[str] = []
+    url = f"{gateway.url}/v1/tasks/{task_id}/events"
+    async with http.get(url, headers=auth(token)) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        async for raw in r.content:
+            line = raw.decode().rstrip("\n")
+            lines.append(line)
+            if line == ": keep-alive" and lines.count(line) == 1:
+                await bus.publish(started)  # live, after the history and an idle spell
+            elif line == "event: SandboxStarted":
+                await bus.publish(ended)
+    events = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    ids = [int(line.removeprefix("id: ")) for line in lines if line.startswith("id: ")]
+    assert events == ["TaskRequested", "SandboxStarted", "TaskSucceeded"]  # and then it ended
+    assert ids == sorted(ids)
+    async with http.get(url, headers={**auth(token), "Last-Event-ID": str(ids[0])}) as r:
+        rest = [line async for line in r.content if line.startswith(b"id: ")]
+    assert [int(line[4:]) for line in rest] == ids[1:]

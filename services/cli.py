@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("task_id")
     status.add_argument("--json", action="store_true")
 
+    tasks = sub.add_parser("tasks", help="list your tasks")
+    tasks.add_argument("--limit", type=int, default=50)
+    tasks.add_argument("--json", action="store_true")
+
     events = sub.add_parser("events", help="show a task's events (SSE)")
     events.add_argument("task_id")
     events.add_argument("--follow", action="store_true")

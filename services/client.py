@@ -176,6 +176,16 @@ async def run(args: argparse.Namespace) -> int:
             print(f"task {task_id}", file=sys.stderr)
             await _follow(session, task_id)
             return await _show(session, task_id, as_json=args.json)
+        if args.command == "tasks":
+            url = f"{_url()}/v1/tasks?limit={args.limit}"
+            async with session.get(url, headers=_headers()) as r:
+                page = await _check(r)
+            for task in page["tasks"]:
+                if args.json:
+                    print(json.dumps(task))
+                else:
+                    print(f"{task['task_id']}  {task['status']:<10} {task['created_at']}")
+            return 0
         if args.command == "status":
             return await _show(session, args.task_id, as_json=args.json)
         if args.command == "events":

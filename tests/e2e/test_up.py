@@ -366,6 +366,11 @@ async def test_cli_submit_wait_and_a_crashed_service_is_restarted(
     assert names[0] == "TaskRequested" and names[-1] == "TaskSucceeded"
     assert "ExecutionCompleted" in names
     assert lines[-1] == "hello from the cli"
+    listed = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "services.cli", "tasks"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert [line.split()[1] for line in listed.stdout.splitlines()] == ["succeeded"]
     # the restarted executor ran it: a new executor pid was logged
     pids = re.findall(r'"service": ?"executor", ?"pid": ?(\d+)', system.log.read_text())
     assert int(pids[-1]) != executor_pid

@@ -253,7 +253,9 @@ def _audit_client(
         if rec.sse_repeats:
             err(f"{name}: the SSE client was sent {rec.sse_repeats} events it already had")
     elif rec.watch_status != (status.value if status else None):
-        err(f"{name}: ?wait answered {rec.watch_status}, the stream says {status}")
+        err(f"{name}: {rec.watch} answered {rec.watch_status}, the stream says {status}")
+    elif rec.watch == "execute" and rec.result_status != rec.watch_status:
+        err(f"{name}: /execute answered {rec.watch_status} with a {rec.result_status} result")
 
 
 def _audit_kills(report: Report, histories: dict[str, list[Record]]) -> None:

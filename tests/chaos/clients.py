@@ -4,7 +4,9 @@
   ``503`` and on connection errors (the gateway may be the part being killed);
 - :func:`watch_sse` follows ``/v1/tasks/{id}/events`` and reconnects with ``Last-Event-ID``
   until the terminal event; it records every sequence it saw, so gaps and repeats show;
-- :func:`watch_wait` long-polls ``/v1/tasks/{id}?wait=`` until the status is terminal.
+- :func:`watch_wait` long-polls ``/v1/tasks/{id}?wait=`` until the status is terminal;
+- :func:`execute` is the synchronous form: ``POST /execute`` with an ``Idempotency-Key``,
+  asked again with the same key whenever the answer is cut off, until the result comes.
 
 What each client saw is kept in its task's :class:`TaskRecord` and checked against the
 stream at the end.
@@ -39,7 +41,7 @@ class TaskRecord:
     marker: str
     prompt: str
     file: str
-    watch: str  # "sse" or "wait"
+    watch: str  # "sse", "wait" or "execute"
     task_id: str | None = None
     submit_attempts: int = 0
     submit_error: str | None = None
@@ -50,6 +52,8 @@ class TaskRecord:
     watch_status: str | None = None
     watch_done: bool = False
     watch_errors: list[str] = field(default_factory=list)
+    result_status: str | None = None
+    """``POST /execute`` only: the status of the result it answered with."""
 
 
 async def _pause(attempt: int) -> None:
@@ -158,3 +162,31 @@ async def watch_wait(http: aiohttp.ClientSession, url: str, token: str, rec: Tas
         rec.reconnects += 1
         attempt += 1
         await _pause(attempt)
+
+
+async def execute(
+    http: aiohttp.ClientSession, url: str, token: str, rec: TaskRecord, body: dict[str, Any]
+) -> None:
+    """``POST /execute`` until it answers with the task's end (sets ``rec.task_id``)."""
+    headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": rec.key}
+    while True:
+        rec.submit_attempts += 1
+        try:
+            async with http.post(
+                f"{url}/execute", json=body, headers=headers, timeout=NO_TIMEOUT
+            ) as r:
+                if r.status == 200:
+                    answer = await r.json()
+                    rec.task_id = answer["task_id"]
+                    rec.watch_status = answer["status"]
+                    rec.result_status = (answer.get("result") or {}).get("status")
+                    rec.watch_done = True
+                    return
+                text = await r.text()
+                if r.status not in RETRY_STATUSES:
+                    rec.submit_error = f"HTTP {r.status}: {text[:300]}"
+                    return
+        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError):
+            pass
+        rec.reconnects += 1
+        await _pause(rec.submit_attempts)

@@ -3,7 +3,8 @@
 1. start nats-server and the four services as processes of their own (:mod:`.system`), with
    the fake model in this process answering after small random delays;
 2. submit the batch over HTTP with an ``Idempotency-Key`` per task, and follow every task
-   as a client would (half by SSE, half by ``?wait`` long-polls), reconnecting when cut;
+   as a client would (a third by SSE, a third by ``?wait`` long-polls, a third through the
+   synchronous ``POST /execute``), reconnecting when cut;
 3. meanwhile SIGKILL a random service every few seconds and restart it (every service at
    least once, the executor while agents run), restart nats-server once, and plant an orphan
    sandbox just before the lifecycle is killed (its restart must reap it);
@@ -174,7 +175,7 @@ def _plan(
                 marker=marker,
                 prompt=prompt,
                 file=name,
-                watch="sse" if i % 2 == 0 else "wait",
+                watch=("sse", "wait", "execute")[i % 3],
             )
         )
     return records
@@ -234,6 +235,10 @@ async def _submit_all(state: _Run, http: aiohttp.ClientSession) -> None:
             "metadata": {"chaos": state.report.run_id, "index": str(rec.index)},
         }
         token = system.tokens[rec.tenant]
+        if rec.watch == "execute":
+            body["task"] = body.pop("prompt")
+            await clients.execute(http, system.url, token, rec, body)
+            return
         await clients.submit(http, system.url, token, rec, body)
         if rec.task_id is None:
             return

@@ -88,7 +88,7 @@ class Report:
         lines = [
             f"chaos run {self.run_id} (seed {self.seed}): {verdict}",
             f"  tasks        {self.tasks} submitted, {self.accepted} accepted "
-            f"({self.submit_retries} submit retries); {statuses}; {self.events} events",
+            f"({self.submit_retries} requests retried); {statuses}; {self.events} events",
             f"  kills        {per_service} (executor with agents mid-run: {executor_mid})",
             f"  restarts     {sum(len(self.kills_of(s)) for s in SERVICES)} service restarts, "
             f"{len(self.kills_of(NATS))} nats-server restart(s)",
@@ -217,6 +217,8 @@ async def _audit_task(
                 result = decode_result(data)
                 if result.files_changed != [rec.file] or result.text != f"wrote {rec.file}":
                     err(f"{name}: result.json has {result.files_changed} / {result.text!r}")
+                if result.sandbox.wall_ms <= 0 or result.sandbox.cpu_seconds <= 0:
+                    err(f"{name}: result.json lost the sandbox's usage: {result.sandbox}")
 
     runs = fake.conversations_matching(rec.marker)
     if runs > 1:

@@ -553,40 +553,45 @@ class Lifecycle:
         causation: str | None,
         publish: bool = True,
     ) -> None:
-        """Usage, remove, release the slot, ``SandboxStopped``. Call with the task's lock held.
+        """Usage, ``SandboxStopped``, then remove and release the slot. Call with the lock held.
 
-        Usage is read before removal and kept until published, so a retry after a failed
-        publish still reports it.
+        The event goes out while the container still exists: a lifecycle killed before the
+        publish finds the container (and its cgroup usage) again on the retry, and one killed
+        after it leaves a container that the retry, ``_after_end`` or the start-up reaper
+        removes. (Removing first lost the usage of a lifecycle killed in between: the chaos
+        run found results with zero usage.) Usage is kept until published, so a retry after
+        a failed publish reports the same figures.
         """
         name = sandbox_name(task)
-        usage = self._usage.get(task)
-        if usage is None:
-            usage = await self.driver.usage(name)
-            if not usage.image:
-                usage = msgspec.structs.replace(usage, image=self.settings.sandbox_image)
-            self._usage[task] = usage
+        usage: ev.Usage | None = None
+        if publish:
+            usage = self._usage.get(task)
+            if usage is None:
+                usage = await self.driver.usage(name)
+                if not usage.image:
+                    usage = msgspec.structs.replace(usage, image=self.settings.sandbox_image)
+                self._usage[task] = usage
+            await self.bus.publish(
+                ev.SandboxStopped(
+                    event_id=ev.event_id(task, "SandboxStopped"),
+                    task_id=task,
+                    tenant=tenant,
+                    causation_id=causation,
+                    sandbox=name,
+                    reason=reason,
+                    usage=usage,
+                )
+            )
         await self.driver.remove(name)
+        self._usage.pop(task, None)
         self._stopped.add(task)
         self.admission.release(task)
         self._disarm(task)
         with contextlib.suppress(OSError):
             shutil.rmtree(self.settings.model_socket_dir / task)
-        if not publish:
-            self._usage.pop(task, None)
+        if usage is None:
             log.info("sandbox removed", sandbox=name)
             return
-        await self.bus.publish(
-            ev.SandboxStopped(
-                event_id=ev.event_id(task, "SandboxStopped"),
-                task_id=task,
-                tenant=tenant,
-                causation_id=causation,
-                sandbox=name,
-                reason=reason,
-                usage=usage,
-            )
-        )
-        self._usage.pop(task, None)
         log.info(
             "sandbox stopped",
             sandbox=name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -111,6 +112,17 @@ class Harness:
     async def container(self, task: str) -> dict[str, Any] | None:
         return await self.driver.inspect(sandbox_name(task))
 
+    async def gone(self, task: str, within: float = 10.0) -> bool:
+        """Whether the task's container is removed within ``within`` seconds.
+
+        ``SandboxStopped`` is published just before the removal (so a lifecycle killed in
+        between still has the container, and its usage, on the retry).
+        """
+        async with asyncio.timeout(within):
+            while await self.container(task) is not None:
+                await asyncio.sleep(0.02)
+        return True
+
 
 @pytest.fixture
 async def h(bus: Bus, tmp_path: Path) -> AsyncIterator[Harness]:
@@ -202,7 +214,7 @@ async def test_global_cap_holds_the_second_task_until_the_first_ends(h: Harness)
     assert stopped.reason == "completed" and stopped.event_id == f"{first}:SandboxStopped:1"
     assert stopped.usage.cpu_seconds > 0 and stopped.usage.memory_peak_bytes > 0
     assert stopped.usage.wall_ms > 0 and stopped.usage.image == sandbox_image()
-    assert await h.container(first) is None
+    assert await h.gone(first)
     await wait_for_event(h.bus, second, "SandboxStarted")
     assert await h.container(second) is not None
 
@@ -238,7 +250,7 @@ async def test_deadline_times_the_task_out_and_removes_the_sandbox(h: Harness) -
     ended = await wait_for_event(h.bus, task, "TaskTimedOut")
     assert ended.event_id == f"{task}:terminal" and isinstance(ended, ev.TaskTimedOut)
     assert ended.timeout_s == 1
-    assert await h.container(task) is None
+    assert await h.gone(task)
     assert service.admission.running == 0
 
 

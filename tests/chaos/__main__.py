@@ -36,7 +36,7 @@ def parse(argv: list[str] | None = None) -> ChaosConfig:
         type=float,
         default=600.0,
         metavar="S",
-        help="bound on the whole run in seconds (default 600)",
+        help="bound on the whole run in seconds, at least 60 (default 600)",
     )
     p.add_argument(
         "--ack-wait", type=float, default=4.0, metavar="S", help="SANDSTREAM_ACK_WAIT_S (4)"
@@ -53,8 +53,10 @@ def parse(argv: list[str] | None = None) -> ChaosConfig:
     targets = tuple(n for n in a.only.split(",") if n)
     if not set(targets) <= set(SERVICES):
         p.error(f"--only takes names among {', '.join(SERVICES)}")
-    if a.tasks < 1 or a.kill_every <= 0 or a.max_concurrent < 1 or a.timeout <= 0:
-        p.error("--tasks, --max-concurrent, --kill-every and --timeout must be positive")
+    if a.tasks < 1 or a.kill_every <= 0 or a.max_concurrent < 1:
+        p.error("--tasks, --max-concurrent and --kill-every must be positive")
+    if a.timeout < 60:
+        p.error("--timeout must be at least 60 seconds (the audit needs some of it)")
     return ChaosConfig(
         tasks=a.tasks,
         kill_every=a.kill_every,

@@ -4,6 +4,9 @@ Everything is read back from the parts themselves: the whole ``TASKS`` stream (`
 the ``docker events`` creates of the run's containers and the containers left, the stored
 objects, and the fake model's count of agent runs per prompt. Each broken rule becomes one
 line of :attr:`Report.errors`; the run passes when there is none.
+
+Every task is expected to succeed: the fake model never fails and every part comes back, so
+a task that ends otherwise (with its reason) is a finding too, not a tolerated outcome.
 """
 
 from __future__ import annotations

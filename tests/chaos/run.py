@@ -42,6 +42,11 @@ from tests.fakes.model import FakeModel, Reply, Text, ToolUse
 API_KEY: Final = "sk-chaos-0123456789-secret"
 MAX_REPLY_DELAY: Final = 0.6
 WATCH_GRACE_S: Final = 30.0
+"""How long clients get to see their task's end by themselves once the stream has it."""
+ORPHAN_GRACE_S: Final = 15.0
+AUDIT_S: Final = 100.0
+SHUTDOWN_S: Final = 25.0
+"""What :meth:`System.stop` may take: services 15 s (in parallel), then nats-server 10 s."""
 
 
 @dataclass
@@ -52,7 +57,8 @@ class ChaosConfig:
     seed: int | None = None
     max_concurrent: int = 5
     timeout: float = 600.0
-    """Bound on the whole run; past it the run stops, audits what it has, and fails."""
+    """Bound on the whole run (at least 60 s); past it the run stops, audits what it has, and
+    fails. Its last quarter (at most 100 s) is kept for the audit and the shutdown."""
     ack_wait: float = 4.0
     max_deliver: int = 8
     nats_restarts: int = 1
@@ -117,20 +123,25 @@ async def run(config: ChaosConfig) -> Report:
             config.say(f"system up in {time.monotonic() - began:.1f}s: {system.url}")
             connector = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=connector) as http:
+                # The audit and the shutdown get the last quarter (at most AUDIT_S) of --timeout.
+                reserve = min(AUDIT_S, max(40.0, config.timeout / 4))
                 try:
-                    async with asyncio.timeout(config.timeout - (time.monotonic() - began)):
+                    left = config.timeout - reserve - (time.monotonic() - began)
+                    async with asyncio.timeout(max(1.0, left)):
                         await _chaos(state, http)
                 except TimeoutError:
                     report.timed_out = True
                     config.say("chaos: the run hit its --timeout; auditing what there is")
                 finally:
                     state.stop_kills.set()
-                await _settle(state, http)
-                report.orphans = await _orphans(system, wait=0 if report.timed_out else 20.0)
-                await creates.stop()
-                report.container_creates = dict(creates.counts)
-                assert system.bus is not None
-                await audit(report, system.bus, records, fake, system.results_dir, state.orphan)
+                async with asyncio.timeout(reserve - SHUTDOWN_S):
+                    await _settle(state, http)
+                    wait = 0 if report.timed_out else ORPHAN_GRACE_S
+                    report.orphans = await _orphans(system, wait)
+                    await creates.stop()
+                    report.container_creates = dict(creates.counts)
+                    assert system.bus is not None
+                    await audit(report, system.bus, records, fake, system.results_dir, state.orphan)
         except Exception as exc:
             report.errors.append(f"the run itself failed: {type(exc).__name__}: {exc}")
             config.say(traceback.format_exc())

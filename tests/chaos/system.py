@@ -220,7 +220,7 @@ class System:
     async def stop(self) -> None:
         """Services first (graceful, bounded), then nats-server. Never raises."""
         await asyncio.gather(
-            *(self.parts[name].terminate(20.0) for name in SERVICES), return_exceptions=True
+            *(self.parts[name].terminate(15.0) for name in SERVICES), return_exceptions=True
         )
         if self.bus is not None:
             with contextlib.suppress(Exception):

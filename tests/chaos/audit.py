@@ -148,7 +148,11 @@ async def audit(
     for rec in records:
         if rec.task_id is None:
             err(f"task {rec.index} was not accepted: {rec.submit_error or 'no answer'}")
+    unanswered = {r.key for r in records if r.task_id is None}
     for task_id in sorted(set(histories) - set(accepted)):
+        first = histories[task_id][0].event
+        if isinstance(first, ev.TaskRequested) and first.idempotency_key in unanswered:
+            continue  # its client gave up waiting for the answer (reported above)
         report.duplicates["tasks nobody accepted"] += 1
         err(f"{task_id}: in the stream, but no submission got it as its answer")
     keys = Counter(

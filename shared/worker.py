@@ -137,9 +137,16 @@ class Worker:
                 return
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Stop fetching; let in-flight messages finish within ``timeout``, then cancel them."""
+        """Stop fetching; let in-flight messages finish within ``timeout``, then cancel them.
+
+        Returns once the finished messages' acks have reached the server.
+        """
         self._stopping.set()
         await self._drain_inflight(timeout=timeout)
+        # Acks are sent without waiting for a reply; a flush makes sure the server has them
+        # (it answers the flush's PING after everything sent before it).
+        with contextlib.suppress(Exception):
+            await self.bus.nc.flush(timeout=2)
 
     async def _drain_inflight(self, timeout: float | None) -> None:
         if not self._inflight:

@@ -171,14 +171,17 @@ class Worker:
                 # long poll, below.
                 fetch = asyncio.ensure_future(sub.fetch(free, timeout=fetch_timeout))
                 stopping = asyncio.ensure_future(self._stopping.wait())
-                await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-                if not fetch.done():
-                    # Stop now rather than at the end of the long poll. A message the server
-                    # handed to this cancelled pull comes back to a live worker after ack_wait.
-                    fetch.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await fetch
+                try:
+                    await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    # On stop, or when this loop itself is cancelled: end the long poll now
+                    # and never leave it behind. A message the server handed to a cancelled
+                    # pull comes back to a live worker after ack_wait.
+                    stopping.cancel()
+                    if not fetch.done():
+                        fetch.cancel()
+                    await asyncio.gather(fetch, stopping, return_exceptions=True)
+                if fetch.cancelled():
                     return
                 try:
                     msgs = fetch.result()

@@ -5,14 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-import msgspec
 
 from shared import settings as settings_mod
 
@@ -111,14 +107,6 @@ def _token_create(args: argparse.Namespace) -> None:
         sys.exit(2)
     print(f"created a token for tenant {args.tenant!r} in {path}", file=sys.stderr)
     print(token)
-
-
-def env_url() -> str:
-    return os.environ.get("SANDSTREAM_URL", "http://127.0.0.1:8080").rstrip("/")
-
-
-def pretty(data: Any) -> str:
-    return msgspec.json.format(msgspec.json.encode(data), indent=2).decode()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import secrets
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import msgspec
 
@@ -212,22 +212,6 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
 
 TERMINAL_TYPES: Final = (TaskSucceeded, TaskFailed, TaskCancelled, TaskTimedOut)
 TerminalEvent: TypeAlias = TaskSucceeded | TaskFailed | TaskCancelled | TaskTimedOut
-
-EventName = Literal[
-    "TaskRequested",
-    "SandboxStarted",
-    "ExecutionStarted",
-    "AgentOutput",
-    "ExecutionCompleted",
-    "ExecutionFailed",
-    "SandboxStopped",
-    "ResultStored",
-    "TaskCancelRequested",
-    "TaskSucceeded",
-    "TaskFailed",
-    "TaskCancelled",
-    "TaskTimedOut",
-]
 
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)

@@ -33,6 +33,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ack_wait_s: float = 10.0
     max_deliver: int = 8
     socket_dir: Path | None = None
+    sandbox_memory_mb: int = 1024
+    sandbox_cpus: float = 1.0
+    sandbox_pids: int = 256
     instance: str = ""
     """Labels this installation's sandboxes (``up`` sets it) so it removes only its own."""
 
@@ -69,9 +72,22 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
 
 
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        raise SystemExit(f"{name} must be at least {low:g}, got {value:g}")
+
+
 def load(env: Mapping[str, str] | None = None) -> Settings:
     """Read ``SANDSTREAM_*`` variables; a malformed number exits with a message naming it."""
     env = os.environ if env is None else env
+    settings = _read(env)
+    _at_least("SANDSTREAM_SANDBOX_MEMORY_MB", settings.sandbox_memory_mb, 64)
+    _at_least("SANDSTREAM_SANDBOX_CPUS", settings.sandbox_cpus, 0.01)
+    _at_least("SANDSTREAM_SANDBOX_PIDS", settings.sandbox_pids, 16)
+    return settings
+
+
+def _read(env: Mapping[str, str]) -> Settings:
     tokens = env.get("SANDSTREAM_TOKENS_FILE")
     socket_dir = env.get("SANDSTREAM_SOCKET_DIR")
     return Settings(
@@ -94,5 +110,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         ack_wait_s=_float(env, "SANDSTREAM_ACK_WAIT_S", 10.0),
         max_deliver=_int(env, "SANDSTREAM_MAX_DELIVER", 8),
         socket_dir=Path(socket_dir) if socket_dir else None,
+        sandbox_memory_mb=_int(env, "SANDSTREAM_SANDBOX_MEMORY_MB", 1024),
+        sandbox_cpus=_float(env, "SANDSTREAM_SANDBOX_CPUS", 1.0),
+        sandbox_pids=_int(env, "SANDSTREAM_SANDBOX_PIDS", 256),
         instance=env.get("SANDSTREAM_INSTANCE") or "",
     )

@@ -13,7 +13,7 @@ import signal
 
 import structlog
 
-from services.lifecycle.service import Lifecycle
+from services.lifecycle.service import Lifecycle, LifecycleOptions
 from shared import logging as slog
 from shared.bus import Bus, StreamSettings, connect
 from shared.errors import Unavailable
@@ -31,7 +31,12 @@ async def serve(settings: Settings) -> None:
         bus = Bus(nc, StreamSettings.of(settings))
         await bus.ensure_stream()
         driver = await DockerDriver.connect()
-        service = Lifecycle(bus=bus, driver=driver, settings=settings)
+        options = LifecycleOptions(
+            memory_bytes=settings.sandbox_memory_mb * 2**20,
+            nano_cpus=int(settings.sandbox_cpus * 1e9),
+            pids_limit=settings.sandbox_pids,
+        )
+        service = Lifecycle(bus=bus, driver=driver, settings=settings, options=options)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.request_stop)

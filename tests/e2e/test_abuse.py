@@ -5,6 +5,7 @@ code, the host stays usable, and no container is left."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import time
@@ -26,6 +27,12 @@ FORK_BOMB = "bomb() { bomb | bomb; }; bomb"
 # agent itself, so the kernel's OOM killer takes the agent and the task ends as `oom`.
 MEMORY_HOG = "for i in $(seq 40); do (head -c 80000000 /dev/zero | tail) & done; wait"
 ENDLESS = "while true; do :; done"
+# Configured limits (not the defaults), so the test also shows they reach the sandboxes.
+LIMITS = {
+    "SANDSTREAM_SANDBOX_MEMORY_MB": "768",
+    "SANDSTREAM_SANDBOX_CPUS": "0.5",
+    "SANDSTREAM_SANDBOX_PIDS": "200",
+}
 
 
 def host_processes() -> int:
@@ -50,7 +57,7 @@ async def system(tmp_path: Path) -> AsyncIterator[tuple[System, FakeModel]]:
     if not docker_available():
         pytest.skip("needs a running Docker engine and the sandbox image (make image)")
     async with FakeModel() as fake:
-        up = await start_up(tmp_path, fake)
+        up = await start_up(tmp_path, fake, LIMITS)
         yield up, fake
         stop_up(up)
 
@@ -78,6 +85,16 @@ async def test_fork_bomb_memory_hog_and_endless_loop_are_contained(
         # While they run, the host stays usable.
         started = [f"hostile: {name}" for name in cases]
         await fake.wait_for(lambda: all(fake.conversations_matching(p) for p in started), 60)
+        limits = json.loads(subprocess.run(
+            ["docker", "inspect", "--format", "{{json .HostConfig}}",
+             f"sandstream-{ids['endless loop']}"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout)  # fmt: skip
+        assert (limits["Memory"], limits["NanoCpus"], limits["PidsLimit"]) == (
+            768 * 2**20,
+            500_000_000,
+            200,
+        )
         worst_fork_s, most_processes, least_memory = 0.0, 0, memory_before
         views = {}
         for name, task_id in ids.items():
@@ -100,10 +117,10 @@ async def test_fork_bomb_memory_hog_and_endless_loop_are_contained(
         n: v.get("error") for n, v in views.items()
     }
     assert worst_fork_s < 2.0, f"the host needed {worst_fork_s:.2f}s to start a process"
-    # each sandbox may hold at most its pids limit (256) of processes
-    assert most_processes <= processes_before + 3 * 256 + 100
-    # each sandbox may hold at most its memory limit (1 GiB)
-    assert memory_before - least_memory < 3 * 2**30 + 2**30
+    # each sandbox may hold at most its pids limit of processes
+    assert most_processes <= processes_before + 3 * 200 + 100
+    # each sandbox may hold at most its memory limit
+    assert memory_before - least_memory < 3 * 768 * 2**20 + 2**30
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
     while any(sandbox_names(task_id) for task_id in ids.values()):

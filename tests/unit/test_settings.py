@@ -1,0 +1,45 @@
+"""Settings from the environment: defaults, parsing, and clear errors naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.settings import load
+
+
+def test_defaults() -> None:
+    settings = load({})
+    assert settings.nats_url == "nats://127.0.0.1:4222"
+    assert (settings.host, settings.port) == ("127.0.0.1", 8080)
+    assert settings.results_url.startswith("file:///") and settings.results_url.endswith("results")
+    assert (settings.sandbox_memory_mb, settings.sandbox_cpus, settings.sandbox_pids) == (
+        1024,
+        1.0,
+        256,
+    )
+
+
+def test_values_are_read() -> None:
+    settings = load({
+        "SANDSTREAM_PORT": "9000",
+        "SANDSTREAM_STORAGE_URL": "s3://bucket/p",
+        "SANDSTREAM_SANDBOX_CPUS": "0.5",
+        "SANDSTREAM_INSTANCE": "up-1",
+    })  # fmt: skip
+    assert settings.port == 9000 and settings.results_url == "s3://bucket/p"
+    assert settings.sandbox_cpus == 0.5 and settings.instance == "up-1"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("SANDSTREAM_PORT", "eighty", "SANDSTREAM_PORT must be an integer"),
+        ("SANDSTREAM_ACK_WAIT_S", "soon", "SANDSTREAM_ACK_WAIT_S must be a number"),
+        ("SANDSTREAM_SANDBOX_MEMORY_MB", "8", "SANDSTREAM_SANDBOX_MEMORY_MB must be at least 64"),
+        ("SANDSTREAM_SANDBOX_PIDS", "2", "SANDSTREAM_SANDBOX_PIDS must be at least 16"),
+        ("SANDSTREAM_SANDBOX_CPUS", "0", "SANDSTREAM_SANDBOX_CPUS must be at least 0.01"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        load({name: value})

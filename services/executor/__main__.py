@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-from typing import Any
 
 import structlog
 
 from services.executor.model_proxy import Credential, ModelProxy
 from services.executor.service import DURABLE, Executor
-from shared import logging as slog
-from shared.bus import Bus, StreamSettings, connect
-from shared.errors import Unavailable
+from shared import service
 from shared.sandbox import DockerDriver
-from shared.settings import Settings, load
+from shared.service import cancel_and_wait, close_bus, open_bus
+from shared.settings import Settings
 
 log = structlog.get_logger("sandstream.executor")
 
@@ -47,10 +44,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         await proxy.start()
         stack.push_async_callback(proxy.close)
         adopted = await proxy.adopt_existing()
-        nc = await connect(settings.nats_url, name="sandstream-executor")
-        stack.push_async_callback(_drain, nc)
-        bus = Bus(nc, StreamSettings.of(settings))
-        await bus.ensure_stream()
+        bus = await open_bus(settings, "executor")
+        stack.push_async_callback(close_bus, bus)
         driver = await DockerDriver.connect()
         stack.push_async_callback(driver.close)
         executor = Executor(bus=bus, driver=driver, proxy=proxy)
@@ -64,7 +59,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             loop.add_signal_handler(sig, stop.set)
             stack.callback(loop.remove_signal_handler, sig)
         runner = asyncio.create_task(worker.run(), name="executor-worker")
-        stack.push_async_callback(_cancel, runner)
+        stack.push_async_callback(cancel_and_wait, runner)
         log.info(
             "executor running",
             stream=settings.stream,
@@ -77,36 +72,18 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         try:
             await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await _cancel(stopping)
+            await cancel_and_wait(stopping)
         if not runner.done():
             log.info("executor stopping")
             await worker.stop(timeout=STOP_GRACE_S)
-        await _cancel(runner)
+        await cancel_and_wait(runner)
         if runner.done() and not runner.cancelled() and runner.exception() is not None:
             raise runner.exception()  # type: ignore[misc]
     log.info("executor stopped")
 
 
-async def _drain(nc: Any) -> None:
-    with contextlib.suppress(Exception):
-        await nc.drain()
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    if not task.done():
-        task.cancel()
-    await asyncio.wait({task})
-
-
 def main() -> int:
-    settings = load()
-    slog.configure(os.environ.get("SANDSTREAM_LOG_LEVEL", "INFO"))
-    try:
-        asyncio.run(serve(settings))
-    except Unavailable as exc:
-        log.error("executor cannot start", error=str(exc))
-        return 2
-    return 0
+    return service.run("executor", serve)
 
 
 if __name__ == "__main__":

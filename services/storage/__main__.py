@@ -8,17 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
-from typing import Any
 
 import structlog
-from nats.aio.client import Client as NATS
 
 from services.storage.service import DURABLE, StorageService
-from shared import logging, settings
+from shared import service, settings
 from shared.blobstore import open_store
-from shared.bus import Bus, StreamSettings, connect
-from shared.errors import Unavailable
+from shared.service import cancel_and_wait, close_bus, open_bus
 
 log = structlog.get_logger("sandstream.storage")
 
@@ -37,10 +33,8 @@ async def serve(config: settings.Settings, *, stop: asyncio.Event | None = None)
         except ValueError as exc:
             raise SystemExit(f"sandstream storage: bad SANDSTREAM_STORAGE_URL: {exc}") from None
         stack.push_async_callback(store.close)
-        nc = await connect(config.nats_url, name="sandstream-storage")
-        stack.push_async_callback(_drain, nc)
-        bus = Bus(nc, StreamSettings.of(config))
-        await bus.ensure_stream()
+        bus = await open_bus(config, "storage")
+        stack.push_async_callback(close_bus, bus)
         service = StorageService(
             bus=bus,
             store=store,
@@ -53,13 +47,13 @@ async def serve(config: settings.Settings, *, stop: asyncio.Event | None = None)
             stack.callback(loop.remove_signal_handler, sig)
 
         runner = asyncio.create_task(service.run(), name="storage-worker")
-        stack.push_async_callback(_cancel, runner)
+        stack.push_async_callback(cancel_and_wait, runner)
         log.info("storage started", store=store.url, stream=config.stream)
         stopping = asyncio.create_task(stop.wait(), name="storage-stop")
         try:
             await asyncio.wait({runner, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await _cancel(stopping)
+            await cancel_and_wait(stopping)
         if runner.done():
             await runner  # the worker crashed: let its error show
         else:
@@ -67,31 +61,13 @@ async def serve(config: settings.Settings, *, stop: asyncio.Event | None = None)
             await service.stop(grace=10.0)
             # In-flight results are finished; the worker may still sit in a fetch for up to
             # its timeout: end it now (a batch fetched meanwhile comes back after ack_wait).
-            await _cancel(runner)
+            await cancel_and_wait(runner)
     log.info("storage stopped")
 
 
-async def _drain(nc: NATS) -> None:
-    with contextlib.suppress(Exception):
-        await nc.drain()
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait for it, without re-raising its outcome (already reported)."""
-    if not task.done():
-        task.cancel()
-    await asyncio.wait({task})
-
-
-def main() -> None:
-    logging.configure()
-    config = settings.load()
-    try:
-        asyncio.run(serve(config))
-    except Unavailable as exc:
-        log.error("storage cannot start", error=str(exc))
-        sys.exit(1)
+def main() -> int:
+    return service.run("storage", serve)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

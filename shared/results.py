@@ -11,7 +11,7 @@ from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
 
-from shared.events import ErrorInfo
+from shared.events import ErrorInfo, Usage
 
 ResultStatus: TypeAlias = Literal["succeeded", "failed", "cancelled", "timed_out"]
 
@@ -24,15 +24,6 @@ CONTENT_TYPES: Final = {
     TRANSCRIPT_FILE: "application/x-ndjson",
     DIFF_FILE: "text/x-diff; charset=utf-8",
 }
-
-
-class SandboxInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """The sandbox the task ran in and what it used (from the lifecycle's ``SandboxStopped``)."""
-
-    image: str = ""
-    cpu_seconds: float = 0.0
-    memory_peak_bytes: int = 0
-    wall_ms: int = 0
 
 
 class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,7 +42,8 @@ class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
     duration_ms: int = 0
     diff: str = ""
     files_changed: list[str] = msgspec.field(default_factory=list)
-    sandbox: SandboxInfo = msgspec.field(default_factory=SandboxInfo)
+    sandbox: Usage = msgspec.field(default_factory=Usage)
+    """The sandbox the task ran in and what it used (from the lifecycle's ``SandboxStopped``)."""
     error: ErrorInfo | None = None
 
 

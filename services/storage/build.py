@@ -24,7 +24,7 @@ from shared.events import (
     TaskTimedOut,
     TerminalEvent,
 )
-from shared.results import ResultStatus, SandboxInfo, TaskResult, encode_result
+from shared.results import ResultStatus, TaskResult, encode_result
 
 
 class Artifacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,13 +65,7 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
             execution = event  # the last attempt's end
 
     status, error = _outcome(terminal, execution, stopped)
-    usage = stopped.usage
-    sandbox = SandboxInfo(
-        image=usage.image,
-        cpu_seconds=usage.cpu_seconds,
-        memory_peak_bytes=usage.memory_peak_bytes,
-        wall_ms=usage.wall_ms,
-    )
+    sandbox = stopped.usage
     if execution is None:
         return TaskResult(
             task_id=stopped.task_id, status=status, is_error=True, sandbox=sandbox, error=error

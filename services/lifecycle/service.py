@@ -288,6 +288,18 @@ class Lifecycle:
             log.warning("history read incomplete, reading again", task_id=task_id)
         raise Unavailable(f"the history of {task_id} came back incomplete")
 
+    async def _open(self, task: str) -> tuple[TaskState, list[ev.AnyEvent]] | None:
+        """The task's state and history while it is open; ``None`` for an unknown task, and
+        for an ended one after making sure its sandbox and slot are gone."""
+        history = await self._history(task)
+        state = fold(history)
+        if state is None:
+            return None
+        if state.status.terminal:
+            await self._after_end(task, state, history)
+            return None
+        return state, history
+
     async def _last_seq(self, task_id: str) -> int:
         """Stream sequence of the task's last event, 0 if it has none (one direct get)."""
         try:
@@ -310,13 +322,9 @@ class Lifecycle:
             if task in self._ended:
                 return
             if await self._last_seq(task) != delivery.seq:  # anything after the request?
-                history = await self._history(task)
-                state = fold(history)
-                if state is None:
+                if (open_task := await self._open(task)) is None:
                     return
-                if state.status.terminal:
-                    await self._after_end(task, state, history)
-                    return
+                state, _ = open_task
                 if state.status not in (Status.QUEUED, Status.STARTING):
                     await self._resume(state)
                     return
@@ -423,26 +431,18 @@ class Lifecycle:
 
     async def _on_execution_end(self, event: ev.ExecutionCompleted | ev.ExecutionFailed) -> None:
         task = event.task_id
-        history = await self._history(task)
-        state = fold(history)
-        if state is None:
+        if (open_task := await self._open(task)) is None:
             return
-        if state.status.terminal:
-            await self._after_end(task, state, history)
-            return
+        state, _ = open_task
         reason = "completed" if isinstance(event, ev.ExecutionCompleted) else "failed"
         async with self._lock(task):
             await self._stop_sandbox(task, state.tenant, reason, causation=event.event_id)
 
     async def _on_result_stored(self, event: ev.ResultStored) -> None:
         task = event.task_id
-        history = await self._history(task)
-        state = fold(history)
-        if state is None:
+        if (open_task := await self._open(task)) is None:
             return
-        if state.status.terminal:
-            await self._after_end(task, state, history)
-            return
+        state, history = open_task
         terminal: ev.Event
         if event.status == Status.SUCCEEDED:
             terminal = ev.TaskSucceeded(
@@ -466,13 +466,9 @@ class Lifecycle:
 
     async def _on_cancel(self, event: ev.TaskCancelRequested) -> None:
         task = event.task_id
-        history = await self._history(task)
-        state = fold(history)
-        if state is None:
+        if (open_task := await self._open(task)) is None:
             return
-        if state.status.terminal:
-            await self._after_end(task, state, history)
-            return
+        state, _ = open_task
         ending = ev.TaskCancelled(
             event_id=ev.terminal_id(task),
             task_id=task,
@@ -484,15 +480,20 @@ class Lifecycle:
 
     # ---- endings -----------------------------------------------------------------------------
 
-    async def _end(self, ending: ev.Event, tenant: str, reason: str) -> None:
+    async def _end(
+        self, ending: ev.Event, tenant: str, reason: str, *, have_lock: bool = False
+    ) -> None:
         """Terminal event first, then the queue/sandbox: the order of docs/flow.md."""
         task = ending.task_id
         await self.bus.publish(ending)
         self._ended.add(task)
         log.info("task ended", type=ev.type_name(type(ending)))
         self.admission.withdraw(task)
-        async with self._lock(task):
+        if have_lock:
             await self._stop_sandbox(task, tenant, reason, causation=ending.event_id)
+        else:
+            async with self._lock(task):
+                await self._stop_sandbox(task, tenant, reason, causation=ending.event_id)
 
     async def _fail(self, cause: ev.Event, error: ev.ErrorInfo, *, have_lock: bool = False) -> None:
         ending = ev.TaskFailed(
@@ -502,16 +503,8 @@ class Lifecycle:
             causation_id=cause.event_id,
             error=error,
         )
-        task = cause.task_id
-        await self.bus.publish(ending)
-        self._ended.add(task)
         log.warning("task failed", code=error.code, message=error.message)
-        self.admission.withdraw(task)
-        if have_lock:
-            await self._stop_sandbox(task, cause.tenant, "failed", causation=ending.event_id)
-        else:
-            async with self._lock(task):
-                await self._stop_sandbox(task, cause.tenant, "failed", causation=ending.event_id)
+        await self._end(ending, cause.tenant, "failed", have_lock=have_lock)
 
     async def _give_up(self, event: ev.AnyEvent, reason: str) -> None:
         """Poison message: the task ends with ``TaskFailed`` (code ``internal``).
@@ -635,13 +628,9 @@ class Lifecycle:
                     del self._timers[task]
 
     async def _expire(self, task: str) -> None:
-        history = await self._history(task)
-        state = fold(history)
-        if state is None:
+        if (open_task := await self._open(task)) is None:
             return
-        if state.status.terminal:
-            await self._after_end(task, state, history)
-            return
+        state, _ = open_task
         if state.status is Status.STORING:
             return  # the sandbox is already stopped: the result is being stored
         ending = ev.TaskTimedOut(

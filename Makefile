@@ -8,15 +8,30 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# uv itself lives in its own small venv, installed from hashes (.ci/uv.lock.txt); it then keeps
+# .venv exactly at requirements.lock. `make lock` re-resolves after a pyproject.toml change.
+UV_VENV := .cache/uv
+UV := $(UV_VENV)/bin/uv
+export UV_PYTHON_DOWNLOADS := never
+export UV_NO_CONFIG := 1
 
-.PHONY: venv image cli up test fast lint schemas chaos bench clean
+.PHONY: venv lock image cli up test fast lint schemas chaos bench clean
+
+$(UV): .ci/uv.lock.txt
+	test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r .ci/uv.lock.txt
+	touch $@
 
 venv: $(STAMP)
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+$(STAMP): requirements.lock pyproject.toml $(UV)
+	test -x $(PY) || $(UV) venv --quiet --python $(PYTHON) $(VENV)
+	$(UV) pip sync --quiet --python $(PY) --require-hashes requirements.lock
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	touch $@
+
+lock: $(UV)
+	$(UV) pip compile --quiet pyproject.toml --extra test --generate-hashes --universal \
+		--python-version 3.11 -o requirements.lock $(LOCK_ARGS)
 
 image:
 	bash .ci/image.sh
@@ -48,4 +63,4 @@ bench: venv
 	$(PY) bench/gateway_load.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(UV_VENV) .pytest_cache .mypy_cache .ruff_cache

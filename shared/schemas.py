@@ -8,6 +8,7 @@ on disk differ from what the code generates (a test runs that check).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -29,8 +30,27 @@ def generated() -> dict[str, Any]:
     return docs
 
 
+def portable(doc: Any) -> Any:
+    """``doc`` with every ``description`` cleaned the way ``inspect.cleandoc`` does.
+
+    msgspec copies docstrings into schemas, and its releases differ in whether they dedent
+    them; cleaning them ourselves makes the output the same whatever version generated it.
+    """
+    if isinstance(doc, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else portable(value)
+            for key, value in doc.items()
+        }
+    if isinstance(doc, list):
+        return [portable(item) for item in doc]
+    return doc
+
+
 def render(doc: Any) -> str:
-    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    """The committed (and served) text of a schema document: stable across platforms."""
+    return json.dumps(portable(doc), indent=2, sort_keys=True) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

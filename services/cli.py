@@ -1,12 +1,13 @@
-"""The ``sandstream`` command (sub-commands and flags: API.md, "CLI")."""
+"""The ``sandstream`` command (sub-commands and flags: docs/api.md, "CLI")."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -91,9 +92,26 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     logging_mod.configure("WARNING")  # client commands: stdout is for results only
 
-    if args.command == "replay":
-        sys.exit(asyncio.run(client.replay(args)))
-    sys.exit(asyncio.run(client.run(args)))
+    command = client.replay if args.command == "replay" else client.run
+    sys.exit(_as_unix_tool(lambda: asyncio.run(command(args))))
+
+
+def _as_unix_tool(run: Callable[[], int]) -> int:
+    """Run a client command; a reader that went away or Ctrl-C end it quietly.
+
+    ``sandstream replay --json | head -1`` closes the pipe after one line: that is success, not
+    a traceback. Ctrl-C is the normal way to leave ``events --follow``: exit 130, no traceback.
+    """
+    try:
+        code = run()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
 
 
 def _token_create(args: argparse.Namespace) -> None:

@@ -1,16 +1,21 @@
-"""The `sandstream` command: token creation and replay of the stream, as a user runs them."""
+"""The `sandstream` command as a user runs it: tokens, replay, and behaving like a Unix tool."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
+
 from services.gateway.auth import TokenStore
 from shared import events as ev
-from shared.bus import Bus
+from shared.bus import Bus, StreamSettings
+from tests.support.gateway import Gateway
 from tests.support.procs import NatsServer
 
 
@@ -109,3 +114,83 @@ async def test_replay_lists_events_in_stream_order(bus: Bus, nats_server: NatsSe
 def test_replay_without_a_server_fails_clearly() -> None:
     done = sandstream("replay", env={"SANDSTREAM_NATS_URL": "nats://127.0.0.1:1"})
     assert done.returncode == 1 and "cannot reach NATS" in done.stderr
+
+
+async def test_replay_into_a_reader_that_stops_early_exits_quietly(
+    bus: Bus, nats_server: NatsServer
+) -> None:
+    # Far more than a pipe buffer holds, so the writer meets the closed pipe for sure.
+    task_id = ev.new_task_id()
+    for i in range(1, 2001):
+        await bus.publish(
+            ev.AgentOutput(
+                event_id=f"{task_id}:AgentOutput:{i}",
+                task_id=task_id,
+                tenant="x",
+                batch=i,
+                lines=["x" * 400],
+            )
+        )
+    env = {
+        **os.environ,
+        "SANDSTREAM_NATS_URL": nats_server.url,
+        "SANDSTREAM_STREAM": bus.stream.name,
+        "SANDSTREAM_SUBJECT_PREFIX": bus.prefix,
+    }
+    done = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"set -o pipefail; {sys.executable} -m services.cli replay --json | head -1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert len(done.stdout.splitlines()) == 1
+    assert json.loads(done.stdout)["task_id"] == task_id
+
+
+async def test_ctrl_c_in_events_follow_exits_quietly(
+    bus: Bus, nats_server: NatsServer, stream_settings: StreamSettings, tmp_path: Path
+) -> None:
+    gateway = Gateway(nats_server.url, stream_settings, tmp_path)
+    await gateway.start()
+    try:
+        await gateway.wait_ready()
+        token = gateway.token("acme")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{gateway.url}/v1/tasks",
+                json={"prompt": "p"},
+                headers={"Authorization": f"Bearer {token}"},
+            ) as r,
+        ):
+            task_id = (await r.json())["task_id"]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "services.cli",
+            "events",
+            task_id,
+            "--follow",
+            env={**os.environ, "SANDSTREAM_URL": gateway.url, "SANDSTREAM_TOKEN": token},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        # The task never ends (no lifecycle runs here): the command follows until interrupted.
+        first = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert b"TaskRequested" in first
+        proc.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 30)
+        stderr = (await proc.stderr.read()).decode()
+        assert code == 130, stderr
+        assert "Traceback" not in stderr and stderr.strip() == "", stderr
+    finally:
+        await gateway.stop()

@@ -232,7 +232,11 @@ class Bus:
         return Record(raw.seq, subject, stored_at, ev.decode(raw.data))
 
     async def last_sequence(self) -> int:
-        info = await self.js.stream_info(self.stream.name)
+        """The stream's last sequence number; ``Unavailable`` when NATS does not answer."""
+        try:
+            info = await self.js.stream_info(self.stream.name)
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise Unavailable("the event log (NATS) did not answer in time") from exc
         return int(info.state.last_seq)
 
     async def read(

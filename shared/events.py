@@ -1,6 +1,6 @@
 """Every event of the TASKS stream, as msgspec Structs in one tagged union.
 
-Wire rules (they are the public contract, see API.md):
+Wire rules (they are the public contract, see docs/api.md):
 
 - ``type`` is the tag and an explicit, stable string, never derived from a class name;
 - every event carries the envelope ``event_id``, ``task_id``, ``tenant``, ``at``, ``v`` and

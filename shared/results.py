@@ -1,4 +1,4 @@
-"""The stored result of a task (``tasks/<task_id>/result.json``), as API.md defines it.
+"""The stored result of a task (``tasks/<task_id>/result.json``), as docs/api.md defines it.
 
 The storage service writes it; the gateway serves it (``GET /v1/tasks/{id}/result``). Its JSON
 Schema (:func:`result_schema`) is generated from :class:`TaskResult`, like the events' schemas.

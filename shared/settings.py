@@ -1,4 +1,4 @@
-"""Settings from the environment (names and defaults: API.md, "Configuration")."""
+"""Settings from the environment (names and defaults: docs/api.md, "Configuration")."""
 
 from __future__ import annotations
 

@@ -357,7 +357,7 @@ def unquote_git_path(name: str) -> str:
 
 
 class AgentResult(msgspec.Struct, frozen=True, kw_only=True):
-    """The CLI's final ``result`` object (API.md, "Result"), or what is known without it."""
+    """The CLI's final ``result`` object (docs/api.md, "Result"), or what is known without it."""
 
     found: bool
     """A ``result`` line was seen."""

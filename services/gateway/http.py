@@ -105,7 +105,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         except web.HTTPException as exc:
             status = exc.status
             code = exc.reason.lower().replace(" ", "_")
-            return error_response(ApiError(exc.status, code, exc.reason))
+            # 405 must say which methods the resource has (RFC 9110).
+            kept = {k: v for k, v in exc.headers.items() if k == "Allow"}
+            return error_response(ApiError(exc.status, code, exc.reason, headers=kept))
         finally:
             elapsed = time.perf_counter() - started
             resource = request.match_info.route.resource

@@ -10,11 +10,13 @@ from msgspec import Meta
 
 from shared.events import ErrorInfo, TaskSpec
 
-Prompt = Annotated[str, Meta(min_length=1, max_length=100_000)]
+# What reaches the CLI's command line: an argument cannot hold a NUL byte, and a model or tool
+# name has no business holding any control character.
+Prompt = Annotated[str, Meta(min_length=1, max_length=100_000, pattern=r"^[^\x00]*$")]
 TimeoutS = Annotated[int, Meta(ge=1, le=3600)]
 MaxTurns = Annotated[int, Meta(ge=1, le=500)]
-Model = Annotated[str, Meta(min_length=1, max_length=200)]
-ToolName = Annotated[str, Meta(min_length=1, max_length=200)]
+Model = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
+ToolName = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")]
 MetaKey = Annotated[str, Meta(min_length=1, max_length=128)]
 MetaValue = Annotated[str, Meta(max_length=1024)]
 Metadata = Annotated[dict[MetaKey, MetaValue], Meta(max_length=32)]

@@ -1,4 +1,4 @@
-"""HTTP handlers of the public API (shapes and status codes: API.md)."""
+"""HTTP handlers of the public API (shapes and status codes: docs/api.md)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import base64
 import functools
 import hashlib
 import re
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
 from aiohttp import web
 
-from services.gateway import models
+from services.gateway import models, params
 from services.gateway.http import ApiError, json_response, validation_error
 from services.gateway.keys import AUTH, BUS_LINK, METRICS, PROJECTION, RESULTS
 from services.gateway.metrics import exposition
@@ -23,7 +23,6 @@ from shared.state import TaskState
 log = structlog.get_logger("sandstream.gateway")
 routes = web.RouteTableDef()
 
-MAX_WAIT_S = 60.0
 EXECUTE_MARGIN_S = 300.0
 PUBLISH_TIMEOUT_S = 1.5
 _TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # safe inside a NATS subject
@@ -55,20 +54,6 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    if not 1 <= len(key) <= 255 or not all(33 <= ord(c) <= 126 for c in key):
-        raise ApiError(
-            400,
-            "invalid_idempotency_key",
-            "Idempotency-Key must be 1-255 visible ASCII characters (no spaces)",
-            field="Idempotency-Key",
-        )
-    return key
-
-
 async def read_json(request: web.Request, kind: type[T]) -> T:
     content_type = request.headers.get("Content-Type")
     if (
@@ -95,9 +80,21 @@ async def read_json(request: web.Request, kind: type[T]) -> T:
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_body", "the request body must be a JSON object")
     try:
-        return msgspec.convert(data, kind)
+        return msgspec.convert(_integral_floats_as_ints(data), kind)
     except msgspec.ValidationError as exc:
         raise validation_error(exc) from None
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    """``342.0`` → ``342`` throughout a decoded body: JSON (and JSON Schema's ``integer``) do
+    not tell them apart, so an integer field must accept it. Number fields take either."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    return value
 
 
 def view(task: TaskState) -> models.TaskView:
@@ -209,7 +206,7 @@ def _same_request(stored_hash: str, digest: str, key: str | None) -> bool:
 @routes.post("/v1/tasks")
 async def create_task(request: web.Request) -> web.Response:
     tenant = authenticate(request)
-    key = idempotency_key(request)
+    key = params.idempotency_key(request)
     body = await read_json(request, models.TaskRequest)
     task_id, created = await submit(request, tenant, body, key)
     structlog.contextvars.bind_contextvars(task_id=task_id)
@@ -223,25 +220,10 @@ async def create_task(request: web.Request) -> web.Response:
 # ---- reads -------------------------------------------------------------------------------
 
 
-def _wait_seconds(request: web.Request) -> float:
-    raw = request.query.get("wait")
-    if raw is None:
-        return 0.0
-    try:
-        wait = float(raw)
-    except ValueError:
-        raise ApiError(
-            400, "invalid_query", "wait must be a number of seconds", field="wait"
-        ) from None
-    if not 0 <= wait <= MAX_WAIT_S:
-        raise ApiError(400, "invalid_query", "wait must be between 0 and 60 seconds", field="wait")
-    return wait
-
-
 @routes.get("/v1/tasks/{task_id}")
 async def get_task(request: web.Request) -> web.Response:
     tenant = authenticate(request)
-    wait = _wait_seconds(request)
+    wait = params.wait_seconds(request)
     task = await _task(request, tenant)
     if wait > 0 and not task.status.terminal:
         task = await request.app[PROJECTION].wait_terminal(task.task_id, wait) or task
@@ -263,9 +245,10 @@ async def get_result(request: web.Request) -> web.Response:
     result = await request.app[RESULTS].get(task.task_id) if task.result_location else None
     if result is None:
         raise ApiError(
-            404,
+            409,
             "result_not_ready",
-            f"task {task.task_id} has no stored result yet (status {task.status})",
+            f"task {task.task_id} has no stored result yet (status {task.status.value}); "
+            "GET /v1/tasks/{id}?wait=60 returns when it ends",
             field="task_id",
         )
     return json_response(result)
@@ -279,7 +262,7 @@ async def execute(request: web.Request) -> web.Response:
     if body_token is None and "Authorization" not in request.headers:
         raise _unauthorized("send the token as `Authorization: Bearer <token>` or `auth_token`")
     tenant = authenticate(request, body_token)
-    key = idempotency_key(request)
+    key = params.idempotency_key(request)
     task_request = body.as_task()
     task_id, _ = await submit(request, tenant, task_request, key)
     structlog.contextvars.bind_contextvars(task_id=task_id)
@@ -299,13 +282,7 @@ async def execute(request: web.Request) -> web.Response:
 @routes.get("/v1/tasks")
 async def list_tasks(request: web.Request) -> web.Response:
     tenant = authenticate(request)
-    try:
-        limit = int(request.query.get("limit", "50"))
-        start = int(request.query.get("cursor", "0"))
-    except ValueError:
-        raise ApiError(400, "invalid_query", "limit and cursor must be integers") from None
-    if not 1 <= limit <= 500:
-        raise ApiError(400, "invalid_query", "limit must be between 1 and 500", field="limit")
+    limit, start = params.page(request)
     projection = request.app[PROJECTION]
     if not projection.ready.is_set():  # a partial list would hide tasks that exist
         raise Unavailable("the gateway is still catching up with the event log; retry shortly")
@@ -316,8 +293,22 @@ async def list_tasks(request: web.Request) -> web.Response:
     return json_response(models.TaskPage(tasks, str(start + limit) if more else None))
 
 
-@routes.delete("/v1/tasks/{task_id}")
+@routes.post("/v1/tasks/{task_id}/cancel")
 async def cancel_task(request: web.Request) -> web.Response:
+    return await _cancel(request)
+
+
+@routes.delete("/v1/tasks/{task_id}")
+async def cancel_task_deprecated(request: web.Request) -> web.Response:
+    """Deprecated alias of ``POST /v1/tasks/{id}/cancel`` (the task is kept, not deleted)."""
+    response = await _cancel(request)
+    response.headers["Deprecation"] = "true"
+    response.headers["Link"] = f'<{request.path}/cancel>; rel="successor-version"'
+    return response
+
+
+async def _cancel(request: web.Request) -> web.Response:
+    """Ask the lifecycle to cancel the task: ``202``, or ``409`` once it has ended."""
     tenant = authenticate(request)
     task = await _task(request, tenant)
     if task.status.terminal:
@@ -367,6 +358,8 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 @functools.cache
 def _openapi_body() -> bytes:
+    """The document exactly as committed in ``schemas/openapi.json``."""
     from services.gateway.openapi import openapi
+    from shared.schemas import render
 
-    return msgspec.json.encode(openapi())
+    return render(openapi()).encode()

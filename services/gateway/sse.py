@@ -12,8 +12,8 @@ import asyncio
 import msgspec
 from aiohttp import web
 
-from services.gateway.http import ApiError
-from services.gateway.keys import BUS_LINK
+from services.gateway import params
+from services.gateway.keys import BUS_LINK, PROJECTION
 from services.gateway.routes import authenticate, find_task
 from shared import events as ev
 from shared.bus import Record
@@ -23,36 +23,23 @@ routes = web.RouteTableDef()
 KEEPALIVE_S = 15.0
 
 
-def _last_event_id(request: web.Request) -> int:
-    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(
-            400,
-            "invalid_last_event_id",
-            "Last-Event-ID must be a stream sequence number",
-            field="Last-Event-ID",
-        ) from None
-    if value < 0:
-        raise ApiError(
-            400, "invalid_last_event_id", "Last-Event-ID must be ≥ 0", field="Last-Event-ID"
-        )
-    return value
-
-
 @routes.get("/v1/tasks/{task_id}/events")
 async def task_events(request: web.Request) -> web.StreamResponse:
     tenant = authenticate(request)
     task_id = request.match_info["task_id"]
     task = await find_task(request, tenant, task_id)
-    after = _last_event_id(request)
-    follow = request.query.get("follow", "true").lower() not in ("0", "false", "no")
+    after = params.last_event_id(request)
+    follow = params.follow(request)
     bus = request.app[BUS_LINK].require()
+    if after > request.app[PROJECTION].last_seq:
+        # An id past the end of the stream (a client's guess, or a replica ahead of ours):
+        # resume from the end, so the task's next events, its terminal one included, still
+        # arrive, and a finished task's stream ends at once.
+        after = min(after, await bus.last_sequence())
 
     response = web.StreamResponse(
         headers={
-            "Content-Type": "text/event-stream",
+            "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
         }

@@ -48,7 +48,7 @@ def build(history: Sequence[AnyEvent], stopped: SandboxStopped) -> Artifacts:
 
 
 def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskResult:
-    """``result.json`` per API.md.
+    """``result.json`` per docs/api.md.
 
     ``status``: ``timed_out`` / ``cancelled`` when the task's terminal event says so;
     ``succeeded`` when the (last) execution completed with exit code 0 and ``is_error`` false

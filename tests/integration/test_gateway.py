@@ -483,3 +483,118 @@ async def test_sse_history_live_keepalive_and_resume(
     async with http.get(url, headers={**auth(token), "Last-Event-ID": str(ids[0])}) as r:
         rest = [line async for line in r.content if line.startswith(b"id: ")]
     assert [int(line[4:]) for line in rest] == ids[1:]
+
+
+async def test_cancel_and_its_deprecated_alias(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    token = gateway.token("acme")
+    ids = []
+    for prompt in ("c1", "c2"):
+        async with http.post(
+            f"{gateway.url}/v1/tasks", json={"prompt": prompt}, headers=auth(token)
+        ) as r:
+            ids.append((await r.json())["task_id"])
+    async with http.post(f"{gateway.url}/v1/tasks/{ids[0]}/cancel", headers=auth(token)) as r:
+        assert r.status == 202
+        assert (await r.json())["task_id"] == ids[0]
+        assert "Deprecation" not in r.headers
+    async with http.delete(f"{gateway.url}/v1/tasks/{ids[1]}", headers=auth(token)) as r:
+        assert r.status == 202
+        assert r.headers["Deprecation"] == "true"
+        assert r.headers["Link"] == f'</v1/tasks/{ids[1]}/cancel>; rel="successor-version"'
+    for task_id in ids:
+        types = [type(e).__name__ for _, e in await events_of(bus, task_id)]
+        assert types == ["TaskRequested", "TaskCancelRequested"]
+    ended = ev.TaskCancelled(event_id=ev.terminal_id(ids[0]), task_id=ids[0], tenant="acme")
+    await bus.publish(ended)
+    assert gateway.app is not None
+    await gateway.app[PROJECTION].wait_terminal(ids[0], 10)
+    async with http.post(f"{gateway.url}/v1/tasks/{ids[0]}/cancel", headers=auth(token)) as r:
+        assert r.status == 409
+        assert (await r.json())["error"]["code"] == "already_finished"
+
+
+async def test_a_result_not_stored_yet_is_409_not_404(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    token = gateway.token("acme")
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "r"}, headers=auth(token)) as r:
+        task_id = (await r.json())["task_id"]
+    async with http.get(f"{gateway.url}/v1/tasks/{task_id}/result", headers=auth(token)) as r:
+        assert r.status == 409
+        error = (await r.json())["error"]
+    assert error["code"] == "result_not_ready" and "queued" in error["message"]
+
+
+async def test_405_says_which_methods_a_path_has(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    async with http.request("TRACE", f"{gateway.url}/v1/tasks") as r:
+        assert r.status == 405
+        assert set(r.headers["Allow"].split(",")) == {"GET", "HEAD", "POST"}
+        assert (await r.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_what_the_schema_allows_is_accepted(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    token = gateway.token("acme")
+    body = {"prompt": "p", "timeout_s": 342.0, "max_turns": 1e1}
+    async with http.post(f"{gateway.url}/v1/tasks", json=body, headers=auth(token)) as r:
+        assert r.status == 202, await r.text()
+        task_id = (await r.json())["task_id"]
+    (_, event), *_ = await events_of(bus, task_id)
+    assert isinstance(event, ev.TaskRequested)
+    assert (event.spec.timeout_s, event.spec.max_turns) == (342, 10)
+    async with http.get(f"{gateway.url}/v1/tasks?cursor=&limit=2.0", headers=auth(token)) as r:
+        assert r.status == 200, await r.text()
+        assert [t["task_id"] for t in (await r.json())["tasks"]] == [task_id]
+    for query, field in (("cursor=x", "cursor"), ("limit=0", "limit"), ("limit=1.5", "limit")):
+        async with http.get(f"{gateway.url}/v1/tasks?{query}", headers=auth(token)) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["field"] == field
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "a\u0000b"}, "prompt"),
+        ({"prompt": "p", "model": "claude\u0007"}, "model"),
+        ({"prompt": "p", "allowed_tools": ["Bash", "Ed\u0000it"]}, "allowed_tools[1]"),
+        ({"prompt": "p", "timeout_s": 1.5}, "timeout_s"),
+    ],
+)
+async def test_what_cannot_reach_a_command_line_is_refused(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus, body: dict[str, Any], field: str
+) -> None:
+    token = gateway.token("acme")
+    before = await bus.last_sequence()
+    async with http.post(f"{gateway.url}/v1/tasks", json=body, headers=auth(token)) as r:
+        assert r.status == 422
+        assert (await r.json())["error"]["field"] == field
+    assert await bus.last_sequence() == before
+
+
+async def test_sse_resume_past_the_end(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    token = gateway.token("acme")
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "e"}, headers=auth(token)) as r:
+        task_id = (await r.json())["task_id"]
+    url = f"{gateway.url}/v1/tasks/{task_id}/events"
+    far = {**auth(token), "Last-Event-ID": "999999999"}
+    # A running task: the stream resumes from the end, so the terminal event still arrives.
+    async with http.get(url, headers=far) as r:
+        assert r.status == 200
+        ended = ev.TaskSucceeded(event_id=ev.terminal_id(task_id), task_id=task_id, tenant="acme")
+        await bus.publish(ended)
+        body = await asyncio.wait_for(r.text(), 10)
+    assert body.count("event: ") == 1 and "event: TaskSucceeded" in body
+    # A finished task: nothing is left to send, and the stream ends at once.
+    async with http.get(url, headers=far) as r:
+        assert await asyncio.wait_for(r.text(), 10) == ""
+    for bad in ("-1", "abc"):
+        async with http.get(url, headers={**auth(token), "Last-Event-ID": bad}) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "invalid_last_event_id"

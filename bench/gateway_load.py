@@ -66,7 +66,7 @@ def main() -> None:
         token = create_token(tokens, "bench")
         env = dict(
             os.environ,
-            SANDSTREAM_NATS_URL=nats.url,
+            **nats.env("gateway"),
             SANDSTREAM_TOKENS_FILE=str(tokens),
             SANDSTREAM_PORT=str(port),
             SANDSTREAM_DATA_DIR=tmp,

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared import events as ev  # noqa: E402
-from shared.bus import Bus, connect  # noqa: E402
+from shared.bus import Bus, NatsAuth, connect  # noqa: E402
+from shared.identities import seed_path  # noqa: E402
 from tests.fakes.model import FakeModel, Text  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402
 
@@ -87,7 +88,11 @@ async def through_the_system(tasks: int) -> dict[str, list[float]]:
                         if i:
                             figures["accept→terminal"].append(time.perf_counter() - began)
                             ids.append(task_id)
-                nc = await connect(f"nats://127.0.0.1:{nats_port}", name="bench")
+                nc = await connect(
+                    f"nats://127.0.0.1:{nats_port}",
+                    name="bench",
+                    auth=NatsAuth(nkey=seed_path(Path(tmp) / "nats", "reader")),
+                )
                 bus = Bus(nc)
                 for task_id in ids:
                     at = {ev.type_name(type(r.event)): r.event.at

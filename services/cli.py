@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", required=True)
     create.add_argument("--tokens-file", type=Path)
 
+    nats_config = sub.add_parser(
+        "nats-config",
+        help="write a nats-server config and one nkey seed per component (for your own NATS)",
+    )
+    nats_config.add_argument("--dir", type=Path, required=True, help="where to write them")
+    nats_config.add_argument("--listen", default="127.0.0.1:4222", help="HOST:PORT to serve")
+    nats_config.add_argument("--store-dir", default="/data", help="the server's JetStream store")
+
     submit = sub.add_parser("submit", help="submit a task")
     submit.add_argument("prompt")
     submit.add_argument("--wait", action="store_true", help="follow the task until it ends")
@@ -87,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "token":
         _token_create(args)
         return
+    if args.command == "nats-config":
+        _nats_config(args)
+        return
     from services import client
     from shared import logging as logging_mod
 
@@ -112,6 +123,16 @@ def _as_unix_tool(run: Callable[[], int]) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
+
+
+def _nats_config(args: argparse.Namespace) -> None:
+    from shared import identities
+
+    base = settings_mod.load()
+    scope = identities.Scope(base.stream, base.subject_prefix, base.consumer_prefix)
+    conf = identities.provision(args.dir, scope, listen=args.listen, store_dir=Path(args.store_dir))
+    names = ", ".join(f"{name}.nk" for name in identities.COMPONENTS)
+    print(f"wrote {conf} and the seeds {names} (0600) in {args.dir}", file=sys.stderr)
 
 
 def _token_create(args: argparse.Namespace) -> None:

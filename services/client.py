@@ -15,8 +15,9 @@ import msgspec
 
 from shared import events as ev
 from shared import settings as settings_mod
-from shared.bus import Bus, StreamSettings, connect, record_to_json
+from shared.bus import Bus, NatsAuth, StreamSettings, connect, record_to_json
 from shared.errors import Unavailable
+from shared.identities import seed_path
 
 
 def summary(event: ev.AnyEvent) -> str:
@@ -79,10 +80,21 @@ class Timeline:
 
 async def replay(args: argparse.Namespace) -> int:
     config = settings_mod.load()
+    auth = NatsAuth.of(config)
+    if auth.nkey is None and auth.creds is None:
+        # By default, the read-only identity of the local `sandstream up`.
+        local = seed_path(config.data_dir / "nats", "reader")
+        auth = NatsAuth(nkey=local if local.is_file() else None)
     try:
-        nc = await connect(config.nats_url, name="sandstream-replay", connect_timeout=2.0)
+        nc = await connect(
+            config.nats_url, name="sandstream-replay", auth=auth, connect_timeout=2.0
+        )
     except Unavailable as exc:
-        print(f"sandstream: {exc} (set SANDSTREAM_NATS_URL)", file=sys.stderr)
+        print(
+            f"sandstream: {exc} (set SANDSTREAM_NATS_URL, and SANDSTREAM_NATS_NKEY or "
+            "SANDSTREAM_NATS_CREDS)",
+            file=sys.stderr,
+        )
         return 1
     bus = Bus(nc, StreamSettings.of(config))
     timeline = Timeline()

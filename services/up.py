@@ -20,12 +20,25 @@ from pathlib import Path
 
 import structlog
 
+from shared import identities
 from shared import logging as logging_mod
 from shared import settings as settings_mod
 
 log = structlog.get_logger("sandstream.up")
 SERVICES = ("gateway", "lifecycle", "executor", "storage")
 STOP_GRACE_S = 15.0
+# Secrets each child gets only if it uses them: the model credential is the executor's alone
+# (its model proxy adds it to requests); object-store keys go to the two that read or write
+# results. nats-server gets none of the environment at all.
+MODEL_CREDENTIALS = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
+STORE_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+USES = {"executor": MODEL_CREDENTIALS, "gateway": STORE_CREDENTIALS, "storage": STORE_CREDENTIALS}
+
+
+def child_env(env: dict[str, str], name: str) -> dict[str, str]:
+    """``env`` without the secrets that child ``name`` does not use."""
+    secrets = set(MODEL_CREDENTIALS + STORE_CREDENTIALS) - set(USES.get(name, ()))
+    return {key: value for key, value in env.items() if key not in secrets}
 
 
 @dataclass
@@ -131,6 +144,9 @@ async def main_async(args: argparse.Namespace) -> int:
     base = settings_mod.load()
     data_dir = (args.data_dir or base.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    # The NATS store, tokens, results and model sockets live here: no other local user may
+    # read or traverse it (sandboxes reach their socket through a bind mount, not this path).
+    os.chmod(data_dir, 0o700)
     tokens_file = (base.tokens_file or data_dir / "tokens").resolve()
     host = args.host or base.host
     port = args.port or base.port
@@ -148,17 +164,28 @@ async def main_async(args: argparse.Namespace) -> int:
     )
     stopping = asyncio.Event()
     children: list[Child] = []
+    seeds: dict[str, Path] = {}
     if args.nats_url:
-        env["SANDSTREAM_NATS_URL"] = args.nats_url
+        env["SANDSTREAM_NATS_URL"] = args.nats_url  # identities: SANDSTREAM_NATS_NKEY/CREDS
     else:
         nats_port = args.nats_port
         env["SANDSTREAM_NATS_URL"] = f"nats://127.0.0.1:{nats_port}"
-        store = data_dir / "nats"
-        argv = [nats_binary(), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(nats_port),
-                "-l", str(data_dir / "nats-server.log")]  # fmt: skip
-        children.append(Child("nats-server", argv, env))
+        # A private server that admits only the components' own identities (docs/api.md,
+        # "Bus identities"); its store stays where earlier versions put it.
+        folder = data_dir / "nats"
+        scope = identities.Scope(base.stream, base.subject_prefix, base.consumer_prefix)
+        conf = identities.provision(
+            folder, scope, listen=f"127.0.0.1:{nats_port}", store_dir=folder
+        )
+        seeds = {name: identities.seed_path(folder, name) for name in SERVICES}
+        argv = [nats_binary(), "-c", str(conf), "-l", str(data_dir / "nats-server.log")]
+        children.append(Child("nats-server", argv, {"PATH": os.environ.get("PATH", "")}))
     for name in SERVICES:
-        children.append(Child(name, [sys.executable, "-m", f"services.{name}"], env))
+        argv = [sys.executable, "-m", f"services.{name}"]
+        own = child_env(env, name)
+        if name in seeds:
+            own["SANDSTREAM_NATS_NKEY"] = str(seeds[name])
+        children.append(Child(name, argv, own))
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -190,7 +190,8 @@ class FileStore:
     def _write(self, path: Path, data: bytes) -> None:
         self._make_dirs(path.parent)
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        # Results are tenants' data: readable by the services' own user only.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
                 view = memoryview(data)
@@ -218,7 +219,7 @@ class FileStore:
             cursor = cursor.parent
         for new in reversed(missing):
             try:
-                new.mkdir()
+                new.mkdir(mode=0o700)
             except FileExistsError:
                 if not new.is_dir():
                     raise

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final
 
 import msgspec
@@ -68,18 +70,42 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+@dataclass(frozen=True)
+class NatsAuth:
+    """Who a connection is: an nkey seed file, or a credentials file (JWT accounts)."""
+
+    nkey: Path | None = None
+    creds: Path | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> NatsAuth:
+        return cls(nkey=settings.nats_nkey, creds=settings.nats_creds)
+
+    def options(self) -> dict[str, str]:
+        if self.creds is not None:
+            return {"user_credentials": str(self.creds)}
+        if self.nkey is not None:
+            return {"nkeys_seed": str(self.nkey)}
+        return {}
+
+
 async def connect(
     url: str,
     *,
     name: str,
+    auth: NatsAuth | None = None,
     connect_timeout: float = 2.0,
     on_state: Callable[[bool], Awaitable[None]] | None = None,
 ) -> NATS:
     """Connect to NATS or raise :class:`Unavailable` within about ``connect_timeout`` seconds.
 
     Once connected the client reconnects forever (a service outlives a NATS restart).
-    ``on_state(connected)`` is called on every disconnect and reconnect.
+    ``on_state(connected)`` is called on every disconnect and reconnect. A server that refuses
+    the identity (``auth``) is :class:`Unavailable` too, with the server's reason.
     """
+    for path in (auth.nkey, auth.creds) if auth else ():
+        if path is not None and not path.is_file():
+            raise Unavailable(f"the NATS identity file {path} does not exist")
 
     async def disconnected() -> None:
         if nc_ref and nc_ref[0].is_closed:
@@ -114,6 +140,7 @@ async def connect(
                 disconnected_cb=disconnected,
                 reconnected_cb=reconnected,
                 error_cb=error,
+                **(auth.options() if auth else {}),
             ),
             timeout=connect_timeout * (len(servers) + 1) + 1,
         )
@@ -147,6 +174,21 @@ class Bus:
 
     def task_filter(self, task_id: str) -> str:
         return f"{self.prefix}.{task_id}.>"
+
+    def misfiled(self, subject: str, event: ev.AnyEvent) -> str | None:
+        """Why ``event``, stored on ``subject``, must not be trusted; ``None`` when it may.
+
+        Events are untrusted input: a task id that is not one (a path, a subject wildcard),
+        or an event whose subject is not ``<prefix>.<its task_id>.<its type>``, or whose id is
+        not its task's, is refused before any name, path or container is derived from it.
+        """
+        if not ev.is_task_id(event.task_id):
+            return "task_id is not a task id"
+        if subject != self.subject(event.task_id, ev.type_name(type(event))):
+            return "the subject does not match the event's task_id and type"
+        if not event.event_id.startswith(event.task_id + ":"):
+            return "event_id does not belong to the event's task"
+        return None
 
     @property
     def all_filter(self) -> str:
@@ -219,7 +261,8 @@ class Bus:
             raise Unavailable("the event log (NATS) connection is closed") from exc
 
     async def last(self, task_id: str, event_type: str) -> Record | None:
-        """The last event stored on one exact subject, or ``None``."""
+        """The last event stored on one exact subject; ``None`` when there is none, or when
+        it cannot be decoded or trusted (logged)."""
         subject = self.subject(task_id, event_type)
         try:
             raw = await self.js.get_last_msg(self.stream.name, subject, direct=True)
@@ -229,7 +272,15 @@ class Bus:
             raise Unavailable("the event log (NATS) did not answer in time") from exc
         assert raw.seq is not None and raw.data is not None
         stored_at = _parse_time(raw.headers.get("Nats-Time-Stamp") if raw.headers else None)
-        return Record(raw.seq, subject, stored_at, ev.decode(raw.data))
+        try:
+            event = ev.decode(raw.data)
+        except msgspec.DecodeError as exc:
+            log.warning("undecodable event ignored", seq=raw.seq, error=str(exc))
+            return None
+        if problem := self.misfiled(subject, event):
+            log.warning("untrusted event ignored", seq=raw.seq, reason=problem)
+            return None
+        return Record(raw.seq, subject, stored_at, event)
 
     async def last_sequence(self) -> int:
         """The stream's last sequence number; ``Unavailable`` when NATS does not answer."""
@@ -252,7 +303,8 @@ class Bus:
 
         Without ``follow`` it stops once it has caught up with the stream as it was when the
         read began; with ``follow`` it goes on with live events until the caller stops.
-        Events that cannot be decoded are skipped with a warning, never fatal.
+        Events that cannot be decoded or are :meth:`misfiled` are skipped with a warning,
+        never fatal.
         """
         subject = filter_subject or self.all_filter
         if from_seq is not None:
@@ -306,7 +358,10 @@ class Bus:
                     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
                         log.warning("undecodable event skipped", seq=seq, error=str(exc))
                     else:
-                        yield Record(seq, msg.subject, meta.timestamp, event)
+                        if problem := self.misfiled(msg.subject, event):
+                            log.warning("untrusted event skipped", seq=seq, reason=problem)
+                        else:
+                            yield Record(seq, msg.subject, meta.timestamp, event)
                 if not follow and meta.num_pending == 0:
                     return
         finally:

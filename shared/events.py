@@ -15,6 +15,7 @@ stream's duplicate window.
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 from datetime import UTC, datetime
 from typing import Any, Final, TypeAlias
@@ -26,6 +27,15 @@ SCHEMA_VERSION: Final = 1
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+TASK_ID_PATTERN: Final = r"^t_[a-z2-7]{20}$"
+_TASK_ID = re.compile(r"t_[a-z2-7]{20}")
+
+
+def is_task_id(value: str) -> bool:
+    """Whether ``value`` has the form of a task id (what :func:`new_task_id` makes)."""
+    return _TASK_ID.fullmatch(value) is not None
 
 
 def new_task_id() -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,10 +31,13 @@ from typing import Any, Final, Protocol
 import aiodocker
 import aiohttp
 import msgspec
+import structlog
 from aiodocker.exceptions import DockerError
 
 from shared.errors import Permanent, SandstreamError, Unavailable
 from shared.events import Usage
+
+log = structlog.get_logger("sandstream.sandbox")
 
 NAME_PREFIX: Final = "sandstream-"
 LABEL_TASK: Final = "sandstream.task_id"
@@ -45,6 +49,7 @@ MANAGED_FILTER: Final = f"{LABEL_MANAGED}=1"
 WORKSPACE: Final = "/workspace"
 SOCKET_MOUNT: Final = "/run/sandstream"
 SANDBOX_USER: Final = "agent"  # uid 1000 in the image; the container's user for every exec
+SANDBOX_UID: Final = 1000
 
 GiB: Final = 1 << 30
 MiB: Final = 1 << 20
@@ -62,6 +67,27 @@ class SandboxNotFound(SandboxError):
 
 def sandbox_name(task_id: str) -> str:
     return f"{NAME_PREFIX}{task_id}"
+
+
+def share_with_sandbox(path: Path) -> None:
+    """Let the sandbox's user (uid 1000) and this process, and no other local user, use
+    ``path`` (a task's socket folder, or the socket in it).
+
+    As root: owned by uid 1000, mode 0700 (a folder) or 0600. As uid 1000: the same modes.
+    As any other user the owner cannot be changed, and only "everyone" covers uid 1000:
+    0755 / 0666, with a warning (run the executor as root or as uid 1000).
+    """
+    folder = path.is_dir()
+    try:
+        os.chown(path, SANDBOX_UID, SANDBOX_UID)
+        shared = True
+    except PermissionError:
+        shared = os.getuid() == SANDBOX_UID
+    if shared:
+        os.chmod(path, 0o700 if folder else 0o600)
+        return
+    log.warning("model socket open to all local users: run the executor as root or uid 1000")
+    os.chmod(path, 0o755 if folder else 0o666)
 
 
 class SandboxSpec(msgspec.Struct, frozen=True, kw_only=True):

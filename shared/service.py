@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 from shared import logging
-from shared.bus import Bus, StreamSettings, connect
+from shared.bus import Bus, NatsAuth, StreamSettings, connect
 from shared.errors import Unavailable
 from shared.settings import Settings, load
 
@@ -36,7 +36,7 @@ def run(name: str, serve: Callable[[Settings], Coroutine[Any, Any, None]]) -> in
 
 async def open_bus(settings: Settings, name: str) -> Bus:
     """Connect to NATS (fails fast with :class:`Unavailable`) and check the stream."""
-    nc = await connect(settings.nats_url, name=f"sandstream-{name}")
+    nc = await connect(settings.nats_url, name=f"sandstream-{name}", auth=NatsAuth.of(settings))
     bus = Bus(nc, StreamSettings.of(settings))
     try:
         await bus.ensure_stream()

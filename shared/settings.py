@@ -15,6 +15,8 @@ DEFAULT_UPSTREAM = "https://api.anthropic.com"
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = DEFAULT_NATS_URL
+    nats_nkey: Path | None = None  # this component's nkey seed file
+    nats_creds: Path | None = None  # or a credentials file (JWT accounts)
     data_dir: Path = Path(".sandstream")
     tokens_file: Path | None = None
     storage_url: str | None = None
@@ -87,11 +89,18 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name)
+    return Path(raw) if raw else None
+
+
 def _read(env: Mapping[str, str]) -> Settings:
     tokens = env.get("SANDSTREAM_TOKENS_FILE")
     socket_dir = env.get("SANDSTREAM_SOCKET_DIR")
     return Settings(
         nats_url=env.get("SANDSTREAM_NATS_URL") or DEFAULT_NATS_URL,
+        nats_nkey=_path(env, "SANDSTREAM_NATS_NKEY"),
+        nats_creds=_path(env, "SANDSTREAM_NATS_CREDS"),
         data_dir=Path(env.get("SANDSTREAM_DATA_DIR") or ".sandstream"),
         tokens_file=Path(tokens) if tokens else None,
         storage_url=env.get("SANDSTREAM_STORAGE_URL") or None,

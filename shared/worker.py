@@ -11,7 +11,8 @@ One place maps a handler's outcome to JetStream:
   died or was stopped while handling it, perhaps because of this very message) → the same
   give-up, without running the handler again. The consumer itself never drops a message
   (no server-side ``max_deliver``), so nothing disappears without an error event;
-- an undecodable message → ``term`` (logged; there is no task to fail);
+- an undecodable message, or one :meth:`~shared.bus.Bus.misfiled` (a task id that is not one,
+  a subject that is not its task's and type) → ``term``, logged; the handler never sees it;
 - ``CancelledError`` is always re-raised: the message is redelivered after ``ack_wait``.
 
 While a handler runs, ``in_progress()`` is sent every third of ``ack_wait`` so long work keeps
@@ -220,6 +221,16 @@ class Worker:
             event = ev.decode(msg.data)
         except msgspec.DecodeError as exc:
             self._log.error("undecodable message terminated", seq=delivery.seq, error=str(exc))
+            await msg.term()
+            return
+        if problem := self.bus.misfiled(delivery.subject, event):
+            # Nothing is created, removed or published for it, and it is never retried.
+            self._log.error(
+                "untrusted event terminated",
+                seq=delivery.seq,
+                subject=delivery.subject[:200],
+                reason=problem,
+            )
             await msg.term()
             return
         with structlog.contextvars.bound_contextvars(

@@ -29,7 +29,7 @@ def stream_settings() -> StreamSettings:
 
 @pytest.fixture
 async def bus(nats_server: NatsServer, stream_settings: StreamSettings) -> AsyncIterator[Bus]:
-    nc = await connect(nats_server.url, name="test")
+    nc = await connect(nats_server.url, name="test", auth=nats_server.auth())
     b = Bus(nc, stream_settings)
     await b.ensure_stream()
     yield b

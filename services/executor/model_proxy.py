@@ -41,6 +41,8 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from shared.sandbox import share_with_sandbox
+
 log = structlog.get_logger("sandstream.model_proxy")
 
 SOCKET_NAME: Final = "model.sock"
@@ -296,8 +298,7 @@ class ModelProxy:
         if len(os.fsencode(path)) > _SUN_PATH_MAX:
             raise ValueError(f"socket path too long for a Unix socket ({len(str(path))}): {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
-            os.chmod(path.parent, 0o755)  # uid 1000 in the sandbox must reach the socket
+        share_with_sandbox(path.parent)
         if task_id not in self._usage:
             self._usage[task_id] = self._load_usage(task_id)
             self._save_usage(task_id, self._usage[task_id])  # also marks the dir as ours
@@ -317,7 +318,7 @@ class ModelProxy:
         try:
             site = web.UnixSite(runner, str(path))
             await site.start()
-            os.chmod(path, 0o666)
+            share_with_sandbox(path)
         except BaseException:
             await runner.cleanup()
             raise

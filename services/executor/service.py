@@ -38,7 +38,7 @@ from services.executor.model_proxy import ModelProxy
 from shared import events as ev
 from shared.bus import Bus
 from shared.errors import Retry
-from shared.sandbox import SandboxDriver, SandboxError, SandboxNotFound
+from shared.sandbox import SandboxDriver, SandboxError, SandboxNotFound, sandbox_name
 from shared.worker import Delivery, Worker
 
 log = structlog.get_logger("sandstream.executor")
@@ -185,7 +185,8 @@ class Executor:
     async def _execute(
         self, event: ev.SandboxStarted, requested: ev.TaskRequested, history: _History
     ) -> str:
-        task_id, name, cfg = event.task_id, event.sandbox, self.config
+        task_id, cfg = event.task_id, self.config
+        name = sandbox_name(task_id)  # never the event's own field: derived from the id
         spec = requested.spec
         transcript = agent.Transcript()
         next_line, next_batch = 0, 0
@@ -236,11 +237,10 @@ class Executor:
     ) -> _Outcome:
         """Stream the run's output into ``AgentOutput`` batches until its closing block."""
         cfg = self.config
+        name = sandbox_name(event.task_id)
         outcome = _Outcome()
         queue: asyncio.Queue[object] = asyncio.Queue()
-        stream = await self.driver.exec_stream(
-            event.sandbox, argv, env=env, workdir=agent.WORKSPACE
-        )
+        stream = await self.driver.exec_stream(name, argv, env=env, workdir=agent.WORKSPACE)
 
         async def read() -> None:
             try:
@@ -311,7 +311,7 @@ class Executor:
                             outcome.timed_out = True
                             killer = asyncio.create_task(
                                 asyncio.wait_for(
-                                    self.driver.exec(event.sandbox, agent.kill_argv(self._script)),
+                                    self.driver.exec(name, agent.kill_argv(self._script)),
                                     15.0,
                                 )
                             )
@@ -356,7 +356,8 @@ class Executor:
         outcome: _Outcome,
     ) -> str:
         """Turn what the run left into the one end event; returns the outcome's name."""
-        task_id, name, cfg = event.task_id, event.sandbox, self.config
+        task_id, cfg = event.task_id, self.config
+        name = sandbox_name(task_id)  # never the event's own field: derived from the id
         collected = outcome.collected
         if collected is None:
             if await self._sandbox_alive(name, settle_s=0.5):

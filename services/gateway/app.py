@@ -17,7 +17,7 @@ from services.gateway.projection import Projection
 from services.gateway.results import ResultReader
 from services.gateway.routes import routes
 from services.gateway.sse import routes as sse_routes
-from shared.bus import StreamSettings
+from shared.bus import NatsAuth, StreamSettings
 from shared.settings import Settings
 
 MAX_BODY = 1024 * 1024
@@ -50,7 +50,9 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[SETTINGS] = settings
     app[AUTH] = TokenStore(settings.tokens_path)
-    app[BUS_LINK] = BusLink(settings.nats_url, StreamSettings.of(settings))
+    app[BUS_LINK] = BusLink(
+        settings.nats_url, StreamSettings.of(settings), auth=NatsAuth.of(settings)
+    )
     app[PROJECTION] = Projection()
     app[RESULTS] = ResultReader(settings)
     app[METRICS] = Metrics()

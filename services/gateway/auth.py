@@ -16,7 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
+import structlog
 
+log = structlog.get_logger("sandstream.gateway")
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -32,7 +34,7 @@ def hash_token(token: str) -> str:
 
 def create_token(tokens_file: Path, tenant: str) -> str:
     """Make a new token for ``tenant``, append its hash to the file (mode 0600), return it."""
-    if not TENANT_RE.match(tenant):
+    if not TENANT_RE.fullmatch(tenant):
         raise ValueError(
             "tenant must be 1-63 characters of a-z, 0-9, '-' or '_', "
             "starting with a letter or digit"
@@ -67,10 +69,21 @@ class TokenStore:
         if mtime == self._mtime:
             return
         entries: dict[str, str] = {}
-        for line in self.path.read_bytes().splitlines():
-            if line.strip():
+        for number, line in enumerate(self.path.read_bytes().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 entry = self._decoder.decode(line)
-                entries[entry.hash] = entry.tenant
+            except msgspec.DecodeError as exc:
+                # One bad line must not lock every tenant out; its content is never logged.
+                log.error(
+                    "tokens file line ignored",
+                    path=str(self.path),
+                    line=number,
+                    error=str(exc)[:80],
+                )
+                continue
+            entries[entry.hash] = entry.tenant
         self._by_hash, self._mtime = entries, mtime
 
     def tenant_for(self, token: str) -> str | None:

@@ -10,15 +10,23 @@ import asyncio
 
 import structlog
 
-from shared.bus import Bus, StreamSettings, connect
+from shared.bus import Bus, NatsAuth, StreamSettings, connect
 from shared.errors import Unavailable
 
 log = structlog.get_logger("sandstream.gateway")
 
 
 class BusLink:
-    def __init__(self, url: str, stream: StreamSettings, *, name: str = "gateway") -> None:
+    def __init__(
+        self,
+        url: str,
+        stream: StreamSettings,
+        *,
+        auth: NatsAuth | None = None,
+        name: str = "gateway",
+    ) -> None:
         self.url = url
+        self.auth = auth
         self.stream = stream
         self.name = name
         self.bus: Bus | None = None
@@ -38,7 +46,7 @@ class BusLink:
         """Connect (retrying every second until it works) and make sure the stream exists."""
         while True:
             try:
-                nc = await connect(self.url, name=self.name, connect_timeout=1.0)
+                nc = await connect(self.url, name=self.name, auth=self.auth, connect_timeout=1.0)
                 bus = Bus(nc, self.stream)
                 await bus.ensure_stream()
             except Unavailable as exc:

@@ -28,7 +28,7 @@ def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not _IDEMPOTENCY_KEY.match(key):
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
         raise ApiError(
             400,
             "invalid_idempotency_key",
@@ -77,7 +77,7 @@ def page(request: web.Request) -> tuple[int, int]:
             field="limit",
         )
     cursor = request.query.get("cursor", "")
-    if not _CURSOR.match(cursor):
+    if not _CURSOR.fullmatch(cursor):
         raise ApiError(
             400,
             "invalid_query",
@@ -99,7 +99,7 @@ def last_event_id(request: web.Request) -> int:
         if raw is None:
             continue
         raw = raw.strip()
-        if not _LAST_EVENT_ID.match(raw):
+        if not _LAST_EVENT_ID.fullmatch(raw):
             raise ApiError(
                 400,
                 "invalid_last_event_id",

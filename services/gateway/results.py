@@ -6,10 +6,14 @@ from collections import OrderedDict
 from typing import Any
 
 import msgspec
+import structlog
 
 from shared import results
 from shared.blobstore import BlobStore, open_store
+from shared.errors import Unavailable
 from shared.settings import Settings
+
+log = structlog.get_logger("sandstream.gateway")
 
 
 class ResultReader:
@@ -37,7 +41,12 @@ class ResultReader:
             self._cache.move_to_end(task_id)
             return hit
         assert self._store is not None, "ResultReader.open() was not called"
-        raw = await self._store.get(results.result_key(task_id))
+        try:
+            raw = await self._store.get(results.result_key(task_id))
+        except Unavailable as exc:
+            # The cause names a host path or an endpoint: for the log, not for clients.
+            log.warning("result store unavailable", task_id=task_id, error=str(exc))
+            raise Unavailable("the result store cannot be reached; retry shortly") from None
         if raw is None:
             return None
         data: dict[str, Any] = msgspec.json.decode(raw)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -25,7 +24,6 @@ routes = web.RouteTableDef()
 
 EXECUTE_MARGIN_S = 300.0
 PUBLISH_TIMEOUT_S = 1.5
-_TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # safe inside a NATS subject
 T = TypeVar("T")
 
 
@@ -132,7 +130,7 @@ async def find_task(request: web.Request, tenant: str, task_id: str) -> TaskStat
     task = projection.get(tenant, task_id)
     if task is not None:
         return task
-    if task_id in projection.tasks or not _TASK_ID.match(task_id):
+    if task_id in projection.tasks or not ev.is_task_id(task_id):
         raise _not_found(task_id)  # another tenant's, or not an id at all
     stored = await request.app[BUS_LINK].require().last(task_id, "TaskRequested")
     if stored is None or stored.event.tenant != tenant:
@@ -257,11 +255,15 @@ async def get_result(request: web.Request) -> web.Response:
 @routes.post("/execute")
 async def execute(request: web.Request) -> web.Response:
     """The synchronous form: submit, wait for the end and the stored result, answer both."""
+    # With the header, nobody unauthenticated gets their body parsed.
+    header_tenant = authenticate(request) if "Authorization" in request.headers else None
     body = await read_json(request, models.ExecuteRequest)
-    body_token = None if "Authorization" in request.headers else body.auth_token
-    if body_token is None and "Authorization" not in request.headers:
+    if header_tenant is not None:
+        tenant = header_tenant
+    elif body.auth_token is not None:
+        tenant = authenticate(request, body.auth_token)
+    else:
         raise _unauthorized("send the token as `Authorization: Bearer <token>` or `auth_token`")
-    tenant = authenticate(request, body_token)
     key = params.idempotency_key(request)
     task_request = body.as_task()
     task_id, _ = await submit(request, tenant, task_request, key)

@@ -43,6 +43,7 @@ from shared.sandbox import (
     SandboxDriver,
     SandboxSpec,
     sandbox_name,
+    share_with_sandbox,
 )
 from shared.settings import Settings
 from shared.state import Status, TaskState, fold
@@ -361,7 +362,7 @@ class Lifecycle:
         began = time.perf_counter()
         socket_dir = self.settings.model_socket_dir / task
         socket_dir.mkdir(parents=True, exist_ok=True)
-        socket_dir.chmod(0o755)
+        share_with_sandbox(socket_dir)
         o = self.options
         spec = SandboxSpec(
             task_id=task,

@@ -23,8 +23,9 @@ from typing import Final
 import aiohttp
 
 from services.gateway.auth import create_token
-from shared.bus import Bus, StreamSettings, connect
+from shared.bus import Bus, NatsAuth, StreamSettings, connect
 from shared.errors import Unavailable
+from shared.identities import Scope, provision, seed_path
 from shared.sandbox import MANAGED_FILTER, DockerDriver, SandboxSpec
 from shared.settings import DEFAULT_IMAGE
 from tests.support.procs import free_port, nats_server_binary
@@ -165,13 +166,23 @@ class System:
             ANTHROPIC_API_KEY=api_key,
             PYTHONUNBUFFERED="1",
         )
-        store = self.data_dir / "nats"
-        nats_argv = [nats_server_binary(), "-js", "-sd", str(store), "-a", "127.0.0.1"]
-        nats_argv += ["-p", str(self.nats_port)]
-        self.parts: dict[str, Part] = {NATS: Part(NATS, nats_argv, env, self.logs / "nats.log")}
+        # The same bus identities as `sandstream up`: every service as itself, the harness
+        # reading as `reader`.
+        self.identities = self.data_dir / "nats"
+        conf = provision(
+            self.identities,
+            Scope(),
+            listen=f"127.0.0.1:{self.nats_port}",
+            store_dir=self.identities,
+        )
+        nats_argv = [nats_server_binary(), "-c", str(conf)]
+        self.parts: dict[str, Part] = {
+            NATS: Part(NATS, nats_argv, {"PATH": env.get("PATH", "")}, self.logs / "nats.log")
+        }
         for name in SERVICES:
             argv = [sys.executable, "-m", f"services.{name}"]
-            self.parts[name] = Part(name, argv, env, self.logs / f"{name}.log")
+            own = env | {"SANDSTREAM_NATS_NKEY": str(seed_path(self.identities, name))}
+            self.parts[name] = Part(name, argv, own, self.logs / f"{name}.log")
         self.bus: Bus | None = None
 
     # ---- starting and stopping -------------------------------------------------------------
@@ -182,7 +193,8 @@ class System:
         await wait_port(self.nats_port, timeout)
         for name in SERVICES:
             self.parts[name].start()
-        self.bus = Bus(await connect(self.nats_url, name="chaos"), StreamSettings())
+        reader = NatsAuth(nkey=seed_path(self.identities, "reader"))
+        self.bus = Bus(await connect(self.nats_url, name="chaos", auth=reader), StreamSettings())
         async with asyncio.timeout(timeout):
             await self._ready()
 

@@ -19,7 +19,8 @@ import aiohttp
 import pytest
 
 from shared import events as ev
-from shared.bus import Bus, connect
+from shared.bus import Bus, NatsAuth, connect
+from shared.identities import seed_path
 from tests.fakes.model import FakeModel, Text, ToolUse
 from tests.support.procs import free_port
 from tests.support.s3 import MotoS3, fake_aws_env
@@ -61,6 +62,10 @@ class System:
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
+
+    def reader(self) -> NatsAuth:
+        """The read-only bus identity `up` generated."""
+        return NatsAuth(nkey=seed_path(self.data_dir / "nats", "reader"))
 
 
 async def start_up(tmp: Path, fake: FakeModel, extra_env: dict[str, str] | None = None) -> System:
@@ -217,7 +222,12 @@ async def test_a_task_end_to_end(system: System, fake: FakeModel, tmp_path: Path
     # replay reads the same events straight from the stream
     replay = subprocess.run(
         [sys.executable, "-m", "services.cli", "replay", task_id, "--json"],
-        env=dict(os.environ, SANDSTREAM_NATS_URL=system.nats_url),
+        # the read-only identity `up` made (replay finds it in the data dir by itself)
+        env=dict(
+            os.environ,
+            SANDSTREAM_NATS_URL=system.nats_url,
+            SANDSTREAM_DATA_DIR=str(system.data_dir),
+        ),
         capture_output=True,
         text=True,
         timeout=30,
@@ -308,7 +318,7 @@ async def test_s3_storage_with_an_outage(
                 f"{system.url}/v1/tasks/{task_id}?wait=20", headers=system.headers()
             ) as r:
                 assert (await r.json())["status"] == "storing"
-            nc = await connect(system.nats_url, name="check")
+            nc = await connect(system.nats_url, name="check", auth=system.reader())
             bus = Bus(nc)
             await wait_for_event(bus, task_id, "SandboxStopped", timeout=60)
             assert await bus.last(task_id, "ResultStored") is None

@@ -237,7 +237,7 @@ async def test_a_follow_read_survives_a_nats_restart_without_repeating_history(
     server = NatsServer(tmp_path / "nats")
     server.start()
     try:
-        nc = await connect(server.url, name="test")
+        nc = await connect(server.url, name="test", auth=server.auth())
         bus = Bus(nc, StreamSettings(name="RESTART", subject_prefix="restart"))
         await bus.ensure_stream()
         task = ev.new_task_id()

@@ -81,7 +81,7 @@ async def test_replay_lists_events_in_stream_order(bus: Bus, nats_server: NatsSe
     for event in published:
         await bus.publish(event)
     env = {
-        "SANDSTREAM_NATS_URL": nats_server.url,
+        **nats_server.env("reader"),
         "SANDSTREAM_STREAM": bus.stream.name,
         "SANDSTREAM_SUBJECT_PREFIX": bus.prefix,
     }
@@ -133,7 +133,7 @@ async def test_replay_into_a_reader_that_stops_early_exits_quietly(
         )
     env = {
         **os.environ,
-        "SANDSTREAM_NATS_URL": nats_server.url,
+        **nats_server.env("reader"),
         "SANDSTREAM_STREAM": bus.stream.name,
         "SANDSTREAM_SUBJECT_PREFIX": bus.prefix,
     }
@@ -158,7 +158,7 @@ async def test_replay_into_a_reader_that_stops_early_exits_quietly(
 async def test_ctrl_c_in_events_follow_exits_quietly(
     bus: Bus, nats_server: NatsServer, stream_settings: StreamSettings, tmp_path: Path
 ) -> None:
-    gateway = Gateway(nats_server.url, stream_settings, tmp_path)
+    gateway = Gateway(nats_server, stream_settings, tmp_path)
     await gateway.start()
     try:
         await gateway.wait_ready()

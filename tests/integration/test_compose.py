@@ -6,8 +6,49 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+SECRETS = {
+    "MINIO_ROOT_PASSWORD": "check-only",
+    "STORAGE_S3_SECRET": "storage-only",
+    "GATEWAY_S3_SECRET": "gateway-only",
+}
+
+
+def compose_config(repo_root: Path) -> dict[str, Any]:
+    tool = shutil.which("docker-compose")
+    assert tool is not None, "docker-compose is not installed (make test installs it)"
+    done = subprocess.run(
+        [tool, "-f", str(repo_root / "compose.yaml"), "config"],
+        env={**os.environ, **SECRETS}, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    config: dict[str, Any] = yaml.safe_load(done.stdout)
+    return config
+
+
+def test_compose_keeps_each_secret_with_its_user(repo_root: Path) -> None:
+    services = compose_config(repo_root)["services"]
+    # NATS requires the components' identities; no monitoring port.
+    assert services["nats"]["command"] == ["-c", "/etc/nats/server.conf"]
+    for name in ("gateway", "lifecycle", "executor", "storage"):
+        env = services[name]["environment"]
+        assert env["SANDSTREAM_NATS_NKEY"] == f"/run/secrets/{name}_nkey"
+        assert [s["source"] for s in services[name]["secrets"]] == [f"{name}_nkey"]
+        # the MinIO root credential reaches no service
+        assert "check-only" not in str(env)
+        # the model credential reaches only the executor
+        assert ("ANTHROPIC_API_KEY" in env) == (name == "executor")
+    assert services["storage"]["environment"]["AWS_SECRET_ACCESS_KEY"] == "storage-only"
+    assert services["gateway"]["environment"]["AWS_SECRET_ACCESS_KEY"] == "gateway-only"
+    assert "AWS_SECRET_ACCESS_KEY" not in services["lifecycle"]["environment"]
+    # the gateway is published on loopback only (TLS belongs to a proxy in front)
+    (port,) = services["gateway"]["ports"]
+    assert str(port).startswith("127.0.0.1:"), port
+    assert ":" in services["nats"]["image"]
 
 
 def test_compose_file_is_valid(repo_root: Path) -> None:
@@ -16,7 +57,7 @@ def test_compose_file_is_valid(repo_root: Path) -> None:
         pytest.skip("docker-compose is not installed (make test installs it)")
     done = subprocess.run(
         [tool, "-f", str(repo_root / "compose.yaml"), "config", "--services"],
-        env={**os.environ, "MINIO_ROOT_PASSWORD": "check-only"},
+        env={**os.environ, **SECRETS},
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -510,10 +510,10 @@ async def test_a_message_that_keeps_failing_ends_the_execution_as_internal(
 # ---- the executor as a process ---------------------------------------------------------------
 
 
-def executor_env(harness: Harness, nats_url: str) -> dict[str, str]:
+def executor_env(harness: Harness, nats: NatsServer) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("CLAUDE_CODE_OAUTH_TOKEN",)}
     env.update(
-        SANDSTREAM_NATS_URL=nats_url,
+        **nats.env("executor"),
         SANDSTREAM_STREAM=harness.bus.stream.name,
         SANDSTREAM_SUBJECT_PREFIX=harness.bus.stream.subject_prefix,
         SANDSTREAM_DUPLICATE_WINDOW_S=str(harness.bus.stream.duplicate_window_s),
@@ -545,7 +545,7 @@ async def test_sigkilled_executor_process_is_replaced_and_the_agent_runs_once(
         match=tag,
         replies=[ToolUse.write("b.txt", "b\n"), Reply(Text("survived"), hold=release)],
     )
-    env = executor_env(harness, nats_server.url)
+    env = executor_env(harness, nats_server)
     log = tmp_path / "executor.log"
     proc = await start_executor(env, log)
     try:

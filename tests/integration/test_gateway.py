@@ -23,7 +23,7 @@ from tests.support.procs import NatsServer
 async def gateway(
     nats_server: NatsServer, stream_settings: StreamSettings, bus: Bus, tmp_path: Path
 ) -> AsyncIterator[Gateway]:
-    gw = Gateway(nats_server.url, stream_settings, tmp_path)
+    gw = Gateway(nats_server, stream_settings, tmp_path)
     await gw.start()
     await gw.wait_ready()
     yield gw
@@ -254,7 +254,7 @@ async def test_idempotency_holds_after_the_duplicate_window(
 
     tag = uuid.uuid4().hex[:10]
     stream = StreamSettings(name=f"W{tag}", subject_prefix=f"w{tag}", duplicate_window_s=1.0)
-    gw = Gateway(nats_server.url, stream, tmp_path)
+    gw = Gateway(nats_server, stream, tmp_path)
     await gw.start()
     try:
         await gw.wait_ready()
@@ -263,7 +263,7 @@ async def test_idempotency_holds_after_the_duplicate_window(
             assert r.status == 202
             task_id = (await r.json())["task_id"]
         await asyncio.sleep(1.5)  # the point of the test: outlive the stream's duplicate window
-        nc = await connect(nats_server.url, name="check")
+        nc = await connect(nats_server.url, name="check", auth=nats_server.auth())
         raw = Bus(nc, stream)
         stored = await raw.last(task_id, "TaskRequested")
         assert stored is not None
@@ -319,7 +319,7 @@ async def test_projection_is_rebuilt_after_restart(
         ev.TaskCancelled(event_id=ev.terminal_id(ids[0]), task_id=ids[0], tenant="acme")
     )
     await gateway.stop()
-    again = Gateway(nats_server.url, stream_settings, tmp_path)
+    again = Gateway(nats_server, stream_settings, tmp_path)
     await again.start()
     try:
         await again.wait_ready()
@@ -598,3 +598,55 @@ async def test_sse_resume_past_the_end(
         async with http.get(url, headers={**auth(token), "Last-Event-ID": bad}) as r:
             assert r.status == 400
             assert (await r.json())["error"]["code"] == "invalid_last_event_id"
+
+
+async def test_a_malformed_tokens_line_locks_nobody_out(
+    gateway: Gateway, http: aiohttp.ClientSession
+) -> None:
+    token = gateway.token("acme")
+    with open(gateway.settings.tokens_path, "a") as out:
+        out.write("{not json\n")
+    later = gateway.token("globex")  # after the bad line: also read
+    for t in (token, later):
+        async with http.get(f"{gateway.url}/v1/tasks", headers=auth(t)) as r:
+            assert r.status == 200
+
+
+async def test_execute_authenticates_before_reading_the_body(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    before = await bus.last_sequence()
+    async with http.post(
+        f"{gateway.url}/execute",
+        data=b"{" * 1000,
+        headers={"Authorization": "Bearer nope", "Content-Type": "application/json"},
+    ) as r:
+        assert r.status == 401  # not 400: the body was never parsed
+        assert (await r.json())["error"]["code"] == "unauthorized"
+    assert await bus.last_sequence() == before
+
+
+async def test_a_store_failure_says_nothing_about_paths(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus, tmp_path: Path
+) -> None:
+    token = gateway.token("acme")
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "s"}, headers=auth(token)) as r:
+        task_id = (await r.json())["task_id"]
+    stored = ev.ResultStored(
+        event_id=ev.event_id(task_id, "ResultStored"),
+        task_id=task_id,
+        tenant="acme",
+        status="succeeded",
+        location="file:///results",
+        objects=[],
+    )
+    await bus.publish(stored)
+    await bus.publish(
+        ev.TaskSucceeded(event_id=ev.terminal_id(task_id), task_id=task_id, tenant="acme")
+    )
+    # result.json is a folder: reading it fails with an OSError that names the path.
+    (tmp_path / "results" / "tasks" / task_id / "result.json").mkdir(parents=True)
+    async with http.get(f"{gateway.url}/v1/tasks/{task_id}/result?", headers=auth(token)) as r:
+        assert r.status == 503
+        text = await r.text()
+    assert str(tmp_path) not in text and "unavailable" in text

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import stat
 import tempfile
 import uuid
@@ -19,6 +20,7 @@ import pytest_asyncio
 import structlog
 
 from services.executor.model_proxy import OAUTH_BETA, Credential, ModelProxy
+from shared.sandbox import SANDBOX_UID
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse
 from tests.support.procs import free_port
 
@@ -28,6 +30,9 @@ SECRET = "sk-ant-proxy-" + uuid.uuid4().hex
 @pytest.fixture
 def socket_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="ss-proxy-", dir="/tmp"))
+    # Traversable, as a bind mount makes a task's folder for its sandbox; each task's folder
+    # and socket are what keep other users out.
+    path.chmod(0o711)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -68,14 +73,36 @@ SANDBOX_HEADERS = {
 }
 
 
-async def test_socket_is_per_task_and_reachable_by_anyone(
+def connects_as(uid: int, path: Path) -> bool:
+    """Whether a process running as ``uid`` can connect to the Unix socket ``path``."""
+    pid = os.fork()
+    if pid == 0:  # the child: become ``uid``, try, report by exit status, never return
+        code = 1
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+async def test_socket_is_per_task_and_reachable_by_the_sandbox_user_only(
     proxy: ModelProxy, socket_dir: Path
 ) -> None:
     path = await proxy.add_task("t_one")
     assert path == socket_dir / "t_one" / "model.sock"
     assert stat.S_ISSOCK(path.stat().st_mode)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666
-    assert stat.S_IMODE(path.parent.stat().st_mode) & 0o005 == 0o005
+    if os.getuid() == 0:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert connects_as(SANDBOX_UID, path)  # the agent's user, as in the sandbox
+        assert not connects_as(SANDBOX_UID + 1, path)  # any other local user
+    else:  # the documented fallback when the executor can neither chown nor is uid 1000
+        assert stat.S_IMODE(path.stat().st_mode) in (0o600, 0o666)
     assert await proxy.add_task("t_one") == path  # idempotent
     with pytest.raises(ValueError):
         await proxy.add_task("../escape")

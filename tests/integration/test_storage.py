@@ -531,6 +531,7 @@ async def test_a_store_that_never_recovers_fails_the_task_with_the_reason(
 def settings_for(bus: Bus, nats_server: NatsServer, storage_url: str) -> Settings:
     return Settings(
         nats_url=nats_server.url,
+        nats_nkey=nats_server.auth("storage").nkey,
         storage_url=storage_url,
         stream=bus.stream.name,
         subject_prefix=bus.prefix,
@@ -564,6 +565,7 @@ async def test_the_program_stores_over_s3_and_stops_on_sigterm(
     } | DUMMY_ENV
     env |= {
         "SANDSTREAM_NATS_URL": config.nats_url,
+        "SANDSTREAM_NATS_NKEY": str(config.nats_nkey),
         "SANDSTREAM_STORAGE_URL": config.results_url,
         "SANDSTREAM_S3_ENDPOINT_URL": moto.endpoint_url,
         "SANDSTREAM_STREAM": config.stream,

@@ -13,14 +13,15 @@ from services.gateway.auth import create_token
 from services.gateway.keys import PROJECTION
 from shared.bus import StreamSettings
 from shared.settings import Settings
-from tests.support.procs import free_port
+from tests.support.procs import NatsServer, free_port
 
 
 class Gateway:
-    def __init__(self, nats_url: str, stream: StreamSettings, tmp: Path, **extra: Any) -> None:
+    def __init__(self, nats: NatsServer, stream: StreamSettings, tmp: Path, **extra: Any) -> None:
         self.port = free_port()
         self.settings = Settings(
-            nats_url=nats_url,
+            nats_url=nats.url,
+            nats_nkey=nats.auth("gateway").nkey,
             data_dir=tmp,
             tokens_file=tmp / "tokens",
             stream=stream.name,

@@ -13,6 +13,9 @@ import sysconfig
 import time
 from pathlib import Path
 
+from shared.bus import NatsAuth
+from shared.identities import Scope, provision, seed_path
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -42,34 +45,55 @@ def nats_server_binary() -> str:
     return found
 
 
-class NatsServer:
-    """A private JetStream server with its own data folder; restartable on the same port."""
+HARNESS = "harness"  # the tests' own identity: it may publish and read anything
+ANY_SCOPE = Scope(stream="*", prefix="*", consumer_prefix="*")
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+
+class NatsServer:
+    """A private JetStream server with its own data folder; restartable on the same port.
+
+    Authentication is on, as in production: the components' identities (with ``scope``; by
+    default any stream, so each test may use its own) and the harness's own.
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None, scope: Scope = ANY_SCOPE) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.scope = scope
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def identities(self) -> Path:
+        return self.data_dir / "identities"
+
+    def auth(self, name: str = HARNESS) -> NatsAuth:
+        """The identity ``name`` (a component, or the harness) to connect with."""
+        return NatsAuth(nkey=seed_path(self.identities, name))
+
+    def env(self, name: str) -> dict[str, str]:
+        """The environment a component process needs to reach this server as ``name``."""
+        return {
+            "SANDSTREAM_NATS_URL": self.url,
+            "SANDSTREAM_NATS_NKEY": str(seed_path(self.identities, name)),
+        }
+
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        everything = {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+        conf = provision(
+            self.identities,
+            self.scope,
+            listen=f"127.0.0.1:{self.port}",
+            store_dir=self.data_dir,
+            extra={HARNESS: everything},
+        )
         log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
-            [
-                nats_server_binary(),
-                "-js",
-                "-sd",
-                str(self.data_dir),
-                "-a",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         wait_for_port(self.port)

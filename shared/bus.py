@@ -70,6 +70,15 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
+@dataclass
+class Cursor:
+    """How far a :meth:`Bus.read` got: the last stream sequence it was handed, including
+    events it skipped (undecodable or untrusted), so "have I read up to X" has an answer
+    even when the last event is one nobody may act on."""
+
+    seq: int = 0
+
+
 @dataclass(frozen=True)
 class NatsAuth:
     """Who a connection is: an nkey seed file, or a credentials file (JWT accounts)."""
@@ -298,6 +307,7 @@ class Bus:
         since: datetime | None = None,
         follow: bool = False,
         idle_heartbeat: float = 2.0,
+        cursor: Cursor | None = None,
     ) -> AsyncGenerator[Record, None]:
         """Yield stored events in stream order through an ordered consumer.
 
@@ -353,6 +363,8 @@ class Bus:
                     pass  # delivered again by a re-created consumer
                 else:
                     floor = seq
+                    if cursor is not None:
+                        cursor.seq = seq
                     try:
                         event = ev.decode(msg.data)
                     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError

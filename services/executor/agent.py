@@ -41,12 +41,14 @@ MODEL_SOCKET: Final = "/run/sandstream/model.sock"
 DEFAULT_PORT: Final = 4000
 PLACEHOLDER_KEY: Final = "sandstream-placeholder"
 CLI: Final = "claude"
-DEFAULT_MAX_RETRIES: Final = 3
+DEFAULT_MAX_RETRIES: Final = 5
 """``CLAUDE_CODE_MAX_RETRIES`` in the sandbox.
 
 The CLI ignores ``retry-after`` and, by default, retries a failing model call 10 times over
-~173 s. Low enough that a dead upstream fails the run quickly, high enough (~3.5 s of
-backoff) to ride out an executor restart, whose proxy socket reappears within a second.
+~173 s. Low enough that a dead upstream fails the run within ~15 s, high enough to ride out
+an executor restart: its proxy socket reappears within a second on an idle machine, but
+3 retries (~3.5 s of backoff) were seen to run out on 2 busy cores during the chaos run,
+failing the task with "Connection dropped (ECONNRESET)".
 """
 PROMPT_CHUNK: Final = 16 * 1024
 """Prompt characters per argv string (≤ 64 KiB of UTF-8, well under Linux's 128 KiB cap)."""

@@ -34,7 +34,7 @@ import structlog
 
 from services.lifecycle.admission import Admission, AdmissionClosed, Withdrawn
 from shared import events as ev
-from shared.bus import Bus
+from shared.bus import Bus, Cursor
 from shared.errors import Permanent, Unavailable
 from shared.sandbox import (
     MANAGED_FILTER,
@@ -280,11 +280,14 @@ class Lifecycle:
         if last == 0:
             return []
         for _ in range(tries):
+            cursor = Cursor()
             try:
-                records = [r async for r in self.bus.read(self.bus.task_filter(task_id))]
+                filter_subject = self.bus.task_filter(task_id)
+                records = [r async for r in self.bus.read(filter_subject, cursor=cursor)]
             except (nats.errors.Error, TimeoutError) as exc:
                 raise Unavailable(f"cannot read the history of {task_id}: {exc}") from exc
-            if records and records[-1].seq >= last:
+            # Up to the last stored event, even when that one was skipped as untrusted.
+            if cursor.seq >= last:
                 return [r.event for r in records]
             log.warning("history read incomplete, reading again", task_id=task_id)
         raise Unavailable(f"the history of {task_id} came back incomplete")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 
 from shared import events as ev
 from shared.bus import Bus, NatsAuth, connect
+from shared.errors import Unavailable
 from shared.identities import seed_path
 from tests.fakes.model import FakeModel, Text, ToolUse
 from tests.support.procs import free_port
@@ -384,3 +386,72 @@ async def test_cli_submit_wait_and_a_crashed_service_is_restarted(
     # the restarted executor ran it: a new executor pid was logged
     pids = re.findall(r'"service": ?"executor", ?"pid": ?(\d+)', system.log.read_text())
     assert int(pids[-1]) != executor_pid
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid``, from /proc."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.decode().partition("=")[::2] for item in raw.split(b"\0") if item)
+
+
+async def test_secrets_stay_with_the_process_that_uses_them(system: System) -> None:
+    found = {}
+    for child in children_of(system.proc.pid):
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        name = next(
+            (a.decode().removeprefix("services.") for a in cmdline if a.startswith(b"services.")),
+            "nats-server" if cmdline and cmdline[0].endswith(b"nats-server") else None,
+        )
+        if name:
+            found[name] = environ_of(child)
+    assert set(found) == {"nats-server", "gateway", "lifecycle", "executor", "storage"}
+    for name, env in found.items():
+        assert (env.get("ANTHROPIC_API_KEY") == SECRET) == (name == "executor"), name
+        assert SECRET not in str(env) or name == "executor", name
+        if name != "nats-server":  # each service connects as itself
+            assert env["SANDSTREAM_NATS_NKEY"].endswith(f"/nats/{name}.nk")
+    # The data dir is private; the bus refuses a connection without an identity.
+    assert system.data_dir.stat().st_mode & 0o077 == 0
+    with pytest.raises(Unavailable):
+        await connect(system.nats_url, name="anonymous", connect_timeout=1.0)
+
+
+async def test_a_forged_request_removes_nothing(
+    system: System, fake: FakeModel, tmp_path: Path
+) -> None:
+    """The review's reproduction, against `up`: with the gateway's own identity (the only
+    one that may publish TaskRequested) a request naming a folder, its deadline long past."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    gateway = NatsAuth(nkey=seed_path(system.data_dir / "nats", "gateway"))
+    nc = await connect(system.nats_url, name="forger", auth=gateway)
+    forged = ev.TaskRequested(
+        event_id=ev.event_id(str(victim), "TaskRequested"),
+        task_id=str(victim),
+        tenant="dev",
+        spec=ev.TaskSpec(prompt="x", timeout_s=1),
+        at=ev.now() - timedelta(days=1),
+    )
+    await nc.jetstream().publish(f"tasks.{victim}.TaskRequested", ev.encode(forged))
+    await nc.close()
+    # An honest task after it: once it has ended, the lifecycle has handled the forgery.
+    fake.script([Text("after the forgery")], match="after the forgery")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{system.url}/v1/tasks", json={"prompt": "after the forgery"}, headers=system.headers()
+        ) as r:
+            task_id = (await r.json())["task_id"]
+        async with http.get(
+            f"{system.url}/v1/tasks/{task_id}?wait=60", headers=system.headers()
+        ) as r:
+            assert (await r.json())["status"] == "succeeded"
+    assert (victim / "precious").read_text() == "keep me"
+    assert "untrusted event terminated" in system.log.read_text()

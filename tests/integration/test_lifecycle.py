@@ -19,6 +19,7 @@ from shared.sandbox import (
     LABEL_MANAGED,
     LABEL_TASK,
     LABEL_TENANT,
+    SANDBOX_UID,
     DockerDriver,
     SandboxSpec,
     sandbox_name,
@@ -163,7 +164,9 @@ async def test_requested_task_gets_a_hardened_running_sandbox(h: Harness) -> Non
     deadline = requested.at.timestamp() + 600
     assert float(labels[LABEL_DEADLINE]) == pytest.approx(deadline, abs=0.01)
     socket_dir = h.tmp / "model" / task
-    assert socket_dir.is_dir() and (socket_dir.stat().st_mode & 0o777) == 0o755
+    # Only the sandbox's user (and root) may reach the model socket's folder.
+    assert socket_dir.is_dir() and (socket_dir.stat().st_mode & 0o777) == 0o700
+    assert socket_dir.stat().st_uid == SANDBOX_UID
     assert f"{socket_dir}:/run/sandstream:ro" in data["HostConfig"]["Binds"]
     assert data["HostConfig"]["NetworkMode"] == "none"
     assert data["HostConfig"]["CapDrop"] == ["ALL"]
@@ -340,7 +343,12 @@ async def test_result_stored_ends_the_task_and_late_events_are_ignored(h: Harnes
     await h.cancel(ok)
     await h.bus.publish(
         ev.ExecutionCompleted(
-            event_id="late-one", task_id=ok, tenant="acme", text="", is_error=False, exit_code=0
+            event_id=ev.event_id(ok, "ExecutionEnded", 2),
+            task_id=ok,
+            tenant="acme",
+            text="",
+            is_error=False,
+            exit_code=0,
         )
     )
     await service.run_until_idle()

@@ -16,7 +16,7 @@ from shared import events as ev
 from shared.bus import Bus
 from shared.worker import Delivery, Worker
 from tests.integration.test_lifecycle import Harness, h  # noqa: F401 (the fixture)
-from tests.support.sandboxes import types_of
+from tests.support.sandboxes import types_of, wait_for_event
 
 
 async def publish_raw(bus: Bus, subject: str, event: ev.AnyEvent) -> None:
@@ -117,3 +117,10 @@ async def test_a_forged_request_naming_a_folder_removes_nothing(
     forged = len(forgeries(h.bus, str(victim)))
     info = await h.bus.js.stream_info(h.bus.stream.name)
     assert info.state.messages == forged + len(await types_of(h.bus, honest))
+
+    # Junk as a task's last event does not wedge it: its deadline still ends it.
+    short = ev.new_task_id()
+    await h.request(short, timeout_s=3)
+    await wait_for_event(h.bus, short, "SandboxStarted")
+    await h.bus.js.publish(h.bus.subject(short, "SandboxStopped"), b"not an event")
+    await wait_for_event(h.bus, short, "TaskTimedOut", timeout=30)

@@ -632,3 +632,36 @@ async def test_one_reply_latency_next_to_a_bare_exec(harness: Harness) -> None:
         f"(min {ours[0]:.3f}s); bare docker exec of the CLI: median {bare[runs // 2]:.3f}s "
         f"(min {bare[0]:.3f}s)"
     )
+
+
+async def test_a_forged_sandbox_started_runs_nothing(harness: Harness) -> None:
+    """The executor's consumer refuses a misfiled SandboxStarted: no exec, no model call."""
+    tag = marker()
+    harness.fake.script(match=tag, replies=[Text("should never be asked")])
+    task_id = ev.new_task_id()
+    await harness.bus.publish(
+        ev.TaskRequested(
+            event_id=ev.event_id(task_id, "TaskRequested"),
+            task_id=task_id,
+            tenant=TENANT,
+            spec=ev.TaskSpec(prompt=f"hello {tag}"),
+        )
+    )
+    name = await harness.sandbox(task_id)
+    other = ev.new_task_id()
+    forged = ev.SandboxStarted(
+        event_id=ev.event_id(task_id, "SandboxStarted"),
+        task_id=task_id,
+        tenant=TENANT,
+        sandbox=name,
+        image=DEFAULT_IMAGE,
+    )
+    bus = harness.bus
+    await bus.js.publish(bus.subject(other, "SandboxStarted"), ev.encode(forged))
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=bus, driver=harness.driver, proxy=proxy)
+        await executor.worker().run_until_idle()
+    assert [type(e).__name__ for e in await harness.history(task_id)] == ["TaskRequested"]
+    assert harness.fake.requests == []
+    probe = await harness.driver.exec(name, ["ls", "-a", "/tmp"])
+    assert b".sandstream-run" not in probe.output

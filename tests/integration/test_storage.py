@@ -661,3 +661,33 @@ def test_result_schema_names_the_contract_fields() -> None:
         "sandbox", "error",
     }  # fmt: skip
     assert set(props["status"]["enum"]) == {"succeeded", "failed", "cancelled", "timed_out"}
+
+
+async def test_a_forged_sandbox_stopped_stores_nothing(bus: Bus, tmp_path: Path) -> None:
+    """The storage consumer refuses a misfiled event: nothing written, nothing published."""
+    store = await open_store(f"file://{tmp_path}/results")
+    service = service_for(bus, store)
+    honest, other = ev.new_task_id(), ev.new_task_id()
+    await publish_all(bus, succeeded_history(honest)[:-1])
+    for subject, forged in (
+        (f"{bus.prefix}.{tmp_path}.SandboxStopped", stopped(str(tmp_path))),  # a path for an id
+        (bus.subject(other, "SandboxStopped"), stopped(honest)),  # another task's subject
+    ):
+        await bus.js.publish(subject, ev.encode(forged), stream=bus.stream.name)
+    await service.worker.run_until_idle()
+    await store.close()
+    assert await results_stored(bus, honest) == []
+    assert not (tmp_path / "results").exists()
+
+
+async def test_results_on_disk_are_private(bus: Bus, tmp_path: Path) -> None:
+    store = await open_store(f"file://{tmp_path}/results")
+    service = service_for(bus, store)
+    task = ev.new_task_id()
+    await publish_all(bus, succeeded_history(task))
+    await service.worker.run_until_idle()
+    await store.close()
+    folder = tmp_path / "results" / "tasks" / task
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    for path in folder.iterdir():
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path

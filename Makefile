@@ -50,8 +50,9 @@ lint: venv
 schemas: venv
 	$(PY) -m shared.schemas
 
+# A skip in `make test` is a failure: everything a test needs was installed above.
 test: venv image cli lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	SANDSTREAM_NO_SKIPS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 fast: venv
 	$(PY) -m pytest -m "not docker and not slow" tests/unit tests/integration $(PYTEST_ARGS)

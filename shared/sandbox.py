@@ -53,6 +53,9 @@ SANDBOX_UID: Final = 1000
 
 GiB: Final = 1 << 30
 MiB: Final = 1 << 20
+# The longest stdout line kept from an exec: a stream-json line of the CLI carrying a large
+# tool result fits; an agent writing without newlines is cut here, not buffered without end.
+MAX_LINE_BYTES: Final = 8 * MiB
 
 _CGROUP_ROOT: Final = Path("/sys/fs/cgroup")
 
@@ -360,6 +363,50 @@ def _info(data: Mapping[str, Any], *, adopted: bool = False) -> SandboxInfo:
     )
 
 
+class LineSplitter:
+    """Splits a byte stream into lines in linear time, with a bound on a line's length.
+
+    Each chunk is scanned once (only the new bytes are searched for a newline), so an agent
+    that writes megabytes without a newline costs the event loop no more than its bytes. A
+    line longer than ``max_line`` is cut: its first ``max_line`` bytes are yielded as a line
+    and the rest, up to the next newline, is dropped (``cut`` counts such lines).
+    """
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self.cut = 0
+        self._pending = bytearray()
+        self._dropping = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        lines: list[bytes] = []
+        start = 0
+        while True:
+            newline = data.find(b"\n", start)
+            end = len(data) if newline < 0 else newline
+            if not self._dropping:
+                room = self.max_line - len(self._pending)
+                self._pending += data[start : start + min(room, end - start)]
+                if end - start > room:
+                    lines.append(bytes(self._pending))
+                    self._pending.clear()
+                    self._dropping = True
+                    self.cut += 1
+            if newline < 0:
+                return lines
+            if not self._dropping:
+                lines.append(bytes(self._pending))
+            self._pending.clear()
+            self._dropping = False
+            start = newline + 1
+
+    def rest(self) -> bytes | None:
+        """The unterminated last line, if any (at the end of the stream)."""
+        if self._dropping or not self._pending:
+            return None
+        return bytes(self._pending)
+
+
 class DockerExecStream:
     """A running ``docker exec``: stdout lines, a stderr tail, then the exit code."""
 
@@ -377,7 +424,8 @@ class DockerExecStream:
         return str(self._exec.id)
 
     async def lines(self) -> AsyncIterator[bytes]:
-        pending = b""
+        """stdout, line by line; a line over ``MAX_LINE_BYTES`` is cut (see LineSplitter)."""
+        splitter = LineSplitter(MAX_LINE_BYTES)
         try:
             while True:
                 with _engine("exec output"):
@@ -387,13 +435,13 @@ class DockerExecStream:
                 if msg.stream == 2:
                     self.stderr = (self.stderr + msg.data)[-self._STDERR_TAIL :]
                     continue
-                pending += msg.data
-                *complete, pending = pending.split(b"\n")
-                for line in complete:
+                for line in splitter.feed(msg.data):
                     yield line
-            if pending:
-                yield pending
+            if (last := splitter.rest()) is not None:
+                yield last
         finally:
+            if splitter.cut:
+                log.warning("exec output lines cut", lines=splitter.cut, max_bytes=MAX_LINE_BYTES)
             self._done = True
 
     async def wait(self) -> int | None:

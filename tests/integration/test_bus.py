@@ -193,18 +193,28 @@ async def test_a_message_whose_handling_never_finishes_ends_with_a_give_up(bus: 
 
 
 async def test_worker_heartbeats_keep_long_work(bus: Bus) -> None:
+    """Work longer than ack_wait keeps its message: a second worker polling the same
+    consumer all along never receives it (without heartbeats it would, after ack_wait)."""
     task = ev.new_task_id()
     deliveries: list[int] = []
+    done = asyncio.Event()
 
     async def handler(event: ev.AnyEvent, delivery: Delivery) -> None:
         deliveries.append(delivery.num_delivered)
-        await asyncio.sleep(2.5)  # the work itself takes this long; ack_wait is 1 s
+        if len(deliveries) == 1:
+            await asyncio.sleep(2.5)  # the work itself takes this long; ack_wait is 1 s
+            done.set()
 
-    worker = Worker(
-        bus=bus, durable="w3", subjects=[f"{bus.prefix}.>"], handler=handler, ack_wait=1.0
-    )
+    workers = [
+        Worker(bus=bus, durable="w3", subjects=[f"{bus.prefix}.>"], handler=handler, ack_wait=1.0)
+        for _ in range(2)
+    ]
+    runners = [asyncio.create_task(w.run()) for w in workers]
     await bus.publish(requested(task))
-    await worker.run_until_idle()
+    await asyncio.wait_for(done.wait(), 10)
+    for worker in workers:
+        await worker.stop(timeout=5)
+    await asyncio.gather(*runners)
     assert deliveries == [1]
 
 

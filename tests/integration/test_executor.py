@@ -421,6 +421,20 @@ async def test_redelivery_after_the_end_changes_nothing(harness: Harness) -> Non
     assert isinstance(end, ev.ExecutionCompleted) and end.text == "once"
 
 
+async def followers(harness: Harness, name: str, *, count: int, within: float = 30) -> None:
+    """Wait until ``count`` execs follow the run's output in sandbox ``name``."""
+    probe = (
+        'n=0; for f in /proc/[0-9]*/cmdline; do tr "\\0" " " < "$f" 2>/dev/null'
+        ' | grep -q "^tail .*out.jsonl" && n=$((n+1)); done; echo $n'
+    )
+    async with asyncio.timeout(within):
+        while True:
+            done = await harness.driver.exec(name, ["bash", "-c", probe])
+            if int(done.output.decode().strip() or 0) >= count:
+                return
+            await asyncio.sleep(0.05)
+
+
 async def test_redelivery_mid_run_reattaches_without_a_second_agent(harness: Harness) -> None:
     """Two handlers for one SandboxStarted at once (a lost ack): one agent, one end."""
     tag = marker()
@@ -434,7 +448,8 @@ async def test_redelivery_mid_run_reattaches_without_a_second_agent(harness: Har
         first = asyncio.create_task(executor.handle(started, d1))
         await harness.fake.wait_for(lambda: harness.fake.conversations_matching(tag) == 1, 60)
         second = asyncio.create_task(executor.handle(started, d2))
-        await asyncio.sleep(0.5)  # let the second one attach while the agent is held
+        # Release the agent only once both handlers follow its output inside the sandbox.
+        await followers(harness, sandbox_name(task_id), count=2)
         release.set()
         await asyncio.wait_for(asyncio.gather(first, second), 60)
         events = await harness.history(task_id)

@@ -276,7 +276,9 @@ async def test_cli_error_is_reported_as_failure(harness: Harness) -> None:
     assert end.message
 
 
-async def test_killed_executor_reattaches_and_the_agent_runs_once(harness: Harness) -> None:
+async def test_a_stopped_executor_is_replaced_and_the_agent_runs_once(harness: Harness) -> None:
+    """In process: the executor's worker is stopped mid-run and its proxy closed. The same
+    story with a SIGKILLed process is test_sigkilled_executor_process_is_replaced_…"""
     tag = marker()
     release = asyncio.Event()
     harness.fake.script(

@@ -440,7 +440,8 @@ async def test_start_up_reaps_orphans_and_keeps_live_sandboxes(h: Harness) -> No
     assert (await types_of(h.bus, live)).count("SandboxStarted") == 1
 
 
-async def test_restart_loses_no_waiting_task(h: Harness) -> None:
+async def test_a_graceful_restart_loses_no_waiting_task(h: Harness) -> None:
+    """A stop and a start; SIGKILLed lifecycles are the chaos run's (tests/chaos)."""
     first = h.lifecycle(max_concurrent=1)
     running, waiting = task_id("run"), task_id("wait")
     await h.request(running)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from services.executor import agent
 from shared.events import TaskSpec
 
@@ -34,8 +36,12 @@ def test_command_has_the_fixed_flags_and_the_task_options() -> None:
     ]
 
 
-def test_environment_holds_a_placeholder_and_no_secret() -> None:
+def test_environment_holds_a_placeholder_and_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The executor's own environment holds the real credentials; none may leak through.
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-real-key-in-the-executor")
+    monkeypatch.setenv("CLAUDE_CODE_OAUTH_TOKEN", "oauth-real-token-in-the-executor")
     env = agent.environment(port=4100, max_retries=2)
+    assert not any("real" in value for value in env.values()), env
     assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:4100"
     assert env["ANTHROPIC_API_KEY"] == agent.PLACEHOLDER_KEY
     assert env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"

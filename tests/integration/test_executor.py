@@ -108,11 +108,13 @@ class Harness:
         *,
         sandbox: dict[str, int] | None = None,
         setup: str | None = None,
+        publish_started: bool = True,
         **spec: object,
     ) -> tuple[str, ev.SandboxStarted]:
         """TaskRequested, a started sandbox, and SandboxStarted: what the executor waits for.
 
-        ``setup`` is a bash command run in the sandbox first (to seed the workspace).
+        ``setup`` is a bash command run in the sandbox first (to seed the workspace). Without
+        ``publish_started`` the SandboxStarted is made but left for the caller to publish.
         """
         task_id = ev.new_task_id()
         await self.bus.publish(
@@ -134,7 +136,8 @@ class Harness:
             sandbox=name,
             image=DEFAULT_IMAGE,
         )
-        await self.bus.publish(started)
+        if publish_started:
+            await self.bus.publish(started)
         return task_id, started
 
     async def history(self, task_id: str) -> list[ev.AnyEvent]:
@@ -659,24 +662,9 @@ async def test_a_forged_sandbox_started_runs_nothing(harness: Harness) -> None:
     """The executor's consumer refuses a misfiled SandboxStarted: no exec, no model call."""
     tag = marker()
     harness.fake.script(match=tag, replies=[Text("should never be asked")])
-    task_id = ev.new_task_id()
-    await harness.bus.publish(
-        ev.TaskRequested(
-            event_id=ev.event_id(task_id, "TaskRequested"),
-            task_id=task_id,
-            tenant=TENANT,
-            spec=ev.TaskSpec(prompt=f"hello {tag}"),
-        )
-    )
-    name = await harness.sandbox(task_id)
-    other = ev.new_task_id()
-    forged = ev.SandboxStarted(
-        event_id=ev.event_id(task_id, "SandboxStarted"),
-        task_id=task_id,
-        tenant=TENANT,
-        sandbox=name,
-        image=DEFAULT_IMAGE,
-    )
+    task_id, forged = await harness.submit(f"hello {tag}", publish_started=False)
+    name = sandbox_name(task_id)
+    other = ev.new_task_id()  # filed under another task's subject
     bus = harness.bus
     await bus.js.publish(bus.subject(other, "SandboxStarted"), ev.encode(forged))
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:

@@ -254,21 +254,28 @@ async def test_a_follow_read_survives_a_nats_restart_without_repeating_history(
         await bus.publish(requested(task))
         await bus.publish(started(task))
         seen: list[tuple[int, str]] = []
-        got_new = asyncio.Event()
 
         async def follow() -> None:
             async for r in bus.read(
                 bus.task_filter(task), from_seq=3, follow=True, idle_heartbeat=0.5
             ):
                 seen.append((r.seq, ev.type_name(type(r.event))))
-                got_new.set()
 
         reader = asyncio.create_task(follow())
-        await asyncio.sleep(0.5)
+        async with asyncio.timeout(10):  # its ordered consumer exists on the server
+            while (await bus.js.stream_info(bus.stream.name)).state.consumer_count < 1:
+                await asyncio.sleep(0.02)
         server.kill()
-        await asyncio.sleep(1.5)  # more than two missed heartbeats: the consumer is re-created
+        # The scenario itself: stay down for more than two missed heartbeats (0.5 s each),
+        # so nats.py re-creates the consumer, which is where history came back.
+        await asyncio.sleep(1.5)
         server.start()
         ended = ev.TaskCancelled(event_id=ev.terminal_id(task), task_id=task, tenant="acme")
+        # After the end, one more event of the task: it arrives after anything replayed, so
+        # once it is seen, a replay would have been seen too.
+        late = ev.TaskCancelRequested(
+            event_id=ev.event_id(task, "TaskCancelRequested"), task_id=task, tenant="acme"
+        )
         async with asyncio.timeout(20):
             while True:
                 try:
@@ -276,10 +283,11 @@ async def test_a_follow_read_survives_a_nats_restart_without_repeating_history(
                     break
                 except Unavailable:
                     await asyncio.sleep(0.1)
-            await got_new.wait()
-        await asyncio.sleep(1.5)  # anything replayed would arrive by now
+            await bus.publish(late)
+            while not any(name == "TaskCancelRequested" for _, name in seen):
+                await asyncio.sleep(0.02)
         reader.cancel()
-        assert seen == [(3, "TaskCancelled")]
+        assert seen == [(3, "TaskCancelled"), (4, "TaskCancelRequested")]
         await nc.close()
     finally:
         server.stop()

@@ -613,51 +613,6 @@ async def wait_for_end(
     raise AssertionError("unreachable")
 
 
-async def test_one_reply_latency_next_to_a_bare_exec(harness: Harness) -> None:
-    """Prints SandboxStarted → ExecutionCompleted next to a bare ``docker exec`` of the CLI."""
-    runs, ours, bare = 5, [], []
-    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
-        for _ in range(runs):
-            tag = marker()
-            harness.fake.script(match=tag, replies=[Text("hi")])
-            task_id, started = await harness.submit(f"say hi {tag}")
-            await executor.worker().run_until_idle(idle_timeout=0.05)
-            (end,) = ends(await harness.history(task_id))
-            assert isinstance(end, ev.ExecutionCompleted)
-            ours.append((end.at - started.at).total_seconds())
-
-        # The floor: the same CLI run by one exec in a warm sandbox, socat already listening.
-        task_id = ev.new_task_id()
-        name = await harness.sandbox(task_id)
-        await proxy.add_task(task_id)
-        port = agent.DEFAULT_PORT
-        forward = (
-            f"socat TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr "
-            f"UNIX-CONNECT:{agent.MODEL_SOCKET} </dev/null >/dev/null 2>&1 &"
-        )
-        await harness.driver.exec(name, ["bash", "-c", forward + " sleep 0.2"])
-        env = agent.environment(port=port)
-        for _ in range(runs):
-            tag = marker()
-            harness.fake.script(match=tag, replies=[Text("hi")])
-            argv = [*agent.command(ev.TaskSpec(prompt="x")), f"say hi {tag}"]
-            t0 = time.perf_counter()
-            result = await harness.driver.exec(
-                name, ["bash", "-c", 'mkdir -p "$HOME"; "$@"', "_", *argv], env=env
-            )
-            bare.append(time.perf_counter() - t0)
-            assert result.exit_code == 0, result.output[-2000:]
-
-    ours.sort()
-    bare.sort()
-    print(
-        f"\none-reply task, SandboxStarted → ExecutionCompleted: median {ours[runs // 2]:.3f}s "
-        f"(min {ours[0]:.3f}s); bare docker exec of the CLI: median {bare[runs // 2]:.3f}s "
-        f"(min {bare[0]:.3f}s)"
-    )
-
-
 async def test_a_forged_sandbox_started_runs_nothing(harness: Harness) -> None:
     """The executor's consumer refuses a misfiled SandboxStarted: no exec, no model call."""
     tag = marker()

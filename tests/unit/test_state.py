@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from shared import events as ev
@@ -202,3 +203,44 @@ def test_late_out_of_order_event_never_moves_backwards() -> None:
 def test_events_before_the_request_are_ignored() -> None:
     assert apply(None, started()) is None
     assert fold([started(), requested()]) is not None
+
+
+# ---- found by mutation testing (make mutants): facts the fold keeps that nothing checked ------
+
+
+def test_the_request_is_kept_as_asked() -> None:
+    keyed = msgspec.structs.replace(requested(), idempotency_key="key-1", request_hash="h-1")
+    state = fold([keyed])
+    assert state is not None
+    assert (state.task_id, state.idempotency_key, state.request_hash) == (T, "key-1", "h-1")
+
+
+def test_every_change_moves_updated_at() -> None:
+    ask = ev.TaskCancelRequested(
+        event_id=ev.event_id(T, "TaskCancelRequested"), task_id=T, tenant="acme", at=at(4)
+    )
+    state = fold([requested(), started(), ask])
+    assert state is not None and state.cancel_requested and state.updated_at == at(4)
+    ended = ev.TaskSucceeded(event_id=ev.terminal_id(T), task_id=T, tenant="acme", at=at(9))
+    done = apply(state, ended)
+    assert done is not None and done.updated_at == at(9)
+
+
+@pytest.mark.parametrize(
+    ("reason", "message"), [("stopped by ops", "stopped by ops"), ("", "the task was cancelled")]
+)
+def test_a_cancel_says_why(reason: str, message: str) -> None:
+    cancelled = ev.TaskCancelled(
+        event_id=ev.terminal_id(T), task_id=T, tenant="acme", at=at(5), reason=reason
+    )
+    state = fold([requested(), cancelled])
+    assert state is not None and state.error == ev.ErrorInfo(code="cancelled", message=message)
+
+
+def test_a_timeout_names_its_limit() -> None:
+    timed_out = ev.TaskTimedOut(
+        event_id=ev.terminal_id(T), task_id=T, tenant="acme", at=at(8), timeout_s=7
+    )
+    state = fold([requested(), timed_out])
+    assert state is not None and state.error is not None
+    assert state.error.code == "timeout" and "7 seconds" in state.error.message

@@ -40,6 +40,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sandbox_pids: int = 256
     instance: str = ""
     """Labels this installation's sandboxes (``up`` sets it) so it removes only its own."""
+    rate_per_tenant: float = 50.0  # submissions per second (token bucket, burst 2x)
+    max_queued_per_tenant: int = 1000  # tasks not yet terminal
+    max_streams_per_tenant: int = 64  # open SSE streams
 
     @property
     def tokens_path(self) -> Path:
@@ -123,4 +126,7 @@ def _read(env: Mapping[str, str]) -> Settings:
         sandbox_cpus=_float(env, "SANDSTREAM_SANDBOX_CPUS", 1.0),
         sandbox_pids=_int(env, "SANDSTREAM_SANDBOX_PIDS", 256),
         instance=env.get("SANDSTREAM_INSTANCE") or "",
+        rate_per_tenant=_float(env, "SANDSTREAM_RATE_PER_TENANT", 50.0),
+        max_queued_per_tenant=_int(env, "SANDSTREAM_MAX_QUEUED_PER_TENANT", 1000),
+        max_streams_per_tenant=_int(env, "SANDSTREAM_MAX_STREAMS_PER_TENANT", 64),
     )

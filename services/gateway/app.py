@@ -10,7 +10,8 @@ from aiohttp import web
 
 from services.gateway.auth import TokenStore
 from services.gateway.http import errors_middleware
-from services.gateway.keys import AUTH, BUS_LINK, METRICS, PROJECTION, RESULTS, SETTINGS
+from services.gateway.keys import AUTH, BUS_LINK, LIMITS, METRICS, PROJECTION, RESULTS, SETTINGS
+from services.gateway.limits import TenantLimits
 from services.gateway.link import BusLink
 from services.gateway.metrics import Metrics
 from services.gateway.projection import Projection
@@ -56,6 +57,7 @@ def create_app(settings: Settings) -> web.Application:
     app[PROJECTION] = Projection()
     app[RESULTS] = ResultReader(settings)
     app[METRICS] = Metrics()
+    app[LIMITS] = TenantLimits(settings)
     app.cleanup_ctx.append(_event_log)
     app.cleanup_ctx.append(_results)
     app.add_routes(routes)

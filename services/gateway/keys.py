@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from services.gateway.auth import TokenStore
@@ -11,9 +13,14 @@ from services.gateway.projection import Projection
 from services.gateway.results import ResultReader
 from shared.settings import Settings
 
+if TYPE_CHECKING:
+    from services.gateway.limits import TenantLimits
+
 SETTINGS = web.AppKey("settings", Settings)
 AUTH = web.AppKey("auth", TokenStore)
 BUS_LINK = web.AppKey("bus_link", BusLink)
 PROJECTION = web.AppKey("projection", Projection)
 RESULTS = web.AppKey("results", ResultReader)
 METRICS = web.AppKey("metrics", Metrics)
+# Typed without importing it here: limits.py raises http.ApiError, and http.py needs METRICS.
+LIMITS: web.AppKey[TenantLimits] = web.AppKey("limits")

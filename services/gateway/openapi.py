@@ -65,6 +65,11 @@ BAD_BODY = _error("the body is not a JSON object", "invalid_json", "invalid_body
 BODY_TOO_LARGE = _error("the body is larger than 1 MiB", "body_too_large")
 MEDIA_TYPE = _error("the body is not JSON", "unsupported_media_type")
 INVALID_FIELD = _error("a field is invalid", "invalid_field", "unknown_field", "missing_field")
+TOO_MANY_SUBMISSIONS = _error(
+    "over the tenant's submission rate or queued-task quota; see Retry-After",
+    "rate_limited",
+    "quota_exceeded",
+)
 IDEMPOTENCY_CONFLICT = _error(
     "the Idempotency-Key was used with another body", "idempotency_conflict", "conflict"
 )
@@ -98,6 +103,7 @@ def _submit_answers(ok: dict[str, Any], *extra: tuple[str, dict[str, Any]]) -> d
         "413": BODY_TOO_LARGE,
         "415": MEDIA_TYPE,
         "422": INVALID_FIELD,
+        "429": TOO_MANY_SUBMISSIONS,
         **dict(extra),
         "503": UNAVAILABLE,
     }
@@ -253,6 +259,10 @@ def openapi() -> dict[str, Any]:
                                 "invalid_last_event_id",
                                 "invalid_query",
                             ),
+                        ),
+                        (
+                            "429",
+                            _error("too many open streams for this tenant", "too_many_streams"),
                         ),
                     ),
                 }

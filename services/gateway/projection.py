@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 
 import structlog
@@ -25,6 +25,7 @@ class Projection:
     def __init__(self) -> None:
         self.tasks: dict[str, TaskState] = {}
         self.by_tenant: dict[str, list[str]] = defaultdict(list)
+        self.open_by_tenant: Counter[str] = Counter()  # tasks not yet terminal
         self.last_seq = 0
         self.ready = asyncio.Event()
         self._changed: dict[str, asyncio.Event] = {}
@@ -45,6 +46,9 @@ class Projection:
             return
         if before is None:
             self.by_tenant[after.tenant].append(after.task_id)
+        was_open = before is not None and not before.status.terminal
+        if was_open != (not after.status.terminal):
+            self.open_by_tenant[after.tenant] += -1 if was_open else 1
         self.tasks[event.task_id] = after
         waker = self._changed.pop(event.task_id, None)
         if waker is not None:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from services.gateway import models, params
 from services.gateway.http import ApiError, json_response, validation_error
-from services.gateway.keys import AUTH, BUS_LINK, METRICS, PROJECTION, RESULTS
+from services.gateway.keys import AUTH, BUS_LINK, LIMITS, METRICS, PROJECTION, RESULTS
 from services.gateway.metrics import exposition
 from shared import events as ev
 from shared.errors import Conflict, Unavailable
@@ -46,6 +46,12 @@ def authenticate(request: web.Request, token: str | None = None) -> str:
         raise _unauthorized("unknown or revoked token")
     structlog.contextvars.bind_contextvars(tenant=tenant)
     return tenant
+
+
+def admit(request: web.Request, tenant: str) -> None:
+    """The tenant's submission rate and queued quota (``429`` beyond them)."""
+    open_tasks = request.app[PROJECTION].open_by_tenant[tenant]
+    request.app[LIMITS].submission(tenant, open_tasks)
 
 
 def _unauthorized(message: str) -> ApiError:
@@ -204,6 +210,7 @@ def _same_request(stored_hash: str, digest: str, key: str | None) -> bool:
 @routes.post("/v1/tasks")
 async def create_task(request: web.Request) -> web.Response:
     tenant = authenticate(request)
+    admit(request, tenant)
     key = params.idempotency_key(request)
     body = await read_json(request, models.TaskRequest)
     task_id, created = await submit(request, tenant, body, key)
@@ -264,6 +271,7 @@ async def execute(request: web.Request) -> web.Response:
         tenant = authenticate(request, body.auth_token)
     else:
         raise _unauthorized("send the token as `Authorization: Bearer <token>` or `auth_token`")
+    admit(request, tenant)
     key = params.idempotency_key(request)
     task_request = body.as_task()
     task_id, _ = await submit(request, tenant, task_request, key)

@@ -13,10 +13,11 @@ import msgspec
 from aiohttp import web
 
 from services.gateway import params
-from services.gateway.keys import BUS_LINK, PROJECTION
+from services.gateway.keys import BUS_LINK, LIMITS, PROJECTION
 from services.gateway.routes import authenticate, find_task
 from shared import events as ev
-from shared.bus import Record
+from shared.bus import Bus, Record
+from shared.state import TaskState
 
 _encoder = msgspec.json.Encoder()
 routes = web.RouteTableDef()
@@ -36,7 +37,15 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         # resume from the end, so the task's next events, its terminal one included, still
         # arrive, and a finished task's stream ends at once.
         after = min(after, await bus.last_sequence())
+    with request.app[LIMITS].stream(tenant):
+        return await _send(request, bus, task, after, follow)
 
+
+async def _send(
+    request: web.Request, bus: Bus, task: TaskState, after: int, follow: bool
+) -> web.StreamResponse:
+    """The stream itself: the task's events after ``after``, live too when ``follow``."""
+    task_id = task.task_id
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",

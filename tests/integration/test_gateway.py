@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from services.gateway.keys import PROJECTION
+from services.gateway.keys import LIMITS, PROJECTION
 from shared import events as ev
 from shared.bus import Bus, StreamSettings
 from shared.errors import Conflict
@@ -653,3 +653,97 @@ async def test_a_store_failure_says_nothing_about_paths(
         assert r.status == 503
         text = await r.text()
     assert str(tmp_path) not in text and "unavailable" in text
+
+
+@pytest.fixture
+async def limited(
+    nats_server: NatsServer, stream_settings: StreamSettings, bus: Bus, tmp_path: Path
+) -> AsyncIterator[Gateway]:
+    gw = Gateway(
+        nats_server,
+        stream_settings,
+        tmp_path,
+        rate_per_tenant=1.0,
+        max_queued_per_tenant=3,
+        max_streams_per_tenant=1,
+    )
+    await gw.start()
+    await gw.wait_ready()
+    yield gw
+    await gw.stop()
+
+
+async def test_a_tenant_over_its_rate_gets_429_and_others_do_not(
+    limited: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    acme, globex = auth(limited.token("acme")), auth(limited.token("globex"))
+    url = f"{limited.url}/v1/tasks"
+    for prompt in ("a", "b"):  # the burst: twice the rate
+        async with http.post(url, json={"prompt": prompt}, headers=acme) as r:
+            assert r.status == 202
+    before = await bus.last_sequence()
+    async with http.post(url, json={"prompt": "c"}, headers=acme) as r:
+        assert r.status == 429
+        assert int(r.headers["Retry-After"]) >= 1
+        assert (await r.json())["error"]["code"] == "rate_limited"
+    assert await bus.last_sequence() == before  # nothing published for it
+    async with http.post(url, json={"prompt": "d"}, headers=globex) as r:
+        assert r.status == 202
+
+
+async def test_a_tenant_at_its_quota_gets_429_until_a_task_ends(
+    limited: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    assert limited.app is not None
+    projection, limits = limited.app[PROJECTION], limited.app[LIMITS]
+    limits.rate = 1000.0  # only the quota is under test here
+    limits.burst = 1000.0
+    acme = auth(limited.token("acme"))
+    url = f"{limited.url}/v1/tasks"
+    ids = []
+    for prompt in ("a", "b", "c"):
+        async with http.post(url, json={"prompt": prompt}, headers=acme) as r:
+            ids.append((await r.json())["task_id"])
+    async with http.post(url, json={"prompt": "d"}, headers=acme) as r:
+        assert r.status == 429
+        assert (await r.json())["error"]["code"] == "quota_exceeded"
+        assert "Retry-After" in r.headers
+    await bus.publish(
+        ev.TaskSucceeded(event_id=ev.terminal_id(ids[0]), task_id=ids[0], tenant="acme")
+    )
+    await projection.wait_terminal(ids[0], 10)
+    assert projection.open_by_tenant["acme"] == 2
+    async with http.post(url, json={"prompt": "d"}, headers=acme) as r:
+        assert r.status == 202
+
+
+async def test_a_tenant_over_its_stream_cap_gets_429(
+    limited: Gateway, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.gateway import sse
+
+    monkeypatch.setattr(sse, "KEEPALIVE_S", 0.05)  # a closed client is noticed at once
+    assert limited.app is not None
+    limits = limited.app[LIMITS]
+    acme, globex = auth(limited.token("acme")), auth(limited.token("globex"))
+    tasks = {}
+    for name, headers in (("acme", acme), ("globex", globex)):
+        async with http.post(f"{limited.url}/v1/tasks", json={"prompt": "s"}, headers=headers) as r:
+            tasks[name] = (await r.json())["task_id"]
+
+    def events(tenant: str) -> str:
+        return f"{limited.url}/v1/tasks/{tasks[tenant]}/events"
+
+    first = await http.get(events("acme"), headers=acme)  # open, following a live task
+    assert first.status == 200
+    async with http.get(events("acme"), headers=acme) as r:
+        assert r.status == 429
+        assert (await r.json())["error"]["code"] == "too_many_streams"
+    async with http.get(events("globex"), headers=globex) as r:
+        assert r.status == 200  # another tenant's cap is its own
+    first.close()
+    async with asyncio.timeout(10):  # the server notices the closed stream and frees it
+        while limits._streams.get("acme"):
+            await asyncio.sleep(0.02)
+    async with http.get(events("acme"), headers=acme) as r:
+        assert r.status == 200

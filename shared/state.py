@@ -64,6 +64,9 @@ _RANK: Final = {
 }
 
 
+MAX_IGNORED = 64
+
+
 class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     task_id: str
     tenant: str
@@ -79,7 +82,8 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None = None
     seen: frozenset[str] = frozenset()
     ignored: tuple[str, ...] = ()
-    """Event ids that arrived after the end or out of order: kept for audits, never applied."""
+    """Event ids that arrived after the end or out of order: kept for audits (the first
+    ``MAX_IGNORED``), never applied."""
 
 
 def _advance(state: TaskState, status: Status, event: Event) -> TaskState:
@@ -108,9 +112,14 @@ def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
     if event.event_id in state.seen:
         return state
     if state.status.terminal or isinstance(event, TaskRequested):
+        if len(state.ignored) >= MAX_IGNORED:
+            return state
         return msgspec.structs.replace(state, ignored=(*state.ignored, event.event_id))
 
-    state = msgspec.structs.replace(state, seen=state.seen | {event.event_id})
+    if not isinstance(event, AgentOutput):
+        # Output batches are most of a task's events, and applying one twice changes
+        # nothing; tracking their ids would make every event cost the task's length.
+        state = msgspec.structs.replace(state, seen=state.seen | {event.event_id})
     match event:
         case SandboxStarted():
             return _advance(state, Status.STARTING, event)

@@ -244,3 +244,16 @@ def test_a_timeout_names_its_limit() -> None:
     state = fold([requested(), timed_out])
     assert state is not None and state.error is not None
     assert state.error.code == "timeout" and "7 seconds" in state.error.message
+
+
+def test_the_state_stays_small_however_long_the_task() -> None:
+    """Output batches are not remembered one by one (each event costs O(1)), and what
+    arrives after the end is kept for audits only up to a bound."""
+    from shared.state import MAX_IGNORED
+
+    state = fold([requested(), started(), exec_started(), *(output(b) for b in range(2000))])
+    assert state is not None and state.status is Status.RUNNING
+    assert len(state.seen) == 3  # the request, the start, the execution start
+    late = [output(b, t=20) for b in range(2000, 2000 + 2 * MAX_IGNORED)]
+    ended = fold([requested(), end(ev.TaskSucceeded), *late])
+    assert ended is not None and len(ended.ignored) == MAX_IGNORED

@@ -81,6 +81,8 @@ async def read_json(request: web.Request, kind: type[T]) -> T:
         data = msgspec.json.decode(raw)
     except msgspec.DecodeError as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_body", "the request body must be a JSON object")
     try:
@@ -89,16 +91,14 @@ async def read_json(request: web.Request, kind: type[T]) -> T:
         raise validation_error(exc) from None
 
 
-def _integral_floats_as_ints(value: Any) -> Any:
-    """``342.0`` → ``342`` throughout a decoded body: JSON (and JSON Schema's ``integer``) do
-    not tell them apart, so an integer field must accept it. Number fields take either."""
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else value
-    if isinstance(value, dict):
-        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral_floats_as_ints(v) for v in value]
-    return value
+def _integral_floats_as_ints(body: dict[str, Any]) -> dict[str, Any]:
+    """``342.0`` → ``342`` in the body's fields: JSON (and JSON Schema's ``integer``) do not
+    tell them apart, so an integer field must accept it. Number fields take either. Only
+    top-level fields are integers, so nothing deeper is walked."""
+    return {
+        key: int(value) if isinstance(value, float) and value.is_integer() else value
+        for key, value in body.items()
+    }
 
 
 def view(task: TaskState) -> models.TaskView:

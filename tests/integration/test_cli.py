@@ -158,10 +158,7 @@ async def test_replay_into_a_reader_that_stops_early_exits_quietly(
 async def test_ctrl_c_in_events_follow_exits_quietly(
     bus: Bus, nats_server: NatsServer, stream_settings: StreamSettings, tmp_path: Path
 ) -> None:
-    gateway = Gateway(nats_server, stream_settings, tmp_path)
-    await gateway.start()
-    try:
-        await gateway.wait_ready()
+    async with Gateway(nats_server, stream_settings, tmp_path) as gateway:
         token = gateway.token("acme")
         async with (
             aiohttp.ClientSession() as http,
@@ -192,5 +189,3 @@ async def test_ctrl_c_in_events_follow_exits_quietly(
         stderr = (await proc.stderr.read()).decode()
         assert code == 130, stderr
         assert "Traceback" not in stderr and stderr.strip() == "", stderr
-    finally:
-        await gateway.stop()

@@ -23,11 +23,8 @@ from tests.support.procs import NatsServer
 async def gateway(
     nats_server: NatsServer, stream_settings: StreamSettings, bus: Bus, tmp_path: Path
 ) -> AsyncIterator[Gateway]:
-    gw = Gateway(nats_server, stream_settings, tmp_path)
-    await gw.start()
-    await gw.wait_ready()
-    yield gw
-    await gw.stop()
+    async with Gateway(nats_server, stream_settings, tmp_path) as gw:
+        yield gw
 
 
 @pytest.fixture
@@ -659,18 +656,9 @@ async def test_a_store_failure_says_nothing_about_paths(
 async def limited(
     nats_server: NatsServer, stream_settings: StreamSettings, bus: Bus, tmp_path: Path
 ) -> AsyncIterator[Gateway]:
-    gw = Gateway(
-        nats_server,
-        stream_settings,
-        tmp_path,
-        rate_per_tenant=1.0,
-        max_queued_per_tenant=3,
-        max_streams_per_tenant=1,
-    )
-    await gw.start()
-    await gw.wait_ready()
-    yield gw
-    await gw.stop()
+    limits = {"rate_per_tenant": 1.0, "max_queued_per_tenant": 3, "max_streams_per_tenant": 1}
+    async with Gateway(nats_server, stream_settings, tmp_path, **limits) as gw:
+        yield gw
 
 
 async def test_a_tenant_over_its_rate_gets_429_and_others_do_not(
@@ -747,3 +735,15 @@ async def test_a_tenant_over_its_stream_cap_gets_429(
             await asyncio.sleep(0.02)
     async with http.get(events("acme"), headers=acme) as r:
         assert r.status == 200
+
+
+async def test_a_body_nested_too_deeply_is_a_400_not_a_crash(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    deep = b'{"prompt": "x", "metadata": {"a": ' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    headers = {**auth(gateway.token("acme")), "Content-Type": "application/json"}
+    before = await bus.last_sequence()
+    async with http.post(f"{gateway.url}/v1/tasks", data=deep, headers=headers) as r:
+        assert r.status == 400
+        assert (await r.json())["error"]["code"] == "invalid_json"
+    assert await bus.last_sequence() == before

@@ -51,6 +51,19 @@ class Gateway:
             await self.runner.cleanup()
             self.runner = None
 
+    async def __aenter__(self) -> Gateway:
+        """Started and ready (connected, projection rebuilt); stopped on exit."""
+        await self.start()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     async def wait_ready(self, timeout: float = 10.0) -> None:
         """Wait until the gateway has connected and rebuilt its projection."""
         assert self.app is not None

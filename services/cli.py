@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shared import settings as settings_mod
 
-SERVICES = ("gateway", "lifecycle", "executor", "storage")
+SERVICES = ("gateway", "lifecycle", "executor", "storage", "modelproxy")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,8 +1,8 @@
 """``sandstream up``: the whole system on one machine, in the foreground.
 
-Starts a private nats-server (unless ``--nats-url``), then the four services as supervised
-child processes: a child that dies is logged and restarted. Ctrl-C or SIGTERM stops the
-services (each finishes its in-flight work within a bound), then the server, then removes
+Starts a private nats-server (unless ``--nats-url``), the model proxy, then the four services
+as supervised child processes: a child that dies is logged and restarted. Ctrl-C or SIGTERM
+stops the services (each finishes its in-flight work within a bound), then the server, then removes
 every sandbox this instance started. Nothing is left running.
 """
 
@@ -25,14 +25,19 @@ from shared import logging as logging_mod
 from shared import settings as settings_mod
 
 log = structlog.get_logger("sandstream.up")
-SERVICES = ("gateway", "lifecycle", "executor", "storage")
+SERVICES = ("gateway", "lifecycle", "executor", "storage")  # the bus's components
 STOP_GRACE_S = 15.0
-# Secrets each child gets only if it uses them: the model credential is the executor's alone
-# (its model proxy adds it to requests); object-store keys go to the two that read or write
-# results. nats-server gets none of the environment at all.
+# Secrets each child gets only if it uses them: the model credential is the model proxy's
+# alone (it adds it to requests; it has no bus identity and, under root, drops to the
+# sandbox's uid); object-store keys go to the two that read or write results. nats-server
+# gets none of the environment at all.
 MODEL_CREDENTIALS = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
 STORE_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-USES = {"executor": MODEL_CREDENTIALS, "gateway": STORE_CREDENTIALS, "storage": STORE_CREDENTIALS}
+USES = {
+    "modelproxy": MODEL_CREDENTIALS,
+    "gateway": STORE_CREDENTIALS,
+    "storage": STORE_CREDENTIALS,
+}
 
 
 def child_env(env: dict[str, str], name: str) -> dict[str, str]:
@@ -180,7 +185,7 @@ async def main_async(args: argparse.Namespace) -> int:
         seeds = {name: identities.seed_path(folder, name) for name in SERVICES}
         argv = [nats_binary(), "-c", str(conf), "-l", str(data_dir / "nats-server.log")]
         children.append(Child("nats-server", argv, {"PATH": os.environ.get("PATH", "")}))
-    for name in SERVICES:
+    for name in ("modelproxy", *SERVICES):
         argv = [sys.executable, "-m", f"services.{name}"]
         own = child_env(env, name)
         if name in seeds:

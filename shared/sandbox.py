@@ -78,7 +78,7 @@ def share_with_sandbox(path: Path) -> None:
 
     As root: owned by uid 1000, mode 0700 (a folder) or 0600. As uid 1000: the same modes.
     As any other user the owner cannot be changed, and only "everyone" covers uid 1000:
-    0755 / 0666, with a warning (run the executor as root or as uid 1000).
+    0755 / 0666, with a warning (start the model proxy as root or as uid 1000).
     """
     folder = path.is_dir()
     try:
@@ -89,7 +89,7 @@ def share_with_sandbox(path: Path) -> None:
     if shared:
         os.chmod(path, 0o700 if folder else 0o600)
         return
-    log.warning("model socket open to all local users: run the executor as root or uid 1000")
+    log.warning("model socket open to all local users: start the model proxy as root or uid 1000")
     os.chmod(path, 0o755 if folder else 0o666)
 
 

@@ -35,6 +35,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ack_wait_s: float = 10.0
     max_deliver: int = 8
     socket_dir: Path | None = None
+    proxy_socket: Path | None = None  # the model proxy's control socket
     sandbox_memory_mb: int = 1024
     sandbox_cpus: float = 1.0
     sandbox_pids: int = 256
@@ -55,6 +56,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def model_socket_dir(self) -> Path:
         return self.socket_dir or (self.data_dir / "model").resolve()
+
+    @property
+    def model_proxy_socket(self) -> Path:
+        return self.proxy_socket or (self.data_dir / "model-proxy.sock").resolve()
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -122,6 +127,7 @@ def _read(env: Mapping[str, str]) -> Settings:
         ack_wait_s=_float(env, "SANDSTREAM_ACK_WAIT_S", 10.0),
         max_deliver=_int(env, "SANDSTREAM_MAX_DELIVER", 8),
         socket_dir=Path(socket_dir) if socket_dir else None,
+        proxy_socket=_path(env, "SANDSTREAM_PROXY_SOCKET"),
         sandbox_memory_mb=_int(env, "SANDSTREAM_SANDBOX_MEMORY_MB", 1024),
         sandbox_cpus=_float(env, "SANDSTREAM_SANDBOX_CPUS", 1.0),
         sandbox_pids=_int(env, "SANDSTREAM_SANDBOX_PIDS", 256),

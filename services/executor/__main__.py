@@ -1,10 +1,10 @@
 """``python -m services.executor`` (and ``sandstream executor``): the executor service.
 
-Configured by the environment (``shared.settings.load``; the model credential from
-``ANTHROPIC_API_KEY`` or ``CLAUDE_CODE_OAUTH_TOKEN``). The model proxy re-binds the sockets a
-previous executor left before anything else, so agents that are mid-run keep their model.
-SIGTERM/SIGINT stop fetching; in-flight handlers get a few seconds, then are cancelled (their
-agents keep running in the sandboxes, and the redelivered messages re-attach to them).
+Configured by the environment (``shared.settings.load``). It holds no model credential: the
+model proxy, another process, does (``services.modelproxy``); the executor asks it over its
+control socket to open and close a task's model socket. SIGTERM/SIGINT stop fetching;
+in-flight handlers get a few seconds, then are cancelled (their agents keep running in the
+sandboxes, and the redelivered messages re-attach to them).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import signal
 
 import structlog
 
-from services.executor.model_proxy import Credential, ModelProxy
 from services.executor.service import DURABLE, Executor
+from services.modelproxy.control import ProxyClient
 from shared import service
 from shared.sandbox import DockerDriver
 from shared.service import cancel_and_wait, close_bus, open_bus
@@ -30,20 +30,14 @@ STOP_GRACE_S = 5.0
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run the executor until ``stop`` is set or SIGTERM/SIGINT arrives.
 
-    Raises :class:`Unavailable` when NATS or Docker cannot be reached at start.
+    Raises :class:`Unavailable` when NATS or Docker cannot be reached at start (a model proxy
+    that does not answer only holds tasks back until it does).
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    credential = Credential.from_env()
     async with contextlib.AsyncExitStack() as stack:
-        proxy = ModelProxy(
-            socket_dir=settings.model_socket_dir,
-            upstream=settings.model_upstream,
-            credential=credential,
-        )
-        await proxy.start()
+        proxy = ProxyClient(settings.model_proxy_socket)
         stack.push_async_callback(proxy.close)
-        adopted = await proxy.adopt_existing()
         bus = await open_bus(settings, "executor")
         stack.push_async_callback(close_bus, bus)
         driver = await DockerDriver.connect()
@@ -63,10 +57,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         log.info(
             "executor running",
             stream=settings.stream,
-            upstream=settings.model_upstream,
-            credential=credential.kind if credential else "none",
-            sockets=str(settings.model_socket_dir),
-            adopted=len(adopted),
+            model_proxy=str(settings.model_proxy_socket),
         )
         stopping = asyncio.create_task(stop.wait(), name="executor-stop")
         try:

@@ -41,14 +41,15 @@ MODEL_SOCKET: Final = "/run/sandstream/model.sock"
 DEFAULT_PORT: Final = 4000
 PLACEHOLDER_KEY: Final = "sandstream-placeholder"
 CLI: Final = "claude"
-DEFAULT_MAX_RETRIES: Final = 5
+DEFAULT_MAX_RETRIES: Final = 6
 """``CLAUDE_CODE_MAX_RETRIES`` in the sandbox.
 
 The CLI ignores ``retry-after`` and, by default, retries a failing model call 10 times over
-~173 s. Low enough that a dead upstream fails the run within ~15 s, high enough to ride out
-an executor restart: its proxy socket reappears within a second on an idle machine, but
-3 retries (~3.5 s of backoff) were seen to run out on 2 busy cores during the chaos run,
-failing the task with "Connection dropped (ECONNRESET)".
+~173 s (backoff doubling from 0.5 s). Six is ~31 s: a dead upstream still fails the run
+within half a minute, and a model proxy that dies and restarts, even several times in a row,
+is ridden out (its socket reappears within a second or two; three restarts in 13 s beat five
+retries in the chaos run on 2 busy cores, failing the task with "Connection dropped
+(ECONNRESET)").
 """
 PROMPT_CHUNK: Final = 16 * 1024
 """Prompt characters per argv string (≤ 64 KiB of UTF-8, well under Linux's 128 KiB cap)."""
@@ -490,14 +491,6 @@ def _shorten(value: Any, limit: int) -> Any:
     if isinstance(value, list):
         return [_shorten(v, limit) for v in value]
     return value
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret replaced (belt and braces: none should be there)."""
-    for secret in secrets:
-        if secret and secret in text:
-            text = text.replace(secret, "[redacted]")
-    return text
 
 
 def env_lines(env: Mapping[str, str]) -> list[str]:

@@ -34,7 +34,7 @@ import msgspec
 import structlog
 
 from services.executor import agent
-from services.executor.model_proxy import ModelProxy
+from services.modelproxy.control import ModelSockets
 from shared import events as ev
 from shared.bus import Bus
 from shared.errors import Retry
@@ -48,8 +48,8 @@ KiB: Final = 1024
 
 NO_CREDENTIAL_MESSAGE: Final = (
     "no model credential is configured: set ANTHROPIC_API_KEY (or CLAUDE_CODE_OAUTH_TOKEN) "
-    "in the executor's environment; it is used by the executor's model proxy and never "
-    "enters the sandbox"
+    "in the model proxy's environment; only the model proxy uses it, and it never enters "
+    "the sandbox"
 )
 
 
@@ -94,7 +94,7 @@ class Executor:
         *,
         bus: Bus,
         driver: SandboxDriver,
-        proxy: ModelProxy,
+        proxy: ModelSockets,
         config: ExecutorConfig | None = None,
     ) -> None:
         self.bus = bus
@@ -102,8 +102,6 @@ class Executor:
         self.proxy = proxy
         self.config = config or ExecutorConfig()
         self._script = agent.wrapper_script(max_diff_bytes=self.config.max_diff_bytes)
-        credential = proxy.credential
-        self._secrets = [credential.secret] if credential is not None else []
 
     def worker(
         self,
@@ -143,7 +141,7 @@ class Executor:
         requested = history.requested
         if requested is None:
             raise Retry("the task's TaskRequested is not readable yet")
-        if self.proxy.credential is None:
+        if await self.proxy.credential_kind() is None:
             await self._fail(event, "no_credential", NO_CREDENTIAL_MESSAGE)
             log.warning("execution failed", code="no_credential")
             return
@@ -205,6 +203,7 @@ class Executor:
             )
         )
         await self.proxy.add_task(task_id)
+        log.info("following the agent", from_line=next_line)
         nonce = "sandstream-end-" + secrets_mod.token_hex(16)
         argv = agent.follow_argv(
             self._script, spec, from_line=next_line, nonce=nonce, port=cfg.model_port
@@ -281,7 +280,7 @@ class Executor:
         async def add(line: str) -> None:
             nonlocal pending_bytes, first_at, line_no
             transcript.feed(line)
-            line = agent.truncate_line(agent.redact(line, self._secrets), cfg.max_line_bytes)
+            line = agent.truncate_line(line, cfg.max_line_bytes)
             size = len(line.encode()) + 4
             if pending and pending_bytes + size > cfg.max_event_bytes - 1024:
                 await flush()
@@ -375,7 +374,7 @@ class Executor:
             return "sandbox_lost"
 
         result = transcript.result()
-        tokens = self.proxy.usage(task_id).as_dict()
+        tokens = (await self.proxy.usage(task_id)).as_dict()
         code: str | None = None
         message = ""
         exit_code = collected.exit_code
@@ -408,9 +407,7 @@ class Executor:
             "tenant": event.tenant,
             "causation_id": event.event_id,
             "attempt": event.attempt,
-            "text": agent.truncate_line(
-                agent.redact(result.text, self._secrets), cfg.max_text_bytes
-            ),
+            "text": agent.truncate_line(result.text, cfg.max_text_bytes),
             "num_turns": result.num_turns,
             "total_cost_usd": result.total_cost_usd,
             "usage": result.usage,
@@ -419,7 +416,7 @@ class Executor:
                 result.permission_denials, cfg.max_denials_bytes
             ),
             "duration_ms": result.duration_ms,
-            "diff": agent.redact(collected.diff, self._secrets),
+            "diff": collected.diff,
             "files_changed": collected.files_changed,
         }
         end: ev.Event
@@ -429,7 +426,7 @@ class Executor:
             end = ev.ExecutionFailed(
                 **common,
                 code=code,
-                message=agent.redact(message, self._secrets),
+                message=message,
                 exit_code=exit_code,
             )
         await self.bus.publish(end)
@@ -448,9 +445,7 @@ class Executor:
         if transcript is not None:
             result = transcript.result()
             extra = {
-                "text": agent.truncate_line(
-                    agent.redact(result.text, self._secrets), self.config.max_text_bytes
-                ),
+                "text": agent.truncate_line(result.text, self.config.max_text_bytes),
                 "session_id": result.session_id,
             }
         await self.bus.publish(
@@ -461,7 +456,7 @@ class Executor:
                 causation_id=event.event_id,
                 attempt=event.attempt,
                 code=code,
-                message=agent.redact(message, self._secrets),
+                message=message,
                 **extra,
             )
         )

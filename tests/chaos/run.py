@@ -1,7 +1,7 @@
 """The chaos run: start the system from its parts, load it, kill its parts, then audit it.
 
-1. start nats-server and the four services as processes of their own (:mod:`.system`), with
-   the fake model in this process answering after small random delays;
+1. start nats-server, the four services and the model proxy as processes of their own
+   (:mod:`.system`), with the fake model in this process answering after small random delays;
 2. submit the batch over HTTP with an ``Idempotency-Key`` per task, and follow every task
    as a client would (a third by SSE, a third by ``?wait`` long-polls, a third through the
    synchronous ``POST /execute``), reconnecting when cut;
@@ -63,7 +63,7 @@ class ChaosConfig:
     max_deliver: int = 8
     nats_restarts: int = 1
     targets: tuple[str, ...] = SERVICES
-    """The services that are killed (each at least once); all four by default."""
+    """The services that are killed (each at least once); all five by default."""
     tenants: int = 2
     task_timeout_s: int = 300
     submit_gap: float = 0.25

@@ -1,4 +1,5 @@
-"""The system under chaos, started from its parts: one nats-server and four service processes.
+"""The system under chaos, started from its parts: one nats-server, the four services and
+the model proxy, each its own process.
 
 Each part is a :class:`Part`: a child process with its own log file (appended across
 restarts), killed with SIGKILL and started again on demand. Children get ``PR_SET_PDEATHSIG``
@@ -30,7 +31,8 @@ from shared.sandbox import MANAGED_FILTER, DockerDriver, SandboxSpec
 from shared.settings import DEFAULT_IMAGE
 from tests.support.procs import free_port, nats_server_binary
 
-SERVICES: Final = ("gateway", "lifecycle", "executor", "storage")
+BUS_SERVICES: Final = ("gateway", "lifecycle", "executor", "storage")
+SERVICES: Final = (*BUS_SERVICES, "modelproxy")
 NATS: Final = "nats-server"
 DURABLES: Final = ("lifecycle-admit", "lifecycle", "executor", "storage")
 LABEL_INSTANCE: Final = "sandstream.instance"
@@ -181,7 +183,11 @@ class System:
         }
         for name in SERVICES:
             argv = [sys.executable, "-m", f"services.{name}"]
-            own = env | {"SANDSTREAM_NATS_NKEY": str(seed_path(self.identities, name))}
+            own = dict(env)
+            if name in BUS_SERVICES:
+                own["SANDSTREAM_NATS_NKEY"] = str(seed_path(self.identities, name))
+            if name != "modelproxy":  # the credential is the model proxy's alone
+                own.pop("ANTHROPIC_API_KEY")
             self.parts[name] = Part(name, argv, own, self.logs / f"{name}.log")
         self.bus: Bus | None = None
 

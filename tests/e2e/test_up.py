@@ -76,7 +76,9 @@ async def start_up(tmp: Path, fake: FakeModel, extra_env: dict[str, str] | None 
     log = tmp / "up.log"
     env = dict(
         os.environ,
-        SANDSTREAM_MODEL_UPSTREAM=fake.url,
+        # By name, so the model proxy resolves a host after it has given up root (its
+        # interpreter's files may then be unreadable: everything it needs must be loaded).
+        SANDSTREAM_MODEL_UPSTREAM=fake.url.replace("127.0.0.1", "localhost"),
         ANTHROPIC_API_KEY=SECRET,
         SANDSTREAM_ACK_WAIT_S="5",
         **(extra_env or {}),
@@ -402,6 +404,7 @@ def environ_of(pid: int) -> dict[str, str]:
 
 
 async def test_secrets_stay_with_the_process_that_uses_them(system: System) -> None:
+    """Only the model proxy has the model credential, and it runs without rights to Docker."""
     found = {}
     for child in children_of(system.proc.pid):
         cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
@@ -410,13 +413,35 @@ async def test_secrets_stay_with_the_process_that_uses_them(system: System) -> N
             "nats-server" if cmdline and cmdline[0].endswith(b"nats-server") else None,
         )
         if name:
-            found[name] = environ_of(child)
-    assert set(found) == {"nats-server", "gateway", "lifecycle", "executor", "storage"}
-    for name, env in found.items():
-        assert (env.get("ANTHROPIC_API_KEY") == SECRET) == (name == "executor"), name
-        assert SECRET not in str(env) or name == "executor", name
-        if name != "nats-server":  # each service connects as itself
+            found[name] = (child, environ_of(child))
+    assert set(found) == {
+        "nats-server", "gateway", "lifecycle", "executor", "storage", "modelproxy"
+    }  # fmt: skip
+    for name, (_, env) in found.items():
+        assert (env.get("ANTHROPIC_API_KEY") == SECRET) == (name == "modelproxy"), name
+        assert SECRET not in str(env) or name == "modelproxy", name
+        if name not in ("nats-server", "modelproxy"):  # each bus service connects as itself
             assert env["SANDSTREAM_NATS_NKEY"].endswith(f"/nats/{name}.nk")
+    # The model proxy has no bus identity and, `up` being root here, runs as the sandbox's
+    # uid without supplementary groups: the Docker socket is closed to it.
+    pid, env = found["modelproxy"]
+    assert "SANDSTREAM_NATS_NKEY" not in env
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    assert status["Uid"].split() == ["1000"] * 4 and status["Gid"].split() == ["1000"] * 4
+    assert status["Groups"].strip() == ""
+    # The same rights, tried: root reaches the engine, uid 1000 without groups does not.
+    probes = [
+        await asyncio.to_thread(
+            subprocess.run,
+            ["curl", "-sS", "--unix-socket", "/var/run/docker.sock", "http://docker/_ping"],
+            capture_output=True, text=True, timeout=30, **rights,  # type: ignore[arg-type]
+        )
+        for rights in ({}, {"user": 1000, "group": 1000, "extra_groups": []})
+    ]  # fmt: skip
+    assert probes[0].stdout == "OK", probes[0].stderr
+    assert probes[1].returncode == 7 and probes[1].stdout == "", probes[1]  # cannot connect
     # The data dir is private; the bus refuses a connection without an identity.
     assert system.data_dir.stat().st_mode & 0o077 == 0
     with pytest.raises(Unavailable):

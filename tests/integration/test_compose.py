@@ -41,15 +41,24 @@ def test_compose_keeps_each_secret_with_its_user(repo_root: Path) -> None:
         assert [s["source"] for s in services[name]["secrets"]] == [f"{name}_nkey"]
         # the MinIO root credential reaches no service
         assert "check-only" not in str(env)
-        # the model credential reaches only the executor
-        assert ("ANTHROPIC_API_KEY" in env) == (name == "executor")
+        # the model credential reaches no bus service
+        assert "ANTHROPIC_API_KEY" not in env
     assert services["storage"]["environment"]["AWS_SECRET_ACCESS_KEY"] == "storage-only"
     assert services["gateway"]["environment"]["AWS_SECRET_ACCESS_KEY"] == "gateway-only"
     assert "AWS_SECRET_ACCESS_KEY" not in services["lifecycle"]["environment"]
     # the gateway is published on loopback only (TLS belongs to a proxy in front)
     (port,) = services["gateway"]["ports"]
     assert str(port).startswith("127.0.0.1:"), port
-    assert ":" in services["nats"]["image"]
+    # the model proxy: the credential, the sockets and the executor's control socket, no
+    # Docker socket, no bus identity, the sandbox's uid
+    proxy = services["modelproxy"]
+    assert "ANTHROPIC_API_KEY" in proxy["environment"] and "secrets" not in proxy
+    assert proxy["user"] == "1000:1000"
+    assert not any("docker.sock" in str(v) for v in proxy["volumes"])
+    assert not any("/var/lib/sandstream/model" in str(v) for v in services["executor"]["volumes"])
+    # every image pinned to a release
+    for name in ("nats", "minio", "minio-bucket"):
+        assert ":" in services[name]["image"] and not services[name]["image"].endswith(":latest")
 
 
 def test_compose_file_is_valid(repo_root: Path) -> None:

@@ -27,12 +27,12 @@ import pytest
 import pytest_asyncio
 
 from services.executor import agent
-from services.executor.model_proxy import Credential, ModelProxy
 from services.executor.service import Executor, ExecutorConfig
+from services.modelproxy.proxy import Credential, ModelProxy
 from shared import events as ev
 from shared.bus import Bus
 from shared.errors import Unavailable
-from shared.sandbox import DockerDriver, SandboxSpec, sandbox_name
+from shared.sandbox import DockerDriver, SandboxSpec, sandbox_name, share_with_sandbox
 from shared.settings import DEFAULT_IMAGE
 from shared.worker import Delivery
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse
@@ -88,7 +88,8 @@ class Harness:
     async def sandbox(self, task_id: str, **options: int) -> str:
         """A hardened sandbox exactly as the lifecycle makes it, started."""
         folder = self.socket_dir / task_id
-        folder.mkdir(mode=0o755)
+        folder.mkdir()
+        share_with_sandbox(folder)
         spec = SandboxSpec(
             task_id=task_id,
             tenant=TENANT,
@@ -534,17 +535,23 @@ async def test_a_message_that_keeps_failing_ends_the_execution_as_internal(
 # ---- the executor as a process ---------------------------------------------------------------
 
 
-def executor_env(harness: Harness, nats: NatsServer) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("CLAUDE_CODE_OAUTH_TOKEN",)}
+def service_env(harness: Harness, nats: NatsServer, proxy_socket: Path) -> dict[str, str]:
+    """The environment of an executor process (the model credential left out) and of its
+    model proxy process (which gets :data:`SECRET` added)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY")
+    }
     env.update(
         **nats.env("executor"),
         SANDSTREAM_STREAM=harness.bus.stream.name,
         SANDSTREAM_SUBJECT_PREFIX=harness.bus.stream.subject_prefix,
         SANDSTREAM_DUPLICATE_WINDOW_S=str(harness.bus.stream.duplicate_window_s),
         SANDSTREAM_SOCKET_DIR=str(harness.socket_dir),
+        SANDSTREAM_PROXY_SOCKET=str(proxy_socket),
         SANDSTREAM_MODEL_UPSTREAM=harness.fake.url,
         SANDSTREAM_ACK_WAIT_S="2",
-        ANTHROPIC_API_KEY=SECRET,
     )
     return env
 
@@ -552,10 +559,10 @@ def executor_env(harness: Harness, nats: NatsServer) -> dict[str, str]:
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def start_executor(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+async def start_service(name: str, env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
     with log.open("ab") as out:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.executor", env=env, stdout=out, stderr=out,
+            sys.executable, "-m", f"services.{name}", env=env, stdout=out, stderr=out,
             cwd=str(REPO),
         )  # fmt: skip
 
@@ -569,9 +576,12 @@ async def test_sigkilled_executor_process_is_replaced_and_the_agent_runs_once(
         match=tag,
         replies=[ToolUse.write("b.txt", "b\n"), Reply(Text("survived"), hold=release)],
     )
-    env = executor_env(harness, nats_server)
+    env = service_env(harness, nats_server, tmp_path / "proxy.sock")
     log = tmp_path / "executor.log"
-    proc = await start_executor(env, log)
+    model_proxy = await start_service(
+        "modelproxy", env | {"ANTHROPIC_API_KEY": SECRET}, tmp_path / "proxy.log"
+    )
+    proc = await start_service("executor", env, log)
     try:
         task_id, _ = await harness.submit(f"survive {tag}")
         await harness.fake.wait_for(
@@ -579,19 +589,22 @@ async def test_sigkilled_executor_process_is_replaced_and_the_agent_runs_once(
         )
         proc.kill()
         await proc.wait()
-        proc = await start_executor(env, log)
-        await harness.fake.wait_for(
-            lambda: sum(r.reply_index == 1 for r in harness.fake.main_requests()) >= 2, 60
-        )
+        proc = await start_service("executor", env, log)
+        # The model proxy is another process: the agent's held call survives the executor.
+        # Once the redelivered message has the new executor following the agent, answer it.
+        async with asyncio.timeout(60):
+            while log.read_text().count('"following the agent"') < 2:
+                await asyncio.sleep(0.05)
         release.set()
         end = await wait_for_end(harness, task_id, 60)
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0, log.read_text()[-3000:]
     finally:
         release.set()
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        for each in (proc, model_proxy):
+            if each.returncode is None:
+                each.kill()
+                await each.wait()
 
     assert isinstance(end, ev.ExecutionCompleted), (end, log.read_text()[-3000:])
     assert end.text == "survived" and end.files_changed == ["b.txt"]

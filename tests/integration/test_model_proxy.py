@@ -1,4 +1,5 @@
-"""The executor's model proxy over real Unix sockets, in front of the scripted fake Messages API."""
+"""The model proxy over real Unix sockets, in front of the scripted fake Messages API; and the
+contract the executor relies on, run against the proxy in process and over its control socket."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ import pytest
 import pytest_asyncio
 import structlog
 
-from services.executor.model_proxy import OAUTH_BETA, Credential, ModelProxy
+from services.modelproxy.control import ModelSockets, ProxyClient, serve_control
+from services.modelproxy.proxy import OAUTH_BETA, Credential, ModelProxy
+from shared import events as ev
+from shared.errors import Unavailable
 from shared.sandbox import SANDBOX_UID
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse
 from tests.support.procs import free_port
@@ -169,7 +173,7 @@ async def test_only_the_messages_api_is_forwarded(proxy: ModelProxy, fake: FakeM
         )
         assert count.status == 200 and (await count.json())["input_tokens"] > 0
     assert [(r.method, r.path) for r in fake.requests] == [("POST", "/v1/messages/count_tokens")]
-    usage = proxy.usage("t_paths")
+    usage = await proxy.usage("t_paths")
     assert usage.requests == 1 and usage.input_tokens == 0  # counting is not consuming
 
 
@@ -190,7 +194,7 @@ async def test_streaming_passes_through_as_it_arrives(proxy: ModelProxy, fake: F
         release.set()
         rest = (await resp.content.read()).decode()
     assert "streamed" in rest and "message_stop" in rest
-    usage = proxy.usage("t_stream")
+    usage = await proxy.usage("t_stream")
     assert (usage.requests, usage.input_tokens, usage.output_tokens) == (1, 123, 45)
 
 
@@ -227,7 +231,7 @@ async def test_tokens_are_counted_per_task(proxy: ModelProxy, fake: FakeModel) -
             headers={"x-claude-code-session-id": "B"},
         )
         await resp.read()
-    ua, ub = proxy.usage("t_a"), proxy.usage("t_b")
+    ua, ub = await proxy.usage("t_a"), await proxy.usage("t_b")
     assert (ua.requests, ua.input_tokens, ua.output_tokens) == (2, 30, 7)
     assert (ub.requests, ub.input_tokens, ub.output_tokens) == (1, 7, 1)
     assert ua.as_dict()["cache_read_input_tokens"] == 0
@@ -246,7 +250,7 @@ async def test_upstream_errors_pass_through_and_unreachable_is_502(
             assert resp.status == 529
             assert "retry-after-ms" in resp.headers
             assert (await resp.json())["error"]["type"] == "overloaded_error"
-        assert proxy.usage("t_err").upstream_errors == 1
+        assert (await proxy.usage("t_err")).upstream_errors == 1
 
     dead = f"http://127.0.0.1:{free_port()}"
     with structlog.testing.capture_logs() as logs:
@@ -288,7 +292,7 @@ async def test_a_new_proxy_adopts_sockets_and_continues_the_count(
         assert await p2.adopt_existing() == ["t_keep"]
         async with client(path) as http:
             await (await http.post("http://s/v1/messages", json=body("x"))).read()
-        usage = p2.usage("t_keep")
+        usage = await p2.usage("t_keep")
         assert (usage.requests, usage.input_tokens, usage.output_tokens) == (2, 10, 4)
         await p2.remove_task("t_keep")
     assert os.listdir(socket_dir / "t_keep") == []
@@ -301,3 +305,68 @@ def test_credential_never_shows_its_value() -> None:
     oauth = Credential.from_env({"CLAUDE_CODE_OAUTH_TOKEN": "tok"})
     assert oauth is not None and oauth.kind == "oauth"
     assert Credential.from_env({"ANTHROPIC_API_KEY": "  "}) is None
+
+
+# ---- the executor's contract: in process and over the control socket ------------------------
+
+
+@pytest_asyncio.fixture(params=["in-process", "control-socket"])
+async def sockets(
+    request: pytest.FixtureRequest, proxy: ModelProxy, socket_dir: Path
+) -> AsyncIterator[ModelSockets]:
+    if request.param == "in-process":
+        yield proxy
+        return
+    path = socket_dir / "control.sock"
+    runner = await serve_control(proxy, path)
+    client = ProxyClient(path)
+    try:
+        yield client
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+async def test_contract_open_count_close(
+    sockets: ModelSockets, fake: FakeModel, socket_dir: Path
+) -> None:
+    task_id = ev.new_task_id()
+    assert await sockets.credential_kind() == "api_key"
+    assert (await sockets.usage(task_id)).requests == 0
+    await sockets.add_task(task_id)
+    await sockets.add_task(task_id)  # idempotent
+    path = socket_dir / task_id / "model.sock"
+    fake.script([Text("counted")], match="count me")
+    async with (
+        client(path) as http,
+        http.post(
+            "http://sandbox/v1/messages", json=body("count me"), headers=SANDBOX_HEADERS
+        ) as r,
+    ):
+        assert r.status == 200
+    usage = await sockets.usage(task_id)
+    assert usage.requests == 1 and usage.output_tokens > 0
+    await sockets.remove_task(task_id)
+    assert not path.exists()
+    assert (await sockets.usage(task_id)).requests == 0
+
+
+async def test_control_socket_is_private_and_checks_task_ids(
+    proxy: ModelProxy, socket_dir: Path
+) -> None:
+    path = socket_dir / "control.sock"
+    runner = await serve_control(proxy, path)
+    client = ProxyClient(path)
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        if os.getuid() == 0:
+            assert not connects_as(SANDBOX_UID, path)  # not even the agents' uid
+        for bad in ("..", "t_short", "t_" + "A" * 20):
+            with pytest.raises(RuntimeError, match="refused"):
+                await client.add_task(bad)
+        assert list(socket_dir.iterdir()) == [path]  # nothing was created for them
+    finally:
+        await client.close()
+        await runner.cleanup()
+    with pytest.raises(Unavailable, match="does not answer"):
+        await ProxyClient(path, wait_s=0.5).credential_kind()

@@ -1,5 +1,8 @@
 """The model proxy: the sandbox's only way out, and the only holder of the real credential.
 
+It runs in its own process (``services.modelproxy``), apart from the executor: it never has
+the Docker socket, the bus or root, and the executor never has the credential.
+
 One Unix socket per task at ``<socket_dir>/<task_id>/model.sock`` (the directory is
 bind-mounted into that task's sandbox at ``/run/sandstream``; socat inside makes it
 ``http://127.0.0.1:<port>``). Each socket has its own small aiohttp runner, so the task a
@@ -103,7 +106,7 @@ class Credential:
 
     @property
     def secret(self) -> str:
-        """The value itself: only for building headers and for redacting text."""
+        """The value itself: only for building headers."""
         return self._value
 
     def apply(self, headers: CIMultiDict[str]) -> None:
@@ -363,7 +366,11 @@ class ModelProxy:
             with contextlib.suppress(OSError):
                 site.path.unlink()
 
-    def usage(self, task_id: str) -> TaskUsage:
+    async def credential_kind(self) -> str | None:
+        """``"api_key"``, ``"oauth"`` or ``None``: never the value."""
+        return None if self.credential is None else self.credential.kind
+
+    async def usage(self, task_id: str) -> TaskUsage:
         """Requests and tokens of the task so far (zeros for an unknown task)."""
         found = self._usage.get(task_id)
         if found is None:

@@ -66,6 +66,22 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     model: str | None = None
     allowed_tools: list[str] | None = None
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    max_tokens: int | None = None
+    """Cap on the run's model tokens (input, cache and output), enforced by the model proxy."""
+    max_budget_usd: float | None = None
+    """Cap on the run's model cost, priced by the model proxy from the upstream's usage."""
+
+
+class ModelUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """What a task's model calls used, as the model proxy counted them from the upstream's
+    answers (never from what the agent reports)."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,7 +146,7 @@ class ExecutionCompleted(Event, frozen=True, kw_only=True, tag="ExecutionComplet
     duration_ms: int = 0
     diff: str = ""
     files_changed: list[str] = msgspec.field(default_factory=list)
-    model_tokens: dict[str, int] = msgspec.field(default_factory=dict)
+    model_usage: ModelUsage = msgspec.field(default_factory=ModelUsage)
     attempt: int = 1
 
 
@@ -138,7 +154,7 @@ class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
     """The agent could not produce a successful result.
 
     ``code`` is one of ``no_credential``, ``cli_error``, ``timeout``, ``sandbox_lost``,
-    ``oom``, ``pids_limit``, ``cancelled``, ``internal``.
+    ``oom``, ``pids_limit``, ``budget_exceeded``, ``cancelled``, ``internal``.
     """
 
     code: str
@@ -153,6 +169,7 @@ class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
     duration_ms: int = 0
     diff: str = ""
     files_changed: list[str] = msgspec.field(default_factory=list)
+    model_usage: ModelUsage = msgspec.field(default_factory=ModelUsage)
     attempt: int = 1
 
 

@@ -11,7 +11,7 @@ from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
 
-from shared.events import ErrorInfo, Usage
+from shared.events import ErrorInfo, ModelUsage, Usage
 
 ResultStatus: TypeAlias = Literal["succeeded", "failed", "cancelled", "timed_out"]
 
@@ -44,6 +44,9 @@ class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
     files_changed: list[str] = msgspec.field(default_factory=list)
     sandbox: Usage = msgspec.field(default_factory=Usage)
     """The sandbox the task ran in and what it used (from the lifecycle's ``SandboxStopped``)."""
+    model_usage: ModelUsage = msgspec.field(default_factory=ModelUsage)
+    """The model calls as the model proxy counted them (``total_cost_usd`` and ``usage`` are
+    what the agent's CLI reported)."""
     error: ErrorInfo | None = None
 
 

@@ -44,6 +44,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     rate_per_tenant: float = 50.0  # submissions per second (token bucket, burst 2x)
     max_queued_per_tenant: int = 1000  # tasks not yet terminal
     max_streams_per_tenant: int = 64  # open SSE streams
+    max_model_body_bytes: int = 8 * 1024 * 1024  # the model proxy's cap on a request body
+    max_model_connections: int = 16  # open model connections per task
+    allowed_models: tuple[str, ...] = ("claude-*",)  # globs
+    allow_server_tools: bool = False  # mcp_servers and server-side tools
+    model_prices: str = ""  # JSON: model glob -> USD per million tokens
 
     @property
     def tokens_path(self) -> Path:
@@ -94,6 +99,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     _at_least("SANDSTREAM_SANDBOX_MEMORY_MB", settings.sandbox_memory_mb, 64)
     _at_least("SANDSTREAM_SANDBOX_CPUS", settings.sandbox_cpus, 0.01)
     _at_least("SANDSTREAM_SANDBOX_PIDS", settings.sandbox_pids, 16)
+    _at_least("SANDSTREAM_MAX_MODEL_BODY_BYTES", settings.max_model_body_bytes, 64 * 1024)
+    _at_least("SANDSTREAM_MAX_MODEL_CONNECTIONS", settings.max_model_connections, 1)
+    if not settings.allowed_models:
+        raise SystemExit("SANDSTREAM_ALLOWED_MODELS names no model glob")
     return settings
 
 
@@ -135,4 +144,13 @@ def _read(env: Mapping[str, str]) -> Settings:
         rate_per_tenant=_float(env, "SANDSTREAM_RATE_PER_TENANT", 50.0),
         max_queued_per_tenant=_int(env, "SANDSTREAM_MAX_QUEUED_PER_TENANT", 1000),
         max_streams_per_tenant=_int(env, "SANDSTREAM_MAX_STREAMS_PER_TENANT", 64),
+        max_model_body_bytes=_int(env, "SANDSTREAM_MAX_MODEL_BODY_BYTES", 8 * 1024 * 1024),
+        max_model_connections=_int(env, "SANDSTREAM_MAX_MODEL_CONNECTIONS", 16),
+        allowed_models=tuple(
+            glob.strip()
+            for glob in (env.get("SANDSTREAM_ALLOWED_MODELS") or "claude-*").split(",")
+            if glob.strip()
+        ),
+        allow_server_tools=env.get("SANDSTREAM_ALLOW_SERVER_TOOLS", "") == "1",
+        model_prices=env.get("SANDSTREAM_MODEL_PRICES") or "",
     )

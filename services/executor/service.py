@@ -35,6 +35,8 @@ import structlog
 
 from services.executor import agent
 from services.modelproxy.control import ModelSockets
+from services.modelproxy.policy import Budget
+from services.modelproxy.proxy import TaskUsage
 from shared import events as ev
 from shared.bus import Bus
 from shared.errors import Retry
@@ -202,7 +204,9 @@ class Executor:
                 attempt=event.attempt,
             )
         )
-        await self.proxy.add_task(task_id)
+        await self.proxy.add_task(
+            task_id, Budget(max_tokens=spec.max_tokens, max_budget_usd=spec.max_budget_usd)
+        )
         log.info("following the agent", from_line=next_line)
         nonce = "sandstream-end-" + secrets_mod.token_hex(16)
         argv = agent.follow_argv(
@@ -374,12 +378,17 @@ class Executor:
             return "sandbox_lost"
 
         result = transcript.result()
-        tokens = (await self.proxy.usage(task_id)).as_dict()
+        counted = await self.proxy.usage(task_id)
         code: str | None = None
         message = ""
         exit_code = collected.exit_code
         succeeded = exit_code == 0 and result.found and not result.is_error
-        if succeeded:
+        if counted.budget_exceeded:
+            # The proxy refused a model call: whatever the agent made of that, the task did
+            # not get the run it asked for.
+            code = "budget_exceeded"
+            message = f"the model proxy stopped the run's model calls: {counted.budget_exceeded}"
+        elif succeeded:
             pass  # even past the deadline: it finished before it could be stopped
         elif not collected.started:
             code, message = "internal", "the agent run was claimed but never started"
@@ -418,10 +427,11 @@ class Executor:
             "duration_ms": result.duration_ms,
             "diff": collected.diff,
             "files_changed": collected.files_changed,
+            "model_usage": _model_usage(counted),
         }
         end: ev.Event
         if code is None:
-            end = ev.ExecutionCompleted(**common, is_error=False, exit_code=0, model_tokens=tokens)
+            end = ev.ExecutionCompleted(**common, is_error=False, exit_code=0)
         else:
             end = ev.ExecutionFailed(
                 **common,
@@ -493,3 +503,14 @@ def _cli_error_message(exit_code: int | None, result: agent.AgentResult, stderr:
     where = f"exited with code {exit_code}" if exit_code is not None else "ended without a status"
     what = f"the agent {where}" + ("" if result.found else " without a result")
     return f"{what}; stderr: {stderr[-1000:]}" if stderr else what
+
+
+def _model_usage(counted: TaskUsage) -> ev.ModelUsage:
+    return ev.ModelUsage(
+        requests=counted.requests,
+        input_tokens=counted.input_tokens,
+        output_tokens=counted.output_tokens,
+        cache_creation_input_tokens=counted.cache_creation_input_tokens,
+        cache_read_input_tokens=counted.cache_read_input_tokens,
+        cost_usd=round(counted.cost_usd, 6),
+    )

@@ -20,6 +20,8 @@ ToolName = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\
 MetaKey = Annotated[str, Meta(min_length=1, max_length=128)]
 MetaValue = Annotated[str, Meta(max_length=1024)]
 Metadata = Annotated[dict[MetaKey, MetaValue], Meta(max_length=32)]
+MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000_000)]
+MaxBudgetUsd = Annotated[float, Meta(gt=0, le=100_000)]
 
 
 class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -31,6 +33,8 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: Model | None = None
     allowed_tools: Annotated[list[ToolName], Meta(max_length=64)] | None = None
     metadata: Metadata = msgspec.field(default_factory=dict)
+    max_tokens: MaxTokens | None = None
+    max_budget_usd: MaxBudgetUsd | None = None
 
     def spec(self) -> TaskSpec:
         return TaskSpec(
@@ -40,6 +44,8 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             model=self.model,
             allowed_tools=self.allowed_tools,
             metadata=self.metadata,
+            max_tokens=self.max_tokens,
+            max_budget_usd=self.max_budget_usd,
         )
 
 
@@ -53,6 +59,8 @@ class ExecuteRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: Model | None = None
     allowed_tools: Annotated[list[ToolName], Meta(max_length=64)] | None = None
     metadata: Metadata = msgspec.field(default_factory=dict)
+    max_tokens: MaxTokens | None = None
+    max_budget_usd: MaxBudgetUsd | None = None
 
     def as_task(self) -> TaskRequest:
         return TaskRequest(
@@ -62,6 +70,8 @@ class ExecuteRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             model=self.model,
             allowed_tools=self.allowed_tools,
             metadata=self.metadata,
+            max_tokens=self.max_tokens,
+            max_budget_usd=self.max_budget_usd,
         )
 
 

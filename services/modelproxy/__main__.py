@@ -21,6 +21,7 @@ from pathlib import Path
 import structlog
 
 from services.modelproxy.control import serve_control
+from services.modelproxy.policy import Prices, ProxyPolicy
 from services.modelproxy.proxy import Credential, ModelProxy
 from shared import service
 from shared.sandbox import SANDBOX_UID
@@ -43,6 +44,21 @@ def drop_privileges(uid: int = SANDBOX_UID) -> None:
     os.setuid(uid)
 
 
+def policy(settings: Settings) -> ProxyPolicy:
+    """The proxy's limits from the settings; a price table that does not parse exits."""
+    try:
+        Prices.parse(settings.model_prices)
+    except ValueError as exc:
+        raise SystemExit(f"SANDSTREAM_MODEL_PRICES: {exc}") from None
+    return ProxyPolicy(
+        max_body_bytes=settings.max_model_body_bytes,
+        max_connections=settings.max_model_connections,
+        allowed_models=settings.allowed_models,
+        allow_server_tools=settings.allow_server_tools,
+        prices=settings.model_prices,
+    )
+
+
 def own_socket_dir(socket_dir: Path) -> None:
     """Create the folder of the task sockets; as root, hand it to the sandbox's uid, 0700."""
     socket_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +79,10 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     control_path.parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
         proxy = ModelProxy(
-            socket_dir=Path("."), upstream=settings.model_upstream, credential=credential
+            socket_dir=Path("."),
+            upstream=settings.model_upstream,
+            credential=credential,
+            policy=policy(settings),
         )
         control = await serve_control(proxy, control_path)
         stack.push_async_callback(control.cleanup)

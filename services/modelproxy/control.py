@@ -2,7 +2,8 @@
 private Unix socket (``SANDSTREAM_PROXY_SOCKET``, mode 0600, never mounted into a sandbox).
 
 - ``GET /health``: ``{"credential": "api_key" | "oauth" | null}``, never the value;
-- ``PUT /tasks/{task_id}``: listen on the task's model socket (idempotent), ``204``;
+- ``PUT /tasks/{task_id}``: listen on the task's model socket (idempotent), ``204``; the
+  body, if any, is the task's :class:`~.policy.Budget`;
 - ``GET /tasks/{task_id}/usage``: the task's requests and tokens so far;
 - ``DELETE /tasks/{task_id}``: stop listening, forget the task, ``204``.
 
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Final, Protocol
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
+from services.modelproxy.policy import Budget
 from services.modelproxy.proxy import ModelProxy, TaskUsage
 from shared import events as ev
 from shared.errors import Unavailable
@@ -36,7 +39,7 @@ class ModelSockets(Protocol):
 
     async def credential_kind(self) -> str | None: ...
 
-    async def add_task(self, task_id: str) -> object: ...
+    async def add_task(self, task_id: str, budget: Budget | None = None) -> object: ...
 
     async def remove_task(self, task_id: str) -> None: ...
 
@@ -56,8 +59,13 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _add(request: web.Request) -> web.Response:
     task_id = _task_id(request)
+    raw = await request.read()
     try:
-        await request.app[PROXY_KEY].add_task(task_id)
+        budget = msgspec.json.decode(raw, type=Budget) if raw else None
+    except msgspec.DecodeError as exc:
+        raise web.HTTPBadRequest(text=f"not a budget: {exc}", content_type="text/plain") from None
+    try:
+        await request.app[PROXY_KEY].add_task(task_id, budget)
     except (ValueError, OSError) as exc:
         return web.json_response({"error": str(exc)}, status=500)
     return web.Response(status=204)
@@ -118,7 +126,7 @@ class ProxyClient:
             await self._session.close()
             self._session = None
 
-    async def _call(self, method: str, url: str) -> aiohttp.ClientResponse:
+    async def _call(self, method: str, url: str, body: bytes = b"") -> aiohttp.ClientResponse:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=str(self.path)),
@@ -129,7 +137,7 @@ class ProxyClient:
         pause = 0.05
         while True:
             try:
-                resp = await self._session.request(method, "http://model-proxy" + url)
+                resp = await self._session.request(method, "http://model-proxy" + url, data=body)
                 body = await resp.read()
                 break
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -153,8 +161,9 @@ class ProxyClient:
         kind = (await resp.json()).get("credential")
         return kind if isinstance(kind, str) else None
 
-    async def add_task(self, task_id: str) -> None:
-        await self._call("PUT", f"/tasks/{task_id}")
+    async def add_task(self, task_id: str, budget: Budget | None = None) -> None:
+        body = msgspec.json.encode(budget) if budget is not None else b""
+        await self._call("PUT", f"/tasks/{task_id}", body)
 
     async def remove_task(self, task_id: str) -> None:
         await self._call("DELETE", f"/tasks/{task_id}")

@@ -14,6 +14,8 @@ For every request it:
 - forwards only ``POST /v1/messages`` and ``POST /v1/messages/count_tokens`` (query string
   kept) to the upstream; other ``/v1/`` paths get ``403``, anything else ``404``, both as
   Anthropic-shaped JSON errors;
+- screens the body (:mod:`.policy`): size, read time, fields, model, the task's budget;
+  never follows a redirect;
 - drops whatever credential the sandbox sent (``x-api-key``, ``authorization``) and adds the
   real one: ``ANTHROPIC_API_KEY`` as ``x-api-key``, else ``CLAUDE_CODE_OAUTH_TOKEN`` as a
   bearer token;
@@ -40,10 +42,12 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import aiohttp
+import msgspec
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from services.modelproxy.policy import Budget, Prices, ProxyPolicy, Refused, screen
 from shared.sandbox import share_with_sandbox
 
 log = structlog.get_logger("sandstream.model_proxy")
@@ -52,7 +56,7 @@ SOCKET_NAME: Final = "model.sock"
 USAGE_FILE: Final = "usage.json"
 MESSAGES_PATHS: Final = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 OAUTH_BETA: Final = "oauth-2025-04-20"
-MAX_BODY: Final = 64 * 1024 * 1024
+BUDGET_FILE: Final = "budget.json"
 MAX_JSON_USAGE_BODY: Final = 32 * 1024 * 1024
 _SUN_PATH_MAX: Final = 107
 _TASK_ID_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -134,19 +138,43 @@ class TaskUsage:
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    cost_usd: float = 0.0
+    refused: int = 0
+    """Calls the policy refused (size, fields, model, budget)."""
+    budget_exceeded: str = ""
+    """Why the task's budget refused a call (``""``: it never did)."""
 
-    def add(self, usage: Mapping[str, int]) -> None:
+    @property
+    def tokens(self) -> int:
+        return (
+            self.input_tokens
+            + self.output_tokens
+            + self.cache_creation_input_tokens
+            + self.cache_read_input_tokens
+        )
+
+    def add(self, usage: Mapping[str, int], cost_usd: float) -> None:
         self.input_tokens += usage.get("input_tokens", 0)
         self.output_tokens += usage.get("output_tokens", 0)
         self.cache_creation_input_tokens += usage.get("cache_creation_input_tokens", 0)
         self.cache_read_input_tokens += usage.get("cache_read_input_tokens", 0)
+        self.cost_usd += cost_usd
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskUsage:
-        known = {k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        known: dict[str, Any] = {}
+        for name, value in data.items():
+            default = cls.__dataclass_fields__.get(name)
+            if default is None:
+                continue
+            kind = type(getattr(cls(), name))
+            if isinstance(value, kind) and not isinstance(value, bool):
+                known[name] = value
+            elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+                known[name] = float(value)
         return cls(**known)
 
 
@@ -166,6 +194,10 @@ def _usage_of(raw: Any) -> dict[str, int]:
         for k in _USAGE_KEYS
         if isinstance(v := raw.get(k), int | float) and not isinstance(v, bool)
     }
+
+
+class TooLarge(Refused):
+    """A body over the size cap (``413``)."""
 
 
 class SseUsage:
@@ -213,11 +245,19 @@ def _error(status: int, kind: str, message: str) -> web.Response:
 
 
 class _Site:
-    """One task's socket and the runner serving it."""
+    """One task's socket, the server listening on it and the runner serving it."""
 
-    def __init__(self, runner: web.AppRunner, path: Path) -> None:
+    def __init__(self, runner: web.AppRunner, server: asyncio.Server, path: Path) -> None:
         self.runner = runner
+        self.server = server
         self.path = path
+
+
+class _Closed(asyncio.Protocol):
+    """A connection past the task's cap: closed as soon as it is accepted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 
 class ModelProxy:
@@ -234,6 +274,7 @@ class ModelProxy:
         socket_dir: Path,
         upstream: str,
         credential: Credential | None,
+        policy: ProxyPolicy | None = None,
         session: aiohttp.ClientSession | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 600.0,
@@ -241,6 +282,8 @@ class ModelProxy:
         self.socket_dir = Path(socket_dir)
         self.upstream = upstream.rstrip("/")
         self.credential = credential
+        self.policy = policy or ProxyPolicy()
+        self._prices = Prices.parse(self.policy.prices)
         self._session = session
         self._owns_session = session is None
         self._timeout = aiohttp.ClientTimeout(
@@ -248,6 +291,7 @@ class ModelProxy:
         )
         self._sites: dict[str, _Site] = {}
         self._usage: dict[str, TaskUsage] = {}
+        self._budgets: dict[str, Budget] = {}
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> ModelProxy:
@@ -283,16 +327,22 @@ class ModelProxy:
     def tasks(self) -> list[str]:
         return list(self._sites)
 
-    async def add_task(self, task_id: str) -> Path:
+    async def add_task(self, task_id: str, budget: Budget | None = None) -> Path:
         """Listen on the task's socket (idempotent); returns its path.
 
         Creates ``<socket_dir>/<task_id>/`` when missing. A stale socket file (left by a
-        previous executor) is replaced. Raises ``ValueError`` for a task id that is not a safe
-        file name or a path too long for a Unix socket, ``OSError`` when binding fails.
+        previous proxy) is replaced. ``budget`` (kept next to the socket, so a restarted proxy
+        keeps enforcing it) replaces the task's earlier one when given. Raises ``ValueError``
+        for a task id that is not a safe file name or a path too long for a Unix socket,
+        ``OSError`` when binding fails.
         """
         if not _TASK_ID_RE.match(task_id):
             raise ValueError(f"task id {task_id!r} is not usable as a socket directory name")
         path = self.socket_path(task_id)
+        if budget is not None:
+            self._budgets[task_id] = budget
+        elif task_id not in self._budgets:
+            self._budgets[task_id] = self._load_budget(task_id)
         site = self._sites.get(task_id)
         if site is not None:
             if path.is_socket():
@@ -302,30 +352,43 @@ class ModelProxy:
             raise ValueError(f"socket path too long for a Unix socket ({len(str(path))}): {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         share_with_sandbox(path.parent)
+        if budget is not None:
+            self._save(task_id, BUDGET_FILE, msgspec.json.encode(budget))
         if task_id not in self._usage:
             self._usage[task_id] = self._load_usage(task_id)
             self._save_usage(task_id, self._usage[task_id])  # also marks the dir as ours
         # Served from an empty context: requests must not inherit the log context (message
         # ids, sequence) of whichever handler happened to open the socket.
-        runner = await asyncio.create_task(self._serve(task_id, path), context=Context())
-        self._sites[task_id] = _Site(runner, path)
+        self._sites[task_id] = await asyncio.create_task(
+            self._serve(task_id, path), context=Context()
+        )
         log.debug("model socket listening", task_id=task_id)
         return path
 
-    async def _serve(self, task_id: str, path: Path) -> web.AppRunner:
-        app = web.Application(client_max_size=MAX_BODY)
+    async def _serve(self, task_id: str, path: Path) -> _Site:
+        app = web.Application(client_max_size=self.policy.max_body_bytes)
         app[TASK_KEY] = task_id
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
+        handlers = runner.server
+        assert handlers is not None
+        cap = self.policy.max_connections
+
+        def accept() -> asyncio.Protocol:
+            # Past the cap the connection is closed at once: one sandbox cannot hold more of
+            # this process's sockets and buffers than that.
+            if len(handlers.connections) >= cap:
+                return _Closed()
+            return handlers()
+
         try:
-            site = web.UnixSite(runner, str(path))
-            await site.start()
+            server = await asyncio.get_running_loop().create_unix_server(accept, str(path))
             share_with_sandbox(path)
         except BaseException:
             await runner.cleanup()
             raise
-        return runner
+        return _Site(runner, server, path)
 
     async def adopt_existing(self) -> list[str]:
         """Listen again on every task socket left in ``socket_dir`` (after a restart).
@@ -352,8 +415,9 @@ class ModelProxy:
         """Stop listening for the task; remove its socket and usage files (absent is fine)."""
         await self._stop_site(task_id, unlink=True)
         self._usage.pop(task_id, None)
+        self._budgets.pop(task_id, None)
         if _TASK_ID_RE.match(task_id):
-            for name in (SOCKET_NAME, USAGE_FILE):
+            for name in (SOCKET_NAME, USAGE_FILE, BUDGET_FILE):
                 with contextlib.suppress(OSError):
                     (self.socket_dir / task_id / name).unlink()
 
@@ -361,6 +425,7 @@ class ModelProxy:
         site = self._sites.pop(task_id, None)
         if site is None:
             return
+        site.server.close()
         await site.runner.cleanup()
         if unlink:
             with contextlib.suppress(OSError):
@@ -385,14 +450,24 @@ class ModelProxy:
         except (OSError, ValueError, TypeError):
             return TaskUsage()
 
-    def _save_usage(self, task_id: str, usage: TaskUsage) -> None:
-        folder = self.socket_dir / task_id
-        tmp = folder / f".{USAGE_FILE}.tmp"
+    def _load_budget(self, task_id: str) -> Budget:
         try:
-            tmp.write_text(json.dumps(usage.as_dict()))
-            tmp.replace(folder / USAGE_FILE)
+            raw = (self.socket_dir / task_id / BUDGET_FILE).read_bytes()
+            return msgspec.json.decode(raw, type=Budget)
+        except (OSError, msgspec.DecodeError):
+            return Budget()
+
+    def _save_usage(self, task_id: str, usage: TaskUsage) -> None:
+        self._save(task_id, USAGE_FILE, json.dumps(usage.as_dict()).encode())
+
+    def _save(self, task_id: str, name: str, data: bytes) -> None:
+        folder = self.socket_dir / task_id
+        tmp = folder / f".{name}.tmp"
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(folder / name)
         except OSError as exc:
-            log.debug("usage not saved", task_id=task_id, error=str(exc))
+            log.debug("not saved", file=name, task_id=task_id, error=str(exc))
 
     # ---- requests ------------------------------------------------------------------------
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -416,7 +491,15 @@ class ModelProxy:
         usage = self._usage.setdefault(task_id, TaskUsage())
         usage.requests += 1
         started = time.monotonic()
-        body = await request.read()
+        try:
+            body, model = await self._screen(request, task_id, usage)
+        except Refused as exc:
+            usage.refused += 1
+            self._save_usage(task_id, usage)
+            log.info("model request refused", task_id=task_id, path=path, reason=str(exc))
+            status = 413 if isinstance(exc, TooLarge) else 400
+            kind = "request_too_large" if status == 413 else "invalid_request_error"
+            return _error(status, kind, f"Sandstream's model proxy refused the request: {exc}")
         headers: CIMultiDict[str] = CIMultiDict(
             (k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST
         )
@@ -425,7 +508,9 @@ class ModelProxy:
         if request.query_string:
             url += "?" + request.query_string
         try:
-            upstream = await self._session.post(url, data=body, headers=headers)
+            upstream = await self._session.post(
+                url, data=body, headers=headers, allow_redirects=False
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             usage.upstream_errors += 1
             log.warning("model upstream unreachable", task_id=task_id, error=type(exc).__name__)
@@ -470,7 +555,7 @@ class ModelProxy:
                             parsed = json.loads(json_body)
                             if isinstance(parsed, dict):
                                 counted = _usage_of(parsed.get("usage"))
-                    usage.add(counted)
+                    usage.add(counted, self._prices.cost(model, counted))
                 self._save_usage(task_id, usage)
         log.debug(
             "model request",
@@ -481,3 +566,33 @@ class ModelProxy:
             **counted,
         )
         return out
+
+    async def _screen(
+        self, request: web.Request, task_id: str, usage: TaskUsage
+    ) -> tuple[bytes, str]:
+        """The body to forward and its model; raises :class:`Refused`."""
+        declared = request.content_length
+        if declared is not None and declared > self.policy.max_body_bytes:
+            raise TooLarge(f"the body is larger than {self.policy.max_body_bytes} bytes")
+        try:
+            async with asyncio.timeout(self.policy.body_timeout_s):
+                raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise TooLarge(f"the body is larger than {self.policy.max_body_bytes} bytes") from None
+        except TimeoutError:
+            raise Refused(
+                f"the body was not sent within {self.policy.body_timeout_s:g} s"
+            ) from None
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            raise Refused("the request body is not JSON") from None
+        screened, removed = screen(parsed, self.policy)
+        if removed:
+            log.warning("model request fields removed", task_id=task_id, removed=removed)
+        reason = self._budgets.get(task_id, Budget()).exceeded(usage.tokens, usage.cost_usd)
+        if reason:
+            usage.budget_exceeded = reason
+            raise Refused(f"budget exceeded: {reason}")
+        body = raw if not removed else json.dumps(screened).encode()
+        return body, str(screened["model"])

@@ -85,6 +85,7 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
         diff=execution.diff,
         files_changed=list(execution.files_changed),
         sandbox=sandbox,
+        model_usage=execution.model_usage,
         error=error,
     )
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import msgspec
 import pytest
 import pytest_asyncio
+import structlog
+import structlog.testing
 
 from services.executor import agent
 from services.executor.service import Executor, ExecutorConfig
@@ -189,8 +191,11 @@ async def test_write_task_completes_with_diff_and_the_key_stays_outside(
         task_id, sandbox_started = await harness.submit(
             f"write hello {tag}", setup="echo seed > seed.txt && mkdir docs && echo d > docs/d.md"
         )
-        await executor.worker().run_until_idle()
+        with structlog.testing.capture_logs() as logged:
+            await executor.worker().run_until_idle()
         events = await harness.history(task_id)
+    # The pinned CLI sends only fields the proxy forwards: nothing of its was dropped.
+    assert not [e for e in logged if e["event"] == "model request fields removed"], logged
 
     (end,) = ends(events)
     assert isinstance(end, ev.ExecutionCompleted), end
@@ -203,8 +208,9 @@ async def test_write_task_completes_with_diff_and_the_key_stays_outside(
     listing = await harness.driver.exec(sandbox_name(task_id), ["ls", "-a", "/workspace"])
     assert listing.output.split() == [b".", b"..", b"docs", b"hello.txt", b"seed.txt"]
     assert end.permission_denials == []
-    assert end.model_tokens["requests"] >= 2
-    assert end.model_tokens["input_tokens"] >= 200 and end.model_tokens["output_tokens"] >= 40
+    assert end.model_usage.requests >= 2
+    assert end.model_usage.input_tokens >= 200 and end.model_usage.output_tokens >= 40
+    assert end.model_usage.cost_usd > 0
 
     types = [ev.type_name(type(e)) for e in events]
     assert types[:3] == ["TaskRequested", "SandboxStarted", "ExecutionStarted"]
@@ -278,6 +284,30 @@ async def test_cli_error_is_reported_as_failure(harness: Harness) -> None:
     assert isinstance(end, ev.ExecutionFailed), end
     assert end.code == "cli_error"
     assert end.message
+
+
+async def test_a_run_past_its_token_budget_ends_budget_exceeded(harness: Harness) -> None:
+    """The proxy counts what the upstream reports; the call after the cap is refused, the CLI
+    gives up, and the task says why, with the usage so far."""
+    tag = marker()
+    harness.fake.script(
+        match=tag,
+        replies=[
+            Reply(ToolUse.write("a.txt", "a\n"), input_tokens=400, output_tokens=100),
+            Text("never reached"),
+        ],
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(f"spend {tag}", max_tokens=300)
+        await executor.worker().run_until_idle()
+        (end,) = ends(await harness.history(task_id))
+
+    assert isinstance(end, ev.ExecutionFailed), end
+    assert end.code == "budget_exceeded", end.message
+    assert "its max_tokens is 300" in end.message
+    assert end.model_usage.input_tokens >= 400 and end.model_usage.output_tokens >= 100
+    assert len(harness.fake.main_requests()) == 1  # the second call never left the proxy
 
 
 async def test_a_stopped_executor_is_replaced_and_the_agent_runs_once(harness: Harness) -> None:

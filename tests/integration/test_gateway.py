@@ -106,6 +106,23 @@ BAD_REQUESTS: list[tuple[str, dict[str, str] | None, Any, int, str, str | None]]
     ("timeout string", None, {"prompt": "x", "timeout_s": "10"}, 422, "invalid_field", "timeout_s"),
     ("max_turns zero", None, {"prompt": "x", "max_turns": 0}, 422, "invalid_field", "max_turns"),
     ("max_turns big", None, {"prompt": "x", "max_turns": 501}, 422, "invalid_field", "max_turns"),
+    ("max_tokens zero", None, {"prompt": "x", "max_tokens": 0}, 422, "invalid_field", "max_tokens"),
+    (
+        "budget not positive",
+        None,
+        {"prompt": "x", "max_budget_usd": 0},
+        422,
+        "invalid_field",
+        "max_budget_usd",
+    ),
+    (
+        "budget a string",
+        None,
+        {"prompt": "x", "max_budget_usd": "5"},
+        422,
+        "invalid_field",
+        "max_budget_usd",
+    ),
     (
         "tools not list",
         None,

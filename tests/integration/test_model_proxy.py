@@ -19,8 +19,10 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import structlog
+from aiohttp import web
 
 from services.modelproxy.control import ModelSockets, ProxyClient, serve_control
+from services.modelproxy.policy import Budget, Prices, ProxyPolicy
 from services.modelproxy.proxy import OAUTH_BETA, Credential, ModelProxy
 from shared import events as ev
 from shared.errors import Unavailable
@@ -370,3 +372,221 @@ async def test_control_socket_is_private_and_checks_task_ids(
         await runner.cleanup()
     with pytest.raises(Unavailable, match="does not answer"):
         await ProxyClient(path, wait_s=0.5).credential_kind()
+
+
+# ---- what the proxy lets through -----------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def strict(fake: FakeModel, socket_dir: Path) -> AsyncIterator[ModelProxy]:
+    policy = ProxyPolicy(
+        max_body_bytes=64 * 1024,
+        max_connections=3,
+        body_timeout_s=0.5,
+        prices=json.dumps({"claude-test*": [3, 15, 3.75, 0.3]}),
+    )
+    async with ModelProxy(
+        socket_dir=socket_dir,
+        upstream=fake.url,
+        credential=Credential("api_key", SECRET),
+        policy=policy,
+    ) as p:
+        yield p
+
+
+async def post(path: Path, payload: Any) -> tuple[int, dict[str, Any]]:
+    async with client(path) as http, http.post("http://s/v1/messages", json=payload) as r:
+        return r.status, await r.json()
+
+
+async def test_a_body_over_the_cap_is_413_and_never_forwarded(
+    strict: ModelProxy, fake: FakeModel
+) -> None:
+    path = await strict.add_task("t_big")
+    status, answer = await post(path, body("x" * 70_000))
+    assert status == 413 and answer["error"]["type"] == "request_too_large"
+    assert fake.requests == []
+    assert (await strict.usage("t_big")).refused == 1
+
+
+async def test_only_messages_fields_and_plain_tools_are_forwarded(
+    strict: ModelProxy, fake: FakeModel, socket_dir: Path
+) -> None:
+    fake.script([Text("screened")], match="screen me")
+    path = await strict.add_task("t_fields")
+    tools = [
+        {"name": "Write", "input_schema": {"type": "object"}},
+        {"type": "custom", "name": "Mine", "input_schema": {"type": "object"}},
+        {"type": "web_search_20250305", "name": "web_search"},
+        {"type": "code_execution_20250522", "name": "code_execution"},
+    ]
+    payload = body(
+        "screen me",
+        tools=tools,
+        mcp_servers=[{"type": "url", "url": "https://example.invalid/mcp", "name": "x"}],
+        container="c_1",
+        surprise={"a": 1},
+    )
+    status, _ = await post(path, payload)
+    assert status == 200
+    (rec,) = fake.requests
+    assert set(rec.body) == {"model", "max_tokens", "tools", "messages"}
+    assert [t["name"] for t in rec.body["tools"]] == ["Write", "Mine"]
+    # An operator may allow server-side tools; unknown fields still go.
+    async with ModelProxy(
+        socket_dir=socket_dir,
+        upstream=fake.url,
+        credential=Credential("api_key", SECRET),
+        policy=ProxyPolicy(allow_server_tools=True),
+    ) as lenient:
+        fake.script([Text("allowed")], match="screen me")
+        status, _ = await post(await lenient.add_task("t_server"), payload)
+    assert status == 200
+    assert {"mcp_servers", "container"} <= set(fake.requests[-1].body) and len(
+        fake.requests[-1].body["tools"]
+    ) == 4
+    assert "surprise" not in fake.requests[-1].body
+
+
+async def test_a_model_not_allowed_is_refused(fake: FakeModel, socket_dir: Path) -> None:
+    async with ModelProxy(
+        socket_dir=socket_dir,
+        upstream=fake.url,
+        credential=Credential("api_key", SECRET),
+        policy=ProxyPolicy(allowed_models=("claude-sonnet-*",)),
+    ) as proxy:
+        path = await proxy.add_task("t_model")
+        status, answer = await post(path, body("x"))  # model claude-test
+        assert status == 400 and "'claude-test' is not allowed" in answer["error"]["message"]
+        status, answer = await post(path, {"messages": []})
+        assert status == 400 and "names no model" in answer["error"]["message"]
+    assert fake.requests == []
+
+
+async def test_redirects_are_not_followed(socket_dir: Path) -> None:
+    """An upstream answering 307 elsewhere: the proxy hands the 307 back and never sends the
+    request, or the credential, to the other place."""
+    hits: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        hits.append(request.headers.get("x-api-key", ""))
+        return web.json_response({})
+
+    other = web.Application()
+    other.router.add_post("/v1/messages", elsewhere)
+    other_port = free_port()
+    redirecting = web.Application()
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{other_port}/v1/messages")
+
+    redirecting.router.add_post("/v1/messages", redirect)
+    runners = []
+    port = free_port()
+    for app, at in ((other, other_port), (redirecting, port)):
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", at).start()
+        runners.append(runner)
+    try:
+        async with ModelProxy(
+            socket_dir=socket_dir,
+            upstream=f"http://127.0.0.1:{port}",
+            credential=Credential("api_key", SECRET),
+        ) as proxy:
+            path = await proxy.add_task("t_redirect")
+            async with (
+                client(path) as http,
+                http.post("http://s/v1/messages", json=body("x"), allow_redirects=False) as r,
+            ):
+                assert r.status == 307
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    assert hits == []
+
+
+async def first_line(path: Path) -> bytes:
+    """The status line a new connection gets to a small request (``b""``: closed unanswered)."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(b"GET /nothing HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n")
+        return await asyncio.wait_for(reader.readline(), 10)
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_connections_past_the_cap_are_closed(strict: ModelProxy) -> None:
+    path = await strict.add_task("t_conns")
+    held = []
+    for _ in range(3):  # up to the cap, each connection is served (and keeps its slot)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b"GET /nothing HTTP/1.1\r\nHost: s\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 404")
+        held.append(writer)
+    assert await first_line(path) == b""
+    held.pop().close()  # a slot frees up once a held connection is gone
+    async with asyncio.timeout(10):
+        while not (line := await first_line(path)):
+            await asyncio.sleep(0.01)
+    assert line.startswith(b"HTTP/1.1 404")
+    for writer in held:
+        writer.close()
+
+
+async def test_a_body_that_never_arrives_is_refused(strict: ModelProxy) -> None:
+    path = await strict.add_task("t_slow")
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: s\r\nContent-Length: 100\r\n\r\n{")
+    status = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 400")
+
+
+async def test_the_budget_refuses_the_call_past_the_cap_and_survives_a_restart(
+    strict: ModelProxy, fake: FakeModel, socket_dir: Path
+) -> None:
+    fake.script(
+        match="spend",
+        replies=[
+            Reply(ToolUse.bash("ls"), input_tokens=1000, output_tokens=200),
+            Reply(Text("never"), input_tokens=1000, output_tokens=200),
+        ],
+    )
+    path = await strict.add_task("t_budget", Budget(max_tokens=1000))
+    status, _ = await post(path, body("spend"))
+    assert status == 200
+    usage = await strict.usage("t_budget")
+    assert usage.tokens == 1200 and usage.budget_exceeded == ""
+    # priced by the table: 1000 in at $3, 200 out at $15 per million tokens
+    assert usage.cost_usd == pytest.approx(0.006)
+    status, answer = await post(path, body("spend"))
+    assert status == 400 and "budget exceeded" in answer["error"]["message"]
+    assert len(fake.requests) == 1
+    assert "max_tokens is 1000" in (await strict.usage("t_budget")).budget_exceeded
+    # A restarted proxy (no budget passed again) still enforces it, by cost this time.
+    await strict.close()
+    async with ModelProxy(
+        socket_dir=socket_dir, upstream=fake.url, credential=Credential("api_key", SECRET)
+    ) as again:
+        assert "t_budget" in await again.adopt_existing()
+        status, _ = await post(path, body("spend"))
+        assert status == 400
+        await again.add_task("t_cost", Budget(max_budget_usd=0.001))
+        fake.script(match="costly", replies=[Reply(Text("ok"), input_tokens=100_000)])
+        status, _ = await post(again.socket_path("t_cost"), body("costly"))
+        assert status == 200
+        status, answer = await post(again.socket_path("t_cost"), body("costly"))
+        assert status == 400 and "max_budget_usd" in answer["error"]["message"]
+
+
+def test_prices_parse_and_price_the_unknown_as_the_dearest() -> None:
+    prices = Prices.parse("")
+    usage = {"input_tokens": 1_000_000, "output_tokens": 1_000_000}
+    assert prices.cost("claude-sonnet-4-5-20250929", usage) == pytest.approx(18.0)
+    assert prices.cost("some-other-model", usage) == pytest.approx(90.0)
+    for bad in ("[1]", "{", '{"x": [1, 2]}', '{"x": [1, 2, 3, -1]}', "{}"):
+        with pytest.raises(ValueError):
+            Prices.parse(bad)

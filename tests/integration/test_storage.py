@@ -71,6 +71,9 @@ def output(task: str, first: int, lines: list[str], batch: int) -> ev.AgentOutpu
     return ev.AgentOutput(**envelope(task, "AgentOutput", first), batch=batch, lines=lines)
 
 
+MODEL_USAGE = ev.ModelUsage(requests=3, input_tokens=150, output_tokens=50, cost_usd=0.0012)
+
+
 def completed(task: str, **overrides: Any) -> ev.ExecutionCompleted:
     fields: dict[str, Any] = {
         "text": "Done.",
@@ -84,6 +87,7 @@ def completed(task: str, **overrides: Any) -> ev.ExecutionCompleted:
         "duration_ms": 812,
         "diff": DIFF,
         "files_changed": ["hello.txt"],
+        "model_usage": MODEL_USAGE,
     }
     fields.update(overrides)
     return ev.ExecutionCompleted(**envelope(task, "ExecutionEnded"), **fields)
@@ -243,6 +247,7 @@ async def test_stores_a_succeeded_task(bus: Bus, backend: Backend) -> None:
         diff=DIFF,
         files_changed=["hello.txt"],
         sandbox=result.sandbox,
+        model_usage=MODEL_USAGE,
         error=None,
     )
     raw = msgspec.json.decode(contents[result_key(task)])
@@ -658,7 +663,7 @@ def test_result_schema_names_the_contract_fields() -> None:
     assert set(props) == {
         "task_id", "status", "text", "is_error", "exit_code", "num_turns", "total_cost_usd",
         "usage", "session_id", "permission_denials", "duration_ms", "diff", "files_changed",
-        "sandbox", "error",
+        "sandbox", "model_usage", "error",
     }  # fmt: skip
     assert set(props["status"]["enum"]) == {"succeeded", "failed", "cancelled", "timed_out"}
 

@@ -41,6 +41,15 @@ from shared.settings import Settings
 
 log = structlog.get_logger("sandstream.bus")
 
+MAX_EVENT_BYTES: Final = 1024 * 1024
+"""The stream's ``max_msg_size``: NATS's default payload limit, and more than any event we
+publish is allowed to be (output batches, texts, diffs and lists are each capped below it)."""
+READ_AHEAD: Final = 64
+"""Messages a :meth:`Bus.read` holds for a caller that has not taken them yet."""
+READ_PENDING_MSGS: Final = 4096
+READ_PENDING_BYTES: Final = 16 * 1024 * 1024
+"""What the client library may buffer behind them before it counts the reader as slow (the
+ordered consumer then starts again after the last message delivered: nothing is lost)."""
 WRONG_LAST_SEQUENCE: Final = 10071
 STREAM_NOT_FOUND: Final = 10059
 
@@ -216,6 +225,7 @@ class Bus:
             deny_delete=True,
             deny_purge=True,
             allow_direct=True,
+            max_msg_size=MAX_EVENT_BYTES,
         )
         try:
             info = await self.js.stream_info(s.name)
@@ -230,6 +240,14 @@ class Bus:
             )
         if not (have.deny_delete and have.deny_purge):
             raise RuntimeError(f"stream {s.name} exists but is not append-only (deny_delete/purge)")
+        if not have.max_msg_size or have.max_msg_size < 0 or have.max_msg_size > MAX_EVENT_BYTES:
+            log.warning(
+                "stream accepts events larger than any component writes: set its "
+                "max_msg_size (an operator's change; no component may edit the stream)",
+                stream=s.name,
+                max_msg_size=have.max_msg_size,
+                wanted=MAX_EVENT_BYTES,
+            )
 
     async def publish(
         self,
@@ -315,6 +333,10 @@ class Bus:
         read began; with ``follow`` it goes on with live events until the caller stops.
         Events that cannot be decoded or are :meth:`misfiled` are skipped with a warning,
         never fatal.
+
+        Memory is bounded whatever the caller's pace: at most :data:`READ_AHEAD` messages wait
+        for it, and while they do, the subscription does not answer the server's flow control,
+        so the server stops pushing (a slow SSE client holds back only its own read).
         """
         subject = filter_subject or self.all_filter
         if from_seq is not None:
@@ -328,10 +350,10 @@ class Bus:
             )
         else:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        queue: asyncio.Queue[Msg] = asyncio.Queue(READ_AHEAD)
 
         async def on_msg(msg: Msg) -> None:
-            queue.put_nowait(msg)
+            await queue.put(msg)
 
         sub = await self.js.subscribe(
             subject,
@@ -340,6 +362,8 @@ class Bus:
             idle_heartbeat=idle_heartbeat,
             config=config,
             stream=self.stream.name,
+            pending_msgs_limit=READ_PENDING_MSGS,
+            pending_bytes_limit=READ_PENDING_BYTES,
         )
         try:
             if not follow:

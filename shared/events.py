@@ -132,6 +132,8 @@ class AgentOutput(Event, frozen=True, kw_only=True, tag="AgentOutput"):
     batch: int
     lines: list[str]
     attempt: int = 1
+    output_bytes: int = 0
+    """The run's output so far in bytes, this batch included (what the output cap counts)."""
 
 
 class ExecutionCompleted(Event, frozen=True, kw_only=True, tag="ExecutionCompleted"):
@@ -154,7 +156,7 @@ class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
     """The agent could not produce a successful result.
 
     ``code`` is one of ``no_credential``, ``cli_error``, ``timeout``, ``sandbox_lost``,
-    ``oom``, ``pids_limit``, ``budget_exceeded``, ``cancelled``, ``internal``.
+    ``oom``, ``pids_limit``, ``budget_exceeded``, ``output_limit``, ``cancelled``, ``internal``.
     """
 
     code: str

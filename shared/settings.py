@@ -44,6 +44,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     rate_per_tenant: float = 50.0  # submissions per second (token bucket, burst 2x)
     max_queued_per_tenant: int = 1000  # tasks not yet terminal
     max_streams_per_tenant: int = 64  # open SSE streams
+    max_output_bytes: int = 16 * 1024 * 1024  # agent output kept per task
     max_model_body_bytes: int = 8 * 1024 * 1024  # the model proxy's cap on a request body
     max_model_connections: int = 16  # open model connections per task
     allowed_models: tuple[str, ...] = ("claude-*",)  # globs
@@ -99,6 +100,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     _at_least("SANDSTREAM_SANDBOX_MEMORY_MB", settings.sandbox_memory_mb, 64)
     _at_least("SANDSTREAM_SANDBOX_CPUS", settings.sandbox_cpus, 0.01)
     _at_least("SANDSTREAM_SANDBOX_PIDS", settings.sandbox_pids, 16)
+    _at_least("SANDSTREAM_MAX_OUTPUT_BYTES", settings.max_output_bytes, 1024 * 1024)
     _at_least("SANDSTREAM_MAX_MODEL_BODY_BYTES", settings.max_model_body_bytes, 64 * 1024)
     _at_least("SANDSTREAM_MAX_MODEL_CONNECTIONS", settings.max_model_connections, 1)
     if not settings.allowed_models:
@@ -144,6 +146,7 @@ def _read(env: Mapping[str, str]) -> Settings:
         rate_per_tenant=_float(env, "SANDSTREAM_RATE_PER_TENANT", 50.0),
         max_queued_per_tenant=_int(env, "SANDSTREAM_MAX_QUEUED_PER_TENANT", 1000),
         max_streams_per_tenant=_int(env, "SANDSTREAM_MAX_STREAMS_PER_TENANT", 64),
+        max_output_bytes=_int(env, "SANDSTREAM_MAX_OUTPUT_BYTES", 16 * 1024 * 1024),
         max_model_body_bytes=_int(env, "SANDSTREAM_MAX_MODEL_BODY_BYTES", 8 * 1024 * 1024),
         max_model_connections=_int(env, "SANDSTREAM_MAX_MODEL_CONNECTIONS", 16),
         allowed_models=tuple(

@@ -15,7 +15,7 @@ import signal
 
 import structlog
 
-from services.executor.service import DURABLE, Executor
+from services.executor.service import DURABLE, Executor, ExecutorConfig
 from services.modelproxy.control import ProxyClient
 from shared import service
 from shared.sandbox import DockerDriver
@@ -42,7 +42,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         stack.push_async_callback(close_bus, bus)
         driver = await DockerDriver.connect()
         stack.push_async_callback(driver.close)
-        executor = Executor(bus=bus, driver=driver, proxy=proxy)
+        config = ExecutorConfig(max_output_bytes=settings.max_output_bytes)
+        executor = Executor(bus=bus, driver=driver, proxy=proxy, config=config)
         worker = executor.worker(
             durable=settings.consumer_prefix + DURABLE,
             concurrency=settings.max_concurrent,

@@ -308,10 +308,28 @@ def parse_collected(lines: Sequence[str], *, max_diff_bytes: int = MAX_DIFF_BYTE
         oom_kills=_int_or_none(fields.get("oom")) or 0,
         pids_limit_hits=_int_or_none(fields.get("pids_max")) or 0,
         stderr_tail=fields.get("stderr", "").strip(),
-        files_changed=names,
+        files_changed=bounded_names(names),
         diff=diff,
         diff_truncated=truncated,
     )
+
+
+MAX_FILES_LISTED: Final = 1000
+MAX_FILES_BYTES: Final = 64 * 1024
+
+
+def bounded_names(names: list[str]) -> list[str]:
+    """At most :data:`MAX_FILES_LISTED` names, :data:`MAX_FILES_BYTES` in all; a last entry
+    says how many more there were."""
+    kept: list[str] = []
+    size = 0
+    for name in names:
+        size += len(name.encode()) + 4
+        if len(kept) >= MAX_FILES_LISTED or size > MAX_FILES_BYTES:
+            kept.append(f"[sandstream: {len(names) - len(kept)} more files not listed]")
+            break
+        kept.append(name)
+    return kept
 
 
 def _int_or_none(raw: str | None) -> int | None:

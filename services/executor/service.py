@@ -66,6 +66,10 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_text_bytes: int = 128 * KiB
     max_denials_bytes: int = 64 * KiB
     max_diff_bytes: int = agent.MAX_DIFF_BYTES
+    max_output_bytes: int = 16 * 1024 * KiB
+    """Output kept per task (``SANDSTREAM_MAX_OUTPUT_BYTES``); past it the run is stopped."""
+    queue_lines: int = 256
+    """Lines read ahead of publishing; past it the exec stream is not read (backpressure)."""
     deadline_grace_s: float = 5.0
     """The executor stops the agent this long after the task's deadline (the lifecycle's
     deadline normally ends the task first)."""
@@ -82,6 +86,7 @@ class _Outcome(msgspec.Struct, kw_only=True):
     collected: agent.Collected | None = None
     """``None``: the follow stream ended without the closing block (sandbox gone?)."""
     timed_out: bool = False
+    output_limited: bool = False
     stderr: str = ""
 
 
@@ -189,10 +194,11 @@ class Executor:
         name = sandbox_name(task_id)  # never the event's own field: derived from the id
         spec = requested.spec
         transcript = agent.Transcript()
-        next_line, next_batch = 0, 0
+        next_line, next_batch, next_output_bytes = 0, 0, 0
         if (last := history.last_output) is not None:
             next_line = _first_line(last) + len(last.lines)
             next_batch = last.batch + 1
+            next_output_bytes = last.output_bytes
             transcript.feed_all(last.lines)  # the result line may already be published
         await self.bus.publish(
             ev.ExecutionStarted(
@@ -216,7 +222,15 @@ class Executor:
         deadline = requested.at.timestamp() + spec.timeout_s + cfg.deadline_grace_s
         try:
             outcome = await self._follow(
-                event, argv, env, nonce, transcript, next_line, next_batch, deadline
+                event,
+                argv,
+                env,
+                nonce,
+                transcript,
+                next_line,
+                next_batch,
+                next_output_bytes,
+                deadline,
             )
         except SandboxNotFound:
             outcome = _Outcome()
@@ -236,26 +250,30 @@ class Executor:
         transcript: agent.Transcript,
         next_line: int,
         next_batch: int,
+        next_output_bytes: int,
         deadline: float,
     ) -> _Outcome:
         """Stream the run's output into ``AgentOutput`` batches until its closing block."""
         cfg = self.config
         name = sandbox_name(event.task_id)
         outcome = _Outcome()
-        queue: asyncio.Queue[object] = asyncio.Queue()
+        # Bounded: while publishing lags, the exec stream is left unread, and the agent's
+        # writes block in its own sandbox rather than in this process's memory.
+        queue: asyncio.Queue[object] = asyncio.Queue(cfg.queue_lines)
         stream = await self.driver.exec_stream(name, argv, env=env, workdir=agent.WORKSPACE)
 
         async def read() -> None:
+            # Not in a ``finally``: once cancelled, nobody takes from a full queue.
             try:
                 async for raw in stream.lines():
-                    queue.put_nowait(raw.decode("utf-8", errors="replace"))
+                    await queue.put(raw.decode("utf-8", errors="replace"))
             except Exception as exc:  # handed to the consumer below, which re-raises it
-                queue.put_nowait(exc)
-            finally:
-                queue.put_nowait(_END)
+                await queue.put(exc)
+            await queue.put(_END)
 
         pending: list[str] = []
         pending_bytes = 0
+        output_bytes = next_output_bytes
         first_at = 0.0
         line_no, batch_no = next_line, next_batch
         tail: list[str] | None = None
@@ -276,16 +294,33 @@ class Executor:
                     batch=batch_no,
                     lines=pending,
                     attempt=event.attempt,
+                    output_bytes=output_bytes,
                 )
             )
             batch_no += 1
             pending, pending_bytes = [], 0
 
+        def stop(why: str) -> asyncio.Task[Any]:
+            log.warning("stopping the agent", why=why)
+            return asyncio.create_task(
+                asyncio.wait_for(self.driver.exec(name, agent.kill_argv(self._script)), 15.0)
+            )
+
         async def add(line: str) -> None:
-            nonlocal pending_bytes, first_at, line_no
-            transcript.feed(line)
-            line = agent.truncate_line(line, cfg.max_line_bytes)
-            size = len(line.encode()) + 4
+            nonlocal pending_bytes, first_at, line_no, output_bytes, killer
+            if outcome.output_limited:
+                return  # past the cap: read (to reach the end) but keep nothing
+            kept = agent.truncate_line(line, cfg.max_line_bytes)
+            size = len(kept.encode()) + 4
+            if output_bytes + size > cfg.max_output_bytes:
+                outcome.output_limited = True
+                await flush()
+                if killer is None:
+                    killer = stop("output limit")
+                return
+            output_bytes += size
+            transcript.feed(line)  # whole: the result line must parse even when kept cut
+            line = kept
             if pending and pending_bytes + size > cfg.max_event_bytes - 1024:
                 await flush()
             if not pending:
@@ -310,14 +345,8 @@ class Executor:
                         if pending and time.monotonic() >= first_at + cfg.batch_interval_s:
                             await flush()
                         if killer is None and time.time() >= deadline:
-                            log.warning("agent past its deadline, stopping it")
                             outcome.timed_out = True
-                            killer = asyncio.create_task(
-                                asyncio.wait_for(
-                                    self.driver.exec(name, agent.kill_argv(self._script)),
-                                    15.0,
-                                )
-                            )
+                            killer = stop("past its deadline")
                         continue
                     if item is _END:
                         break
@@ -388,6 +417,12 @@ class Executor:
             # not get the run it asked for.
             code = "budget_exceeded"
             message = f"the model proxy stopped the run's model calls: {counted.budget_exceeded}"
+        elif outcome.output_limited:
+            code = "output_limit"
+            message = (
+                f"the agent wrote more than {cfg.max_output_bytes} bytes of output "
+                "(SANDSTREAM_MAX_OUTPUT_BYTES) and was stopped; the output up to it is kept"
+            )
         elif succeeded:
             pass  # even past the deadline: it finished before it could be stopped
         elif not collected.started:

@@ -22,6 +22,7 @@ from shared.state import TaskState
 _encoder = msgspec.json.Encoder()
 routes = web.RouteTableDef()
 KEEPALIVE_S = 15.0
+SSE_AHEAD = 16
 
 
 @routes.get("/v1/tasks/{task_id}/events")
@@ -57,14 +58,16 @@ async def _send(
     records = bus.read(
         bus.task_filter(task_id), from_seq=after + 1, follow=follow and not task.status.terminal
     )
-    queue: asyncio.Queue[Record | None] = asyncio.Queue()
+    # Bounded: a client that does not read holds up its own read of the stream, nothing else.
+    queue: asyncio.Queue[Record | None] = asyncio.Queue(SSE_AHEAD)
 
     async def pump() -> None:
         try:
             async for record in records:
-                queue.put_nowait(record)
-        finally:
-            queue.put_nowait(None)  # the read ended (history only, or an error)
+                await queue.put(record)
+        except Exception:  # a failed read only ends this stream: the client resumes
+            pass
+        await queue.put(None)  # the read ended (history only, or an error)
 
     reader = asyncio.create_task(pump())
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shared import events as ev
-from shared.bus import Bus, StreamSettings, connect
+from shared.bus import MAX_EVENT_BYTES, Bus, StreamSettings, connect
 from shared.errors import Conflict, Permanent, Unavailable
 from shared.worker import Delivery, Worker
 from tests.support.procs import NatsServer, free_port
@@ -291,3 +291,19 @@ async def test_a_follow_read_survives_a_nats_restart_without_repeating_history(
         await nc.close()
     finally:
         server.stop()
+
+
+async def test_the_stream_refuses_an_event_over_its_max_msg_size(bus: Bus) -> None:
+    info = await bus.js.stream_info(bus.stream.name)
+    assert info.config.max_msg_size == MAX_EVENT_BYTES
+    task_id = ev.new_task_id()
+    huge = ev.AgentOutput(
+        event_id=ev.event_id(task_id, "AgentOutput", 0),
+        task_id=task_id,
+        tenant="t",
+        batch=0,
+        lines=["x" * (MAX_EVENT_BYTES + 1)],
+    )
+    with pytest.raises(Exception):  # noqa: B017 - whichever error NATS raises, it is refused
+        await bus.publish(huge)
+    assert await bus.last(task_id, "AgentOutput") is None

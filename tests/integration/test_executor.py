@@ -522,6 +522,32 @@ async def test_huge_output_lines_are_truncated_and_batches_bounded(harness: Harn
     assert firsts == [sum(len(o.lines) for o in outputs[:i]) for i in range(len(outputs))]
 
 
+async def test_an_output_flood_is_cut_at_the_cap_and_ends_output_limit(harness: Harness) -> None:
+    """The hostile agent of the review: it appends to its run's own output file, far past the
+    cap. The executor keeps at most the cap, stops the run, and says why."""
+    tag = marker()
+    flood = f'yes \'{{"type":"noise"}}\' | head -c 3000000 >> {agent.RUN_DIR}/out.jsonl'
+    never = asyncio.Event()  # the agent's next model call waits until the run is stopped
+    harness.fake.script(
+        match=tag, replies=[ToolUse.bash(flood), Reply(Text("after the flood"), hold=never)]
+    )
+    config = ExecutorConfig(max_output_bytes=1024 * 1024)
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, config=config)
+        task_id, _ = await harness.submit(f"flood {tag}", allowed_tools=["Bash"])
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionFailed), end
+    assert end.code == "output_limit" and "1048576 bytes" in end.message
+    outputs = [e for e in events if isinstance(e, ev.AgentOutput)]
+    kept = sum(len(line.encode()) + 4 for o in outputs for line in o.lines)
+    assert 900 * 1024 < kept <= 1024 * 1024 == config.max_output_bytes
+    assert outputs[-1].output_bytes == kept
+    assert end.exit_code != 0  # stopped, not finished: its last model call was still held
+
+
 async def test_agent_killed_for_memory_is_oom(harness: Harness) -> None:
     tag = marker()
     harness.fake.script(match=tag, replies=[Text("unreachable")])

@@ -172,3 +172,16 @@ def test_truncate_and_bounded_denials() -> None:
 def test_unquote_git_path() -> None:
     assert agent.unquote_git_path("plain name.txt") == "plain name.txt"
     assert agent.unquote_git_path('"a\\nb\\"c\\\\"') == 'a\nb"c\\'
+
+
+def test_files_changed_is_bounded() -> None:
+    many = [f"dir/file-{i:05d}.txt" for i in range(5000)]
+    lines = ["exit=0", "pid=7", "oom=0", "stderr=", f"files={len(many)}", *many]
+    got = agent.parse_collected(lines).files_changed
+    assert got[:1000] == many[:1000] and len(got) == 1001
+    assert got[-1] == "[sandstream: 4000 more files not listed]"
+    long = ["x" * 4000 + str(i) for i in range(40)]
+    got = agent.bounded_names(long)
+    assert sum(len(n) for n in got[:-1]) <= agent.MAX_FILES_BYTES
+    assert got[-1].endswith(f"{40 - len(got) + 1} more files not listed]")
+    assert agent.bounded_names(["a", "b"]) == ["a", "b"]

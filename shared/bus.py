@@ -46,10 +46,6 @@ MAX_EVENT_BYTES: Final = 1024 * 1024
 publish is allowed to be (output batches, texts, diffs and lists are each capped below it)."""
 READ_AHEAD: Final = 64
 """Messages a :meth:`Bus.read` holds for a caller that has not taken them yet."""
-READ_PENDING_MSGS: Final = 4096
-READ_PENDING_BYTES: Final = 16 * 1024 * 1024
-"""What the client library may buffer behind them before it counts the reader as slow (the
-ordered consumer then starts again after the last message delivered: nothing is lost)."""
 WRONG_LAST_SEQUENCE: Final = 10071
 STREAM_NOT_FOUND: Final = 10059
 
@@ -362,8 +358,6 @@ class Bus:
             idle_heartbeat=idle_heartbeat,
             config=config,
             stream=self.stream.name,
-            pending_msgs_limit=READ_PENDING_MSGS,
-            pending_bytes_limit=READ_PENDING_BYTES,
         )
         try:
             if not follow:

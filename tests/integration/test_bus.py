@@ -307,3 +307,28 @@ async def test_the_stream_refuses_an_event_over_its_max_msg_size(bus: Bus) -> No
     with pytest.raises(Exception):  # noqa: B017 - whichever error NATS raises, it is refused
         await bus.publish(huge)
     assert await bus.last(task_id, "AgentOutput") is None
+
+
+async def test_a_large_history_is_read_whole_by_a_slow_reader(bus: Bus) -> None:
+    """40 MiB of one task's output, read by a caller slower than the server: every event
+    arrives once, in order (the read-ahead is bounded; flow control holds the server back)."""
+    task_id = ev.new_task_id()
+    line = "x" * (250 * 1024)
+    for i in range(160):
+        await bus.publish(
+            ev.AgentOutput(
+                event_id=ev.event_id(task_id, "AgentOutput", i),
+                task_id=task_id,
+                tenant="t",
+                batch=i,
+                lines=[line],
+            )
+        )
+    seen = []
+    async with asyncio.timeout(60):
+        async for record in bus.read(bus.task_filter(task_id)):
+            assert isinstance(record.event, ev.AgentOutput)
+            seen.append(record.event.batch)
+            if len(seen) % 20 == 0:
+                await asyncio.sleep(0.05)  # a slow consumer: the server must wait for it
+    assert seen == list(range(160))

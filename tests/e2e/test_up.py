@@ -423,8 +423,14 @@ async def test_secrets_stay_with_the_process_that_uses_them(system: System) -> N
         if name not in ("nats-server", "modelproxy"):  # each bus service connects as itself
             assert env["SANDSTREAM_NATS_NKEY"].endswith(f"/nats/{name}.nk")
     # The model proxy has no bus identity and, `up` being root here, runs as the sandbox's
-    # uid without supplementary groups: the Docker socket is closed to it.
+    # uid without supplementary groups: the Docker socket is closed to it. (It says so once it
+    # has dropped root, which may come after the gateway is ready.)
     pid, env = found["modelproxy"]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while '"model proxy running"' not in system.log.read_text():
+        assert loop.time() < deadline, "the model proxy did not start"
+        await asyncio.sleep(0.05)
     assert "SANDSTREAM_NATS_NKEY" not in env
     status = dict(
         line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()

@@ -184,7 +184,8 @@ async def test_fake_records_the_api_key(
     assert run.returncode == 0, run.stderr
     assert fake_model.requests
     assert {r.api_key for r in fake_model.requests} == {API_KEY}
-    assert all(r.headers["x-claude-code-session-id"] for r in fake_model.main_requests())
+    main = fake_model.main_requests()
+    assert main and all(r.headers["x-claude-code-session-id"] for r in main)
 
 
 async def test_two_runs_are_two_conversations(

@@ -59,7 +59,10 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
     model_port: int = agent.DEFAULT_PORT
     """Port of the in-sandbox forwarder to the model socket (``ANTHROPIC_BASE_URL``)."""
     cli_max_retries: int = agent.DEFAULT_MAX_RETRIES
-    batch_lines: int = 64
+    batch_lines: int = 1024
+    """Lines per ``AgentOutput`` at most (with ``max_event_bytes`` and ``batch_interval_s``):
+    at 64, an agent printing tiny lines cost one publish per 64 lines (16 MiB of 20-byte lines
+    took ~80 s to reach the output cap)."""
     batch_interval_s: float = 0.1
     max_event_bytes: int = 256 * KiB
     max_line_bytes: int = 192 * KiB

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from services.gateway.auth import create_token  # noqa: E402
-from tests.e2e.test_up import System, start_up, stop_up  # noqa: E402
+from tests.e2e.test_up import System, children_of, start_up, stop_up  # noqa: E402
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse  # noqa: E402
 
 OUTPUT_FLOOD = 'yes \'{"type":"noise"}\' | head -c 64000000 >> /tmp/.sandstream-run/out.jsonl'
@@ -54,12 +54,10 @@ def rss_kib(pid: int) -> int:
 
 def services_of(up_pid: int) -> dict[str, int]:
     found: dict[str, int] = {}
-    for task in Path(f"/proc/{up_pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            for arg in argv:
-                if arg.startswith(b"services."):
-                    found[arg.decode().removeprefix("services.")] = int(child)
+    for child in children_of(up_pid):
+        for arg in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+            if arg.startswith(b"services."):
+                found[arg.decode().removeprefix("services.")] = child
     return found
 
 

@@ -135,6 +135,11 @@ class Refused(Exception):
     """A request the policy does not forward; ``str()`` says why, for the agent to read."""
 
 
+def shown(text: str, limit: int = 64) -> str:
+    """Agent-written text as it may appear in a log line or an error: cut to ``limit``."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def model_allowed(model: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(model, glob) for glob in globs)
 
@@ -148,17 +153,18 @@ def screen(body: Any, policy: ProxyPolicy) -> tuple[dict[str, Any], list[str]]:
         raise Refused("the request names no model")
     if not model_allowed(model, policy.allowed_models):
         raise Refused(
-            f"model {model!r} is not allowed here (allowed: {', '.join(policy.allowed_models)})"
+            f"model {shown(model)!r} is not allowed here "
+            f"(allowed: {', '.join(policy.allowed_models)})"
         )
     kept = MESSAGES_FIELDS | (SERVER_FIELDS if policy.allow_server_tools else frozenset())
-    removed = sorted(k for k in body if k not in kept)
+    removed = sorted(shown(k) for k in body if k not in kept)
     out = {k: v for k, v in body.items() if k in kept}
     tools = out.get("tools")
     if isinstance(tools, list) and not policy.allow_server_tools:
         plain = [t for t in tools if not isinstance(t, dict) or t.get("type") in (None, "custom")]
         if len(plain) != len(tools):
             removed += sorted(
-                f"tools[{t.get('type')}]"
+                f"tools[{shown(str(t.get('type')))}]"
                 for t in tools
                 if isinstance(t, dict) and t.get("type") not in (None, "custom")
             )

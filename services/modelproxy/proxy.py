@@ -589,7 +589,13 @@ class ModelProxy:
             raise Refused("the request body is not JSON") from None
         screened, removed = screen(parsed, self.policy)
         if removed:
-            log.warning("model request fields removed", task_id=task_id, removed=removed)
+            # Names the agent chose: a few of them, each cut short, and how many in all.
+            log.warning(
+                "model request fields removed",
+                task_id=task_id,
+                removed=removed[:10],
+                count=len(removed),
+            )
         reason = self._budgets.get(task_id, Budget()).exceeded(usage.tokens, usage.cost_usd)
         if reason:
             usage.budget_exceeded = reason

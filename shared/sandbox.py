@@ -12,8 +12,9 @@ Failure mapping (every method):
   ``usage`` treat an absent sandbox as fine instead);
 - anything else the engine refuses → :class:`SandboxError`.
 
-Commands run inside the sandbox as the container's own user (``agent``, uid 1000): no method
-takes a user argument, on purpose.
+Commands run inside the sandbox as the container's own user (``agent``, uid 1000), or, with
+``keeper=True``, as the bookkeeping user (uid 1001): a user the agent cannot trace, signal or
+write as, who owns :data:`KEEPER_DIR`. No method takes any other user (never root), on purpose.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ WORKSPACE: Final = "/workspace"
 SOCKET_MOUNT: Final = "/run/sandstream"
 SANDBOX_USER: Final = "agent"  # uid 1000 in the image; the container's user for every exec
 SANDBOX_UID: Final = 1000
+KEEPER_UID: Final = 1001
+"""The run's bookkeeping user: no name in the image, no capabilities, no rights over uid 1000's
+processes; it alone can write :data:`KEEPER_DIR`."""
+KEEPER_DIR: Final = "/run/sandstream-keeper"
+"""The keeper's own tmpfs (mode 0700): the agent can neither read it nor fill it."""
 
 GiB: Final = 1 << 30
 MiB: Final = 1 << 20
@@ -206,8 +212,10 @@ class SandboxDriver(Protocol):
         *,
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
+        keeper: bool = False,
     ) -> ExecStream:
-        """Start a long command as the sandbox's user; read its stdout as it comes."""
+        """Start a long command as the sandbox's user (as :data:`KEEPER_UID` with ``keeper``);
+        read its stdout as it comes."""
         ...
 
     async def kill(self, name: str) -> None:
@@ -263,6 +271,11 @@ def container_config(spec: SandboxSpec) -> dict[str, Any]:
         "OpenStdin": False,
         "StopSignal": "SIGKILL",
     }
+    # Room for two copies of the workspace as git objects: before the run and after it.
+    keeper_size = 2 * spec.workspace_size_bytes + 64 * MiB
+    tmpfs[KEEPER_DIR] = (
+        f"rw,noexec,nosuid,nodev,size={keeper_size},uid={KEEPER_UID},gid={KEEPER_UID},mode=0700"
+    )
     if spec.workspace == "tmpfs":
         tmpfs[WORKSPACE] = (
             f"rw,exec,nosuid,nodev,size={spec.workspace_size_bytes},uid=1000,gid=1000,mode=0755"
@@ -596,12 +609,20 @@ class DockerDriver:
         argv: Sequence[str],
         env: Mapping[str, str] | None,
         workdir: str | None,
+        *,
+        keeper: bool = False,
     ) -> Any:
-        # No user argument: the exec runs as the container's User (agent). Never "0".
+        # The container's User (agent) unless it is the keeper's turn. Never "0".
+        user = f"{KEEPER_UID}:{KEEPER_UID}" if keeper else ""
         try:
             with _engine("exec"):
                 return await self.docker.containers.container(name).exec(
-                    list(argv), stdout=True, stderr=True, environment=env, workdir=workdir
+                    list(argv),
+                    stdout=True,
+                    stderr=True,
+                    environment=env,
+                    workdir=workdir,
+                    user=user,
                 )
         except DockerError as exc:
             raise _refused(exc, f"exec in {name}") from exc
@@ -645,8 +666,9 @@ class DockerDriver:
         *,
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
+        keeper: bool = False,
     ) -> DockerExecStream:
-        exe = await self._exec_create(name, argv, env, workdir)
+        exe = await self._exec_create(name, argv, env, workdir, keeper=keeper)
         stream = exe.start(detach=False)
         with _engine("exec start"):
             await stream._init()  # attach now, so the command is running when we return

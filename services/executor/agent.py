@@ -4,24 +4,30 @@ Nothing here does I/O. The executor (``service.py``) runs :func:`wrapper_script`
 sandbox through the driver and feeds what comes back to :class:`Transcript` and
 :func:`parse_collected`.
 
-How a run looks inside the sandbox (all under :data:`RUN_DIR`, on the sandbox's tmpfs):
+How a run looks inside the sandbox. Two users take part: the agent (uid 1000, the CLI and
+all it runs) and the keeper (:data:`~shared.sandbox.KEEPER_UID`, no capabilities), who keeps
+the books in :data:`KEEPER_DIR`, a tmpfs of its own that the agent can neither read nor fill.
+The agent can do anything its user can: trace the CLI, write its run folder, chmod its files.
+So what the result says about the run's changes comes from the keeper; what the CLI reports
+(its transcript, its result line, its exit status) stays the agent's word, and is labelled so
+in docs/security.md. The model usage comes from the model proxy, outside the sandbox.
 
-- ``mkdir RUN_DIR`` is the lock: the first exec that creates it starts the agent; any later
-  exec (a redelivery, a restarted executor) finds it and only re-attaches. So the agent runs at
-  most once per sandbox, whatever happens to the executor.
-- Before starting, the workspace is recorded as a git tree in a private repository
-  (``RUN_DIR/git``, with ``/workspace`` as its work tree; ``base`` holds the tree id), so the
-  diff at the end shows exactly what the agent changed, untracked files included, while the
-  workspace itself gets no ``.git`` and a repository already there is left untouched.
-- socat bridges ``127.0.0.1:<port>`` to the model proxy's Unix socket, fully detached (a
-  background process holding the exec's stdout open would make ``docker exec`` wait).
-- The CLI runs in its own session (``setsid``), reads the prompt from a file (argv strings are
-  limited to 128 KiB; prompts may be bigger), writes stream-json to ``out.jsonl``, stderr to
-  ``err.log``, and its exit code to ``exit`` when done (atomically, by rename).
-- The same exec then follows ``out.jsonl`` from a given line (``tail -F --pid``) until the
-  run has ended, and prints a block marked by a per-exec random nonce: exit code, OOM-kill
-  count, changed files and the diff, closed by ``<nonce>.done`` (so the reader need not wait
-  for the engine to close the stream). The nonce cannot occur in the CLI's output.
+1. ``follow`` (keeper, one exec per attach): records the workspace as a git tree in a private
+   repository (``KEEPER_DIR/git``, ``/workspace`` as its work tree; ``base`` holds the tree
+   id) unless it was recorded or the agent has started, then prints ``<nonce>.ready``.
+2. ``start`` (agent, on that line): ``mkdir RUN_DIR`` is the lock: the first start runs the
+   agent; any later one (a redelivery, a restarted executor) finds it and does nothing. So the
+   agent runs at most once per sandbox, whatever happens to the executor. socat bridges
+   ``127.0.0.1:<port>`` to the model proxy's Unix socket, fully detached; the CLI runs in its
+   own session (``setsid``), reads the prompt from a file (argv strings are limited to
+   128 KiB), writes stream-json to ``out.jsonl``, stderr to ``err.log``, and its exit status
+   to ``exit`` when done.
+3. ``follow`` goes on: it follows ``out.jsonl`` from a given line (``tail -f --pid``, on a
+   descriptor it checked is a regular file of the agent's, so a link to one of the keeper's
+   own files is never read out) until the run has ended, then prints a block marked by a
+   per-exec random nonce: exit code, OOM-kill count, changed files and the diff against
+   ``base``, closed by ``<nonce>.done``. The nonce is in the keeper's environment, which
+   the agent cannot read, so the agent cannot end the stream early or forge the block.
 """
 
 from __future__ import annotations
@@ -32,9 +38,14 @@ from typing import Any, Final
 
 import msgspec
 
+from shared import sandbox
 from shared.events import TaskSpec
 
 RUN_DIR: Final = "/tmp/.sandstream-run"
+"""The agent's run folder (its own user's): prompt, output, status, as the CLI reports them."""
+KEEPER_DIR: Final = sandbox.KEEPER_DIR
+NONCE_VAR: Final = "SANDSTREAM_NONCE"
+SANDBOX_UID: Final = sandbox.SANDBOX_UID
 HOME_DIR: Final = "/tmp/.sandstream-home"
 WORKSPACE: Final = "/workspace"
 MODEL_SOCKET: Final = "/run/sandstream/model.sock"
@@ -107,6 +118,7 @@ def prompt_chunks(prompt: str, size: int = PROMPT_CHUNK) -> list[str]:
 _SCRIPT: Final = r"""
 set -u
 R=__RUN_DIR__
+K=__KEEPER_DIR__
 W=__WORKSPACE__
 S=__SOCKET__
 mode=$1; shift
@@ -138,40 +150,72 @@ kill)
     kill -KILL -- "-$pid" 2>/dev/null  # whatever the agent left behind
     exit 0
     ;;
-follow)
-    from=$1; port=$2; nonce=$3; ncmd=$4; shift 4
+start)
+    # As the agent. mkdir is the lock: one run per sandbox, however often this is repeated.
+    port=$1; ncmd=$2; shift 2
     cmd=("${@:1:$ncmd}"); shift "$ncmd"
     if mkdir "$R" 2>/dev/null; then
         [ -d "${HOME:-/nonexistent}" ] || mkdir -p "${HOME:-/tmp/.sandstream-home}"
         printf '%s' "$@" >"$R/prompt"
         : >"$R/out.jsonl"
-        # The forwarder first: it starts listening while git records the workspace.
         socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$S" \
             </dev/null >"$R/socat.log" 2>&1 &
-        (
-            export GIT_DIR="$R/git" GIT_WORK_TREE="$W" GIT_INDEX_FILE="$R/base.index"
-            git init -q && git add -A && git write-tree >"$R/base"
-        ) >"$R/git.log" 2>&1
         printf -v hex ':%04X 00000000:0000 0A' "$port"
         for ((i = 0; i < 200; i++)); do grep -q "$hex" /proc/net/tcp && break; sleep 0.005; done
         setsid bash -c "$BASH_EXECUTION_STRING" sandstream run "${cmd[@]}" \
             </dev/null >/dev/null 2>&1 &
         echo $! >"$R/pid.tmp" && mv "$R/pid.tmp" "$R/pid"
-        echo "__STARTED__" >&2
+        echo "__STARTED__"
     else
-        echo "__ATTACHED__" >&2
+        echo "__ATTACHED__"
     fi
-    # A lock without a pid: the claim was made but the start was cut short; give it a moment.
-    for ((i = 0; i < 100; i++)); do [ -f "$R/pid" ] && break; sleep 0.05; done
+    exit 0
+    ;;
+follow)
+    # As the keeper: the agent can neither trace nor signal this shell, nor write $K. The
+    # nonce comes in the environment (argv is readable by every user; environ is not).
+    from=$1
+    nonce=${SANDSTREAM_NONCE:?}
+    unset SANDSTREAM_NONCE
+    if [ ! -d "$K" ] || [ ! -O "$K" ]; then
+        echo "sandstream: $K is missing or not the keeper's" >&2
+        exit 3
+    fi
+    # Open one of the agent's files, keeping it only if it is a regular file of the agent's
+    # own: a link to a file of the keeper's (its /proc entries) must not be read out.
+    agent_file() {  # fd name
+        eval "exec $1<\"\$R/\$2\"" 2>/dev/null || return 1
+        if [[ $(stat -L -c '%u %F' "/proc/$$/fd/$1" 2>/dev/null) != "__UID__ regular"* ]]; then
+            eval "exec $1<&-"
+            return 1
+        fi
+    }
+    export GIT_DIR="$K/git" GIT_WORK_TREE="$W"
+    gitq=(git -c core.quotePath=false)
+    if [ ! -f "$K/base" ] && [ ! -e "$R" ]; then
+        # The workspace before the agent: it has not started (its run folder is not there).
+        (
+            export GIT_INDEX_FILE="$K/base.index"
+            cd "$W" && git init -q && git add -A --ignore-errors
+            git write-tree >"$K/base.tmp" && mv "$K/base.tmp" "$K/base"
+        ) >"$K/git.log" 2>&1
+    fi
+    echo "$nonce.ready"
+    # The executor starts the run when it reads the line above.
+    for ((i = 0; i < 1200; i++)); do [ -f "$R/pid" ] && break; sleep 0.05; done
     # Builtins (read, mapfile) where possible: every process here delays the result.
     pid="" rc="" base="" oom=0
-    read -r pid <"$R/pid" 2>/dev/null
-    if [ -n "$pid" ]; then
+    agent_file 3 pid && read -r pid <&3 && exec 3<&-
+    [[ $pid =~ ^[0-9]+$ ]] || pid=""
+    if [ -n "$pid" ] && agent_file 4 out.jsonl; then
+        # The file opened above, by descriptor: swapping the name for a link changes nothing.
         # -s: how soon the end of the run is noticed (tail checks the pid that often).
-        tail -n "+$((from + 1))" -s 0.005 --pid="$pid" -F "$R/out.jsonl" 2>/dev/null
+        tail -n "+$((from + 1))" -s 0.005 --pid="$pid" -f "/proc/$$/fd/4" 2>/dev/null
+        exec 4<&-
     fi
     echo "$nonce"
-    read -r rc <"$R/exit" 2>/dev/null
+    agent_file 3 exit && read -r rc <&3 && exec 3<&-
+    [[ $rc =~ ^[0-9]+$ ]] || rc=""
     echo "exit=$rc"
     echo "pid=$pid"
     while read -r key value; do
@@ -181,21 +225,39 @@ follow)
     # How often the sandbox hit its pids limit (a fork bomb): a builtin read, no fork needed.
     read -r key value </sys/fs/cgroup/pids/pids.events 2>/dev/null
     [ "$key" = max ] && echo "pids_max=$value"
-    if [ "$rc" = 0 ]; then
+    if [ "$rc" = 0 ] || ! agent_file 3 err.log; then
         echo "stderr="
     else
-        echo "stderr=$(tail -c 2000 "$R/err.log" 2>/dev/null | tr '\n\r' '  ')"
+        echo "stderr=$(tail -c 2000 <&3 | tr '\n\r' '  ')"
+        exec 3<&-
     fi
-    read -r base <"$R/base" 2>/dev/null
+    read -r base <"$K/base" 2>/dev/null
     if [ -n "$base" ] && cd "$W" 2>/dev/null; then
         # An index of its own: a second follower (a re-attach) may be collecting too.
-        export GIT_DIR="$R/git" GIT_WORK_TREE="$W" GIT_INDEX_FILE="$R/index.$nonce"
-        git read-tree "$base" >/dev/null 2>&1 && git add -A >/dev/null 2>&1
-        gitq=(git -c core.quotePath=false)
+        export GIT_INDEX_FILE="$K/index.$$"
+        # What the agent made unreadable cannot be collected: name it rather than leave it out.
+        mapfile -d '' -t hidden < <(
+            find . -mindepth 1 \( -type d \( ! -readable -o ! -executable \) -prune \
+                -printf '%P\0' \) -o \( ! -type d ! -type l ! -readable -printf '%P\0' \) \
+                2>/dev/null | head -z -n 100
+        )
+        # --ignore-errors: an unreadable file is skipped (and named above), not fatal. A
+        # failure to write (the keeper's tmpfs full) is said, never shown as "no changes".
+        if git read-tree "$base" 2>"$K/add.log"; then
+            "${gitq[@]}" add -A --ignore-errors >/dev/null 2>"$K/add.log"
+            added=$?
+        else
+            added=128
+        fi
+        if [ "$added" -ge 128 ]; then
+            echo "collect_error=$(tail -n 1 "$K/add.log" | tr '\n\r' '  ' | head -c 500)"
+        fi
         mapfile -t names < <("${gitq[@]}" diff --cached --name-only "$base" 2>/dev/null)
+        echo "unreadable=${#hidden[@]}"
         echo "files=${#names[@]}"
+        [ "${#names[@]}" -gt 0 ] && printf '%s\n' "${names[@]}"
+        for name in "${hidden[@]}"; do printf '%s\n' "${name//$'\n'/?}"; done
         if [ "${#names[@]}" -gt 0 ]; then
-            printf '%s\n' "${names[@]}"
             "${gitq[@]}" diff --cached --binary "$base" 2>/dev/null | head -c __MAX_DIFF__
         fi
         rm -f "$GIT_INDEX_FILE"
@@ -214,6 +276,7 @@ exit 2
 def wrapper_script(
     *,
     run_dir: str = RUN_DIR,
+    keeper_dir: str = KEEPER_DIR,
     workspace: str = WORKSPACE,
     socket: str = MODEL_SOCKET,
     max_diff_bytes: int = MAX_DIFF_BYTES,
@@ -221,33 +284,39 @@ def wrapper_script(
     """The bash script run inside the sandbox (``bash -c SCRIPT sandstream <mode> ...``)."""
     return (
         _SCRIPT.replace("__RUN_DIR__", shlex.quote(run_dir))
+        .replace("__KEEPER_DIR__", shlex.quote(keeper_dir))
         .replace("__WORKSPACE__", shlex.quote(workspace))
         .replace("__SOCKET__", shlex.quote(socket))
+        .replace("__UID__", str(SANDBOX_UID))
         .replace("__MAX_DIFF__", str(max_diff_bytes + 1))
         .replace("__STARTED__", MARK_STARTED)
         .replace("__ATTACHED__", MARK_ATTACHED)
     )
 
 
-def follow_argv(
-    script: str,
-    spec: TaskSpec,
-    *,
-    from_line: int,
-    nonce: str,
-    port: int = DEFAULT_PORT,
-) -> list[str]:
-    """Start the run if nobody has, then stream ``out.jsonl`` from ``from_line`` (0-based)."""
+def follow_argv(script: str, *, from_line: int) -> list[str]:
+    """As the keeper: record the workspace if nobody has, say ``<nonce>.ready``, then stream
+    ``out.jsonl`` from ``from_line`` (0-based) and close with the run's block.
+
+    The nonce goes in the environment (:func:`keeper_environment`), never in argv.
+    """
+    return ["bash", "-c", script, "sandstream", "follow", str(from_line)]
+
+
+def keeper_environment(nonce: str) -> dict[str, str]:
+    return {NONCE_VAR: nonce, "HOME": KEEPER_DIR, "LANG": "C.UTF-8"}
+
+
+def start_argv(script: str, spec: TaskSpec, *, port: int = DEFAULT_PORT) -> list[str]:
+    """As the agent: start the run unless it was started (prints which, see MARK_*)."""
     cmd = command(spec)
     return [
         "bash",
         "-c",
         script,
         "sandstream",
-        "follow",
-        str(from_line),
+        "start",
         str(port),
-        nonce,
         str(len(cmd)),
         *cmd,
         *prompt_chunks(spec.prompt),
@@ -263,7 +332,13 @@ def kill_argv(script: str) -> list[str]:
 
 
 class Collected(msgspec.Struct, frozen=True, kw_only=True):
-    """The block the follow exec prints after the run has ended."""
+    """The block the keeper prints after the run has ended.
+
+    ``exit_code``, ``started`` and ``stderr_tail`` are the run's own report (files of the
+    agent's user: the agent can write them, as it can trace the CLI). The rest is the keeper's:
+    the counters of the sandbox's cgroup and the changes against the keeper's record of the
+    workspace before the run.
+    """
 
     exit_code: int | None
     """``None`` when the run has no exit file (it never started, or was cut short)."""
@@ -276,6 +351,11 @@ class Collected(msgspec.Struct, frozen=True, kw_only=True):
     files_changed: list[str] = msgspec.field(default_factory=list)
     diff: str = ""
     diff_truncated: bool = False
+    unreadable: list[str] = msgspec.field(default_factory=list)
+    """Workspace paths the keeper could not read (the agent took the permission away): their
+    changes are not in ``diff``; they are listed in ``files_changed`` and named in a note."""
+    collect_error: str = ""
+    """Why the changes could not be recorded at all (``diff`` then says so)."""
 
 
 def parse_collected(lines: Sequence[str], *, max_diff_bytes: int = MAX_DIFF_BYTES) -> Collected:
@@ -288,12 +368,12 @@ def parse_collected(lines: Sequence[str], *, max_diff_bytes: int = MAX_DIFF_BYTE
         i += 1
         if key == "files":
             break
-    try:
-        count = int(fields.get("files", "0").strip() or 0)
-    except ValueError:
-        count = 0
+    count = max(_int_or_none(fields.get("files")) or 0, 0)
+    hidden_count = max(_int_or_none(fields.get("unreadable")) or 0, 0)
     names = [unquote_git_path(n) for n in lines[i : i + count] if n]
-    diff_lines = lines[i + count :]
+    i += count
+    hidden = [n for n in lines[i : i + hidden_count] if n]
+    diff_lines = lines[i + hidden_count :]
     diff = "\n".join(diff_lines)
     if diff and not diff.endswith("\n"):
         diff += "\n"
@@ -302,15 +382,28 @@ def parse_collected(lines: Sequence[str], *, max_diff_bytes: int = MAX_DIFF_BYTE
     if truncated:
         diff = raw[:max_diff_bytes].decode(errors="ignore")
         diff += f"\n[sandstream: diff truncated at {max_diff_bytes} bytes]\n"
+    collect_error = fields.get("collect_error", "").strip()
+    if collect_error:
+        diff += f"[sandstream: the workspace's changes could not be recorded: {collect_error}]\n"
+    if hidden:
+        more = f" and {len(hidden) - 10} more" if len(hidden) > 10 else ""
+        shown = ", ".join(hidden[:10]) + more
+        diff += (
+            f"[sandstream: {len(hidden)} workspace paths were made unreadable during the run; "
+            f"their changes are not in this diff: {shown}]\n"
+        )
+    listed = set(names)
     return Collected(
         exit_code=_int_or_none(fields.get("exit")),
         started=bool(fields.get("pid", "").strip()),
         oom_kills=_int_or_none(fields.get("oom")) or 0,
         pids_limit_hits=_int_or_none(fields.get("pids_max")) or 0,
         stderr_tail=fields.get("stderr", "").strip(),
-        files_changed=bounded_names(names),
+        files_changed=bounded_names(names + [n for n in hidden if n not in listed]),
         diff=diff,
         diff_truncated=truncated,
+        unreadable=hidden,
+        collect_error=collect_error,
     )
 
 

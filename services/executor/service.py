@@ -218,16 +218,11 @@ class Executor:
         )
         log.info("following the agent", from_line=next_line)
         nonce = "sandstream-end-" + secrets_mod.token_hex(16)
-        argv = agent.follow_argv(
-            self._script, spec, from_line=next_line, nonce=nonce, port=cfg.model_port
-        )
-        env = agent.environment(port=cfg.model_port, max_retries=cfg.cli_max_retries)
         deadline = requested.at.timestamp() + spec.timeout_s + cfg.deadline_grace_s
         try:
             outcome = await self._follow(
                 event,
-                argv,
-                env,
+                spec,
                 nonce,
                 transcript,
                 next_line,
@@ -247,8 +242,7 @@ class Executor:
     async def _follow(
         self,
         event: ev.SandboxStarted,
-        argv: list[str],
-        env: dict[str, str],
+        spec: ev.TaskSpec,
         nonce: str,
         transcript: agent.Transcript,
         next_line: int,
@@ -256,14 +250,21 @@ class Executor:
         next_output_bytes: int,
         deadline: float,
     ) -> _Outcome:
-        """Stream the run's output into ``AgentOutput`` batches until its closing block."""
+        """Start the run if nobody has, and stream its output into ``AgentOutput`` batches
+        until the keeper's closing block (see ``agent.py``)."""
         cfg = self.config
         name = sandbox_name(event.task_id)
         outcome = _Outcome()
         # Bounded: while publishing lags, the exec stream is left unread, and the agent's
         # writes block in its own sandbox rather than in this process's memory.
         queue: asyncio.Queue[object] = asyncio.Queue(cfg.queue_lines)
-        stream = await self.driver.exec_stream(name, argv, env=env, workdir=agent.WORKSPACE)
+        stream = await self.driver.exec_stream(
+            name,
+            agent.follow_argv(self._script, from_line=next_line),
+            env=agent.keeper_environment(nonce),
+            workdir=agent.WORKSPACE,
+            keeper=True,
+        )
 
         async def read() -> None:
             # Not in a ``finally``: once cancelled, nobody takes from a full queue.
@@ -280,7 +281,7 @@ class Executor:
         first_at = 0.0
         line_no, batch_no = next_line, next_batch
         tail: list[str] | None = None
-        done, complete = nonce + ".done", False
+        ready, done, complete = nonce + ".ready", nonce + ".done", False
         killer: asyncio.Task[Any] | None = None
 
         async def flush() -> None:
@@ -356,7 +357,9 @@ class Executor:
                     if isinstance(item, Exception):
                         raise item
                     assert isinstance(item, str)
-                    if tail is not None:
+                    if item == ready and tail is None:
+                        await self._start(name, spec)
+                    elif tail is not None:
                         if item.endswith(done):
                             if head := item[: -len(done)]:
                                 tail.append(head)  # a truncated diff has no final newline
@@ -382,6 +385,20 @@ class Executor:
         if tail is not None and complete:
             outcome.collected = agent.parse_collected(tail, max_diff_bytes=cfg.max_diff_bytes)
         return outcome
+
+    async def _start(self, name: str, spec: ev.TaskSpec) -> None:
+        """Start the agent's run (a no-op for a run already started: it re-attaches)."""
+        cfg = self.config
+        started = await self.driver.exec(
+            name,
+            agent.start_argv(self._script, spec, port=cfg.model_port),
+            env=agent.environment(port=cfg.model_port, max_retries=cfg.cli_max_retries),
+            workdir=agent.WORKSPACE,
+        )
+        said = started.output.decode("utf-8", errors="replace").strip()
+        if started.exit_code != 0:
+            raise SandboxError(f"the agent's run could not be started: {said[-500:]}")
+        log.info("agent run", how=said)
 
     async def _finish(
         self,

@@ -12,6 +12,8 @@ import pytest
 
 from shared.errors import Permanent, Unavailable
 from shared.sandbox import (
+    KEEPER_DIR,
+    KEEPER_UID,
     LABEL_DEADLINE,
     LABEL_MANAGED,
     LABEL_TASK,
@@ -145,6 +147,27 @@ async def test_isolation_seen_from_inside(env: Env) -> None:
     # the model socket directory is mounted read-only
     code, out = await env.sh(name, "touch /run/sandstream/x")
     assert code != 0 and "Read-only" in out
+
+
+async def test_the_keeper_is_out_of_the_agents_reach(env: Env) -> None:
+    """The bookkeeping user: its folder is its own, and the two users cannot touch each
+    other's processes (no capabilities on either side)."""
+    name = await env.running()
+    keeper = "id -u; sleep 30 & echo $!; echo secret >$K/f; wait"
+    async with await env.driver.exec_stream(
+        name, ["bash", "-c", keeper.replace("$K", KEEPER_DIR)], env={"N": "n"}, keeper=True
+    ) as proc:
+        lines = proc.lines()
+        assert await anext(lines) == str(KEEPER_UID).encode()
+        pid = int(await anext(lines))
+        _, out = await env.sh(
+            name,
+            f"ls {KEEPER_DIR}; cat /proc/{pid}/environ; kill {pid}; "
+            f"cat /proc/{pid}/cmdline >/dev/null && echo cmdline-readable",
+        )
+        assert out.count("Permission denied") == 2, out  # its folder, its environment
+        assert "Operation not permitted" in out and "cmdline-readable" in out
+        await env.driver.kill(name)
 
 
 async def test_create_twice_gives_one_container(env: Env) -> None:

@@ -50,22 +50,32 @@ def test_environment_holds_a_placeholder_and_no_secret(monkeypatch: pytest.Monke
     assert "CLAUDE_CODE_OAUTH_TOKEN" not in env
 
 
-def test_follow_argv_passes_command_and_prompt_chunks() -> None:
+def test_start_argv_passes_command_and_prompt_chunks() -> None:
     prompt = "é" * (agent.PROMPT_CHUNK * 2 + 5)
     spec = TaskSpec(prompt=prompt, allowed_tools=["Bash"])
-    argv = agent.follow_argv("SCRIPT", spec, from_line=7, nonce="N", port=4001)
+    argv = agent.start_argv("SCRIPT", spec, port=4001)
     cmd = agent.command(spec)
-    assert argv[:10] == ["bash", "-c", "SCRIPT", "sandstream", "follow", "7", "4001", "N",
-                         str(len(cmd)), cmd[0]]  # fmt: skip
-    chunks = argv[9 + len(cmd) :]
+    assert argv[:8] == ["bash", "-c", "SCRIPT", "sandstream", "start", "4001",
+                        str(len(cmd)), cmd[0]]  # fmt: skip
+    chunks = argv[7 + len(cmd) :]
     assert "".join(chunks) == prompt and len(chunks) == 3
     assert all(len(c.encode()) < 128 * 1024 for c in chunks)
     assert agent.prompt_chunks("") == [""]
 
 
+def test_the_nonce_is_never_in_argv() -> None:
+    """argv is readable by every user in the sandbox (``/proc/*/cmdline``); the nonce goes
+    to the keeper in its environment, which the agent's user cannot read."""
+    argv = agent.follow_argv("SCRIPT", from_line=7)
+    assert argv == ["bash", "-c", "SCRIPT", "sandstream", "follow", "7"]
+    env = agent.keeper_environment("sandstream-end-abc")
+    assert env[agent.NONCE_VAR] == "sandstream-end-abc"
+    assert not any("sandstream-end" in a for a in agent.start_argv("S", TaskSpec(prompt="p")))
+
+
 def test_wrapper_script_has_the_lock_forwarder_and_paths() -> None:
-    script = agent.wrapper_script(run_dir="/tmp/r x", max_diff_bytes=10)
-    assert "R='/tmp/r x'" in script
+    script = agent.wrapper_script(run_dir="/tmp/r x", keeper_dir="/k y", max_diff_bytes=10)
+    assert "R='/tmp/r x'" in script and "K='/k y'" in script
     assert 'mkdir "$R"' in script  # the atomic lock
     assert "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" in script
     assert "UNIX-CONNECT:$S" in script and agent.MODEL_SOCKET in agent.wrapper_script()
@@ -102,6 +112,19 @@ def test_parse_collected_reads_status_files_and_diff() -> None:
     assert big.diff_truncated and big.diff.startswith("x" * 10) and "truncated" in big.diff
     assert big.oom_kills == 3
     assert agent.parse_collected([]).exit_code is None
+
+
+def test_paths_the_agent_hid_from_the_keeper_are_named_not_left_out() -> None:
+    lines = ["exit=0", "pid=4", "unreadable=2", "files=1", "a.txt", "secret", "dir/sub",
+             "diff --git a/a.txt b/a.txt", "+a"]  # fmt: skip
+    got = agent.parse_collected(lines)
+    assert got.unreadable == ["secret", "dir/sub"]
+    assert got.files_changed == ["a.txt", "secret", "dir/sub"]
+    assert got.diff.startswith("diff --git a/a.txt b/a.txt\n+a\n")
+    assert "2 workspace paths were made unreadable" in got.diff and "secret, dir/sub" in got.diff
+
+    failed = agent.parse_collected(["exit=0", "pid=4", "collect_error=No space", "files=0"])
+    assert failed.collect_error == "No space" and "could not be recorded: No space" in failed.diff
 
 
 def _line(obj: dict[str, object]) -> str:

@@ -43,6 +43,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Labels this installation's sandboxes (``up`` sets it) so it removes only its own."""
     rate_per_tenant: float = 50.0  # submissions per second (token bucket, burst 2x)
     max_queued_per_tenant: int = 1000  # tasks not yet terminal
+    max_waiting: int = 4096  # queued tasks the lifecycle's admission sees at once
     max_streams_per_tenant: int = 64  # open SSE streams
     max_output_bytes: int = 16 * 1024 * 1024  # agent output kept per task
     max_model_body_bytes: int = 8 * 1024 * 1024  # the model proxy's cap on a request body
@@ -145,6 +146,7 @@ def _read(env: Mapping[str, str]) -> Settings:
         instance=env.get("SANDSTREAM_INSTANCE") or "",
         rate_per_tenant=_float(env, "SANDSTREAM_RATE_PER_TENANT", 50.0),
         max_queued_per_tenant=_int(env, "SANDSTREAM_MAX_QUEUED_PER_TENANT", 1000),
+        max_waiting=_int(env, "SANDSTREAM_MAX_WAITING", 4096),
         max_streams_per_tenant=_int(env, "SANDSTREAM_MAX_STREAMS_PER_TENANT", 64),
         max_output_bytes=_int(env, "SANDSTREAM_MAX_OUTPUT_BYTES", 16 * 1024 * 1024),
         max_model_body_bytes=_int(env, "SANDSTREAM_MAX_MODEL_BODY_BYTES", 8 * 1024 * 1024),

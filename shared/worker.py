@@ -17,13 +17,19 @@ One place maps a handler's outcome to JetStream:
 
 While a handler runs, ``in_progress()`` is sent every third of ``ack_wait`` so long work keeps
 its message, and a dead worker's messages come back within ``ack_wait``.
+
+A handler that only waits for something else (the lifecycle's admission) can step aside with
+``async with worker.parked():``: while inside, it does not count against ``concurrency``, so
+other messages are fetched and handled; its message stays un-acked and heartbeated, so a crash
+still brings it back. ``max_pending`` (the consumer's ``max_ack_pending``) bounds how many
+messages are out at once, parked ones included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 import msgspec
@@ -79,6 +85,7 @@ class Worker:
         concurrency: int = 8,
         ack_wait: float = 10.0,
         max_deliver: int = 8,
+        max_pending: int | None = None,
         backoff: Callable[[int], float] = default_backoff,
     ) -> None:
         self.bus = bus
@@ -92,7 +99,10 @@ class Worker:
         self.backoff = backoff
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self.max_pending = max_pending or max(64, concurrency * 4)
         self._slots = asyncio.Semaphore(concurrency)
+        self._parked = 0
+        self._slotless: set[asyncio.Task[None]] = set()  # handlers that hold no slot to free
         self._log = log.bind(consumer=durable)
 
     async def ensure_consumer(self) -> None:
@@ -105,7 +115,7 @@ class Worker:
             # trace. The worker gives up itself (see _handle), and a give-up that could not
             # publish its error event comes back until it can.
             max_deliver=-1,
-            max_ack_pending=max(64, self.concurrency * 4),
+            max_ack_pending=self.max_pending,
             filter_subjects=self.subjects,
         )
         await self.bus.js.add_consumer(self.bus.stream.name, config)
@@ -197,15 +207,39 @@ class Worker:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    @contextlib.asynccontextmanager
+    async def parked(self) -> AsyncIterator[None]:
+        """Inside, the calling handler gives its slot to other messages (see module docs);
+        on the way out it takes a slot again, waiting for one if all are busy."""
+        task = asyncio.current_task()
+        assert task in self._inflight, "parked() is for this worker's own handlers"
+        self._slots.release()
+        self._parked += 1
+        try:
+            yield
+        except BaseException:
+            self._parked -= 1
+            self._slotless.add(task)  # leaving for good: nothing to take, nothing to give back
+            raise
+        self._parked -= 1
+        try:
+            await self._slots.acquire()
+        except asyncio.CancelledError:
+            self._slotless.add(task)
+            raise
+
     async def _wait_for_slot(self) -> int:
         """Wait until at least one handler slot is free; return how many are."""
         await self._slots.acquire()
         self._slots.release()
-        return max(1, self.concurrency - len(self._inflight))
+        return max(1, self.concurrency - (len(self._inflight) - self._parked))
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        self._slots.release()
+        if task in self._slotless:
+            self._slotless.discard(task)
+        else:
+            self._slots.release()
         if not task.cancelled() and task.exception() is not None:
             self._log.error("handler task crashed", error=repr(task.exception()))
 

@@ -1,17 +1,21 @@
-"""Admission: a global cap and a per-tenant cap on running sandboxes, first come first served.
+"""Admission: a global cap and a per-tenant cap on running sandboxes, shared fairly.
 
-Tasks wait in arrival order. When a slot frees, the earliest waiting task whose tenant is under
-its cap is admitted: a tenant at its cap does not hold up the others behind it. Nothing is
-dropped: a waiter leaves the queue only when admitted, withdrawn (cancel, timeout) or when the
-admission closes (shutdown: its message goes back to the stream).
+Each tenant has its own queue, in arrival order. When a slot frees, it goes to the tenant
+under its cap with the fewest running tasks; among those, to the one served longest ago (a
+tenant with nothing running or waiting starts afresh), then to the oldest waiting task. So a
+tenant with a thousand queued tasks gets its turn like a tenant with one: it never starves
+the others, and nobody waits behind another tenant's backlog. Nothing is dropped: a waiter
+leaves its queue only when admitted, withdrawn (cancel, timeout) or when the admission closes
+(shutdown: its message goes back to the stream).
 
-Pure asyncio, no I/O. Every operation is idempotent per task id.
+Pure asyncio, no I/O. Every operation is idempotent per task id; a grant costs O(tenants).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+import itertools
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 
@@ -27,6 +31,7 @@ class AdmissionClosed(Exception):
 class _Waiter:
     task_id: str
     tenant: str
+    arrival: int
     future: asyncio.Future[None] = field(repr=False)
 
 
@@ -38,7 +43,11 @@ class Admission:
         self.max_per_tenant = max_per_tenant
         self._holders: dict[str, str] = {}  # task id → tenant
         self._per_tenant: Counter[str] = Counter()
-        self._queue: list[_Waiter] = []  # arrival order
+        self._queues: dict[str, deque[_Waiter]] = {}  # tenant → its waiters, arrival order
+        self._waiters: dict[str, _Waiter] = {}  # task id → waiter
+        self._arrivals = itertools.count()
+        self._grants = itertools.count()
+        self._served: dict[str, int] = {}  # tenant → number of its last grant, while active
         self._closed = False
 
     # -- views ---------------------------------------------------------------------------------
@@ -49,16 +58,17 @@ class Admission:
 
     @property
     def waiting(self) -> int:
-        return len(self._queue)
+        return len(self._waiters)
 
     def holds(self, task_id: str) -> bool:
         return task_id in self._holders
 
     def is_waiting(self, task_id: str) -> bool:
-        return any(w.task_id == task_id for w in self._queue)
+        return task_id in self._waiters
 
     def queue(self) -> list[str]:
-        return [w.task_id for w in self._queue]
+        """Every waiting task, in arrival order."""
+        return [w.task_id for w in sorted(self._waiters.values(), key=lambda w: w.arrival)]
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -73,19 +83,20 @@ class Admission:
             return
         if self._closed:
             raise AdmissionClosed("the lifecycle is shutting down")
-        waiter = next((w for w in self._queue if w.task_id == task_id), None)
+        waiter = self._waiters.get(task_id)
         if waiter is None:
             loop = asyncio.get_running_loop()
-            waiter = _Waiter(task_id, tenant, loop.create_future())
-            self._queue.append(waiter)
+            waiter = _Waiter(task_id, tenant, next(self._arrivals), loop.create_future())
+            self._waiters[task_id] = waiter
+            self._queues.setdefault(tenant, deque()).append(waiter)
             self._admit()
         try:
             await asyncio.shield(waiter.future)
         except asyncio.CancelledError:
             # The caller went away (worker stopping): give the turn up unless already admitted,
             # so the slot is not held by a task nobody is handling.
-            if waiter in self._queue:
-                self._queue.remove(waiter)
+            if self._waiters.get(task_id) is waiter:
+                self._unqueue(waiter)
                 if not waiter.future.done():
                     waiter.future.cancel()
             raise
@@ -109,6 +120,7 @@ class Admission:
         self._per_tenant[tenant] -= 1
         if self._per_tenant[tenant] <= 0:
             del self._per_tenant[tenant]
+        self._forget_if_idle(tenant)
         self._admit()
         return True
 
@@ -119,32 +131,52 @@ class Admission:
     def close(self) -> None:
         """Refuse new waiters and wake every waiting one with :class:`AdmissionClosed`."""
         self._closed = True
-        for waiter in list(self._queue):
-            self._withdraw(waiter.task_id, AdmissionClosed("the lifecycle is shutting down"))
+        for task_id in list(self._waiters):
+            self._withdraw(task_id, AdmissionClosed("the lifecycle is shutting down"))
 
     # -- internals -----------------------------------------------------------------------------
 
     def _withdraw(self, task_id: str, exc: BaseException | None) -> bool:
-        for waiter in self._queue:
-            if waiter.task_id == task_id:
-                self._queue.remove(waiter)
-                if not waiter.future.done():
-                    if exc is None:
-                        waiter.future.set_result(None)
-                    else:
-                        waiter.future.set_exception(exc)
-                return True
-        return False
+        waiter = self._waiters.get(task_id)
+        if waiter is None:
+            return False
+        self._unqueue(waiter)
+        if not waiter.future.done():
+            if exc is None:
+                waiter.future.set_result(None)
+            else:
+                waiter.future.set_exception(exc)
+        return True
+
+    def _unqueue(self, waiter: _Waiter) -> None:
+        del self._waiters[waiter.task_id]
+        queue = self._queues[waiter.tenant]
+        queue.remove(waiter)  # O(its tenant's queue): only on withdrawal, never on a grant
+        if not queue:
+            del self._queues[waiter.tenant]
+        self._forget_if_idle(waiter.tenant)
+
+    def _forget_if_idle(self, tenant: str) -> None:
+        if tenant not in self._queues and self._per_tenant[tenant] <= 0:
+            self._served.pop(tenant, None)
 
     def _admit(self) -> None:
-        i = 0
-        while i < len(self._queue) and len(self._holders) < self.max_concurrent:
-            waiter = self._queue[i]
-            if self._per_tenant[waiter.tenant] >= self.max_per_tenant:
-                i += 1  # this tenant is at its cap: the next tenant's task may go first
-                continue
-            del self._queue[i]
-            self._holders[waiter.task_id] = waiter.tenant
-            self._per_tenant[waiter.tenant] += 1
+        while len(self._holders) < self.max_concurrent:
+            eligible = [
+                (self._per_tenant[tenant], self._served.get(tenant, -1), queue[0].arrival, tenant)
+                for tenant, queue in self._queues.items()
+                if self._per_tenant[tenant] < self.max_per_tenant
+            ]
+            if not eligible:
+                return
+            *_, tenant = min(eligible)
+            queue = self._queues[tenant]
+            waiter = queue.popleft()
+            if not queue:
+                del self._queues[tenant]
+            del self._waiters[waiter.task_id]
+            self._holders[waiter.task_id] = tenant
+            self._per_tenant[tenant] += 1
+            self._served[tenant] = next(self._grants)
             if not waiter.future.done():
                 waiter.future.set_result(None)

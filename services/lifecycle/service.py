@@ -138,6 +138,7 @@ class Lifecycle:
             concurrency=self.options.admit_concurrency or max(64, 8 * settings.max_concurrent),
             ack_wait=settings.ack_wait_s,
             max_deliver=settings.max_deliver,
+            max_pending=settings.max_waiting,
         )
         self.control_worker = Worker(
             bus=bus,
@@ -341,7 +342,9 @@ class Lifecycle:
             self._arm(task, deadline)
         self._waiting += 1
         try:
-            await self.admission.acquire(task, event.tenant)
+            # A waiting task holds no handler slot: the next tenant's request is still read.
+            async with self.admit_worker.parked():
+                await self.admission.acquire(task, event.tenant)
         except Withdrawn:
             log.info("left the admission queue", task_id=task)
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -190,6 +191,44 @@ async def test_a_message_whose_handling_never_finishes_ends_with_a_give_up(bus: 
     assert calls == [1, 2]
     assert len(given_up) == 1 and "delivered 3 times" in given_up[0]
     assert info is not None and info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_a_parked_handler_frees_its_slot_and_keeps_its_message(bus: Bus) -> None:
+    """One handler slot. The first message parks (it waits for something else): the second is
+    handled meanwhile. The parked one is still un-acked, then finishes and is acked once."""
+    first, second = ev.new_task_id(), ev.new_task_id()
+    release = asyncio.Event()
+    handled: list[str] = []
+    worker: Worker
+
+    async def handler(event: ev.AnyEvent, delivery: Delivery) -> None:
+        if event.task_id == first:
+            async with worker.parked():
+                await release.wait()
+        handled.append(event.task_id)
+
+    worker = Worker(
+        bus=bus, durable="wpark", subjects=[f"{bus.prefix}.>"], handler=handler, concurrency=1
+    )
+    runner = asyncio.create_task(worker.run())
+    try:
+        await bus.publish(requested(first))
+        await bus.publish(requested(second))
+        async with asyncio.timeout(10):
+            while handled != [second]:
+                await asyncio.sleep(0.02)
+        info = await bus.js.consumer_info(bus.stream.name, "wpark")
+        assert info.num_ack_pending == 1  # the parked message, kept
+        release.set()
+        async with asyncio.timeout(10):
+            while (await bus.js.consumer_info(bus.stream.name, "wpark")).num_ack_pending:
+                await asyncio.sleep(0.02)
+        assert handled == [second, first]
+    finally:
+        await worker.stop()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
 
 
 async def test_worker_heartbeats_keep_long_work(bus: Bus) -> None:

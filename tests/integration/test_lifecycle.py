@@ -47,7 +47,7 @@ class Harness:
         self.tmp = tmp
         self.services: list[Lifecycle] = []
 
-    def lifecycle(self, **settings: Any) -> Lifecycle:
+    def lifecycle(self, *, admit_concurrency: int | None = None, **settings: Any) -> Lifecycle:
         base: dict[str, Any] = {
             "stream": self.bus.stream.name,
             "subject_prefix": self.bus.prefix,
@@ -62,7 +62,10 @@ class Harness:
             driver=self.driver,
             settings=Settings(**base),
             options=LifecycleOptions(
-                labels={TEST_LABEL: self.tag}, memory_bytes=256 << 20, pids_limit=128
+                labels={TEST_LABEL: self.tag},
+                memory_bytes=256 << 20,
+                pids_limit=128,
+                admit_concurrency=admit_concurrency,
             ),
         )
         self.services.append(service)
@@ -235,6 +238,23 @@ async def test_per_tenant_cap_lets_other_tenants_pass(h: Harness) -> None:
     assert await types_of(h.bus, x2) == ["TaskRequested"]
     await h.completed(x1, tenant="x")
     await wait_for_event(h.bus, x2, "SandboxStarted")
+
+
+async def test_a_tenants_backlog_holds_no_slot_another_tenant_needs(h: Harness) -> None:
+    """Tenant x queues more tasks than the lifecycle has handlers for requests; tenant y's
+    one task, sent after them all, still starts at once in the slot x may not use."""
+    service = h.lifecycle(admit_concurrency=3, max_concurrent=2, max_per_tenant=1)
+    await service.start()
+    backlog = [task_id(f"x{i}") for i in range(8)]
+    for task in backlog:
+        await h.request(task, tenant="x")
+    await wait_for_event(h.bus, backlog[0], "SandboxStarted")
+    late = task_id("y")
+    await h.request(late, tenant="y")
+    await wait_for_event(h.bus, late, "SandboxStarted")
+    started = [t for t in backlog if "SandboxStarted" in await types_of(h.bus, t)]
+    assert started == backlog[:1]  # x stays at its cap of one
+    assert service.admission.queue() == backlog[1:]  # every x task seen, none lost
 
 
 async def test_deadline_times_the_task_out_and_removes_the_sandbox(h: Harness) -> None:

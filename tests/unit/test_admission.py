@@ -46,6 +46,43 @@ async def test_tenant_at_cap_does_not_block_others() -> None:
     assert adm.holds("x2") and adm.holds("y1")
 
 
+async def test_a_tenants_backlog_does_not_starve_another_tenant() -> None:
+    """One slot; tenant x queued ten tasks before tenant y queued one. y runs second, not
+    eleventh; then the turns alternate while both have work."""
+    adm = Admission(max_concurrent=1, max_per_tenant=10)
+    order: list[str] = []
+
+    async def want(task: str, tenant: str) -> None:
+        await adm.acquire(task, tenant)
+        order.append(task)
+
+    waiters = [asyncio.create_task(want(f"x{i}", "x")) for i in range(10)]
+    await settle()
+    waiters += [asyncio.create_task(want(f"y{i}", "y")) for i in range(2)]
+    await settle()
+    for _ in range(5):
+        adm.release(order[-1])
+        await settle()
+    assert order == ["x0", "y0", "x1", "y1", "x2", "x3"]
+    assert adm.waiting == 6 and adm.queue() == [f"x{i}" for i in range(4, 10)]
+    adm.close()
+    await asyncio.gather(*waiters, return_exceptions=True)
+
+
+async def test_fewest_running_goes_first() -> None:
+    adm = Admission(max_concurrent=3, max_per_tenant=3)
+    for task in ("x1", "x2", "y1"):
+        await adm.acquire(task, task[0])
+    x3 = asyncio.create_task(adm.acquire("x3", "x"))
+    y2 = asyncio.create_task(adm.acquire("y2", "y"))
+    await settle()
+    adm.release("x1")  # x now runs 1, y runs 1: y was served last, so x goes first
+    await settle()
+    assert x3.done() and not y2.done()
+    adm.release("x2")  # x runs 1 (x3), y runs 1: y's turn
+    await asyncio.wait_for(y2, 1)
+
+
 async def test_acquire_is_idempotent_and_redelivery_shares_the_turn() -> None:
     adm = Admission(max_concurrent=1, max_per_tenant=1)
     await adm.acquire("a", "x")

@@ -9,7 +9,10 @@ the model proxy during each phase. The attacks, all from real parts:
 - ``output flood``: the attacker's agent appends 64 MB to its run's own output file;
 - ``proxy flood``: the attacker's agent opens 100 connections to its model socket, each
   sending 1 MB of a body it never finishes;
-- ``sse flood``: the attacker opens 60 event streams on its own task and never reads them.
+- ``sse flood``: the attacker opens 60 event streams on its own task and never reads them;
+- ``queue flood``: the attacker submits 100 tasks whose agents wait on the model until the
+  victim is done, so it runs at its per-tenant cap and queues the rest (more queued requests
+  than the lifecycle has request handlers).
 
     .venv/bin/python bench/noisy_neighbour.py --tasks 5
 """
@@ -133,11 +136,13 @@ async def main_async(tasks: int, keep: bool) -> None:
             match="attack: sse",
             replies=[ToolUse.bash("seq 200000"), Reply(Text("held"), hold=hold)],
         )
+        queued = asyncio.Event()  # the queue flood's tasks run until the victim is done
+        fake.script(match="attack: queue", replies=[Reply(Text("queued"), hold=queued)])
         tmp = Path(tempfile.mkdtemp(prefix="sandstream-noisy-"))
         print(f"logs and data in {tmp} (removed at the end unless --keep)", flush=True)
         system = await start_up(tmp, fake)
         try:
-            rows = await phases(system, fake, hold, tasks)
+            rows = await phases(system, fake, hold, queued, tasks)
         finally:
             stop_up(system)
             if not keep:
@@ -158,7 +163,9 @@ async def main_async(tasks: int, keep: bool) -> None:
 Row = tuple[str, list[float], dict[str, int], str]
 
 
-async def phases(system: System, fake: FakeModel, hold: asyncio.Event, tasks: int) -> list[Row]:
+async def phases(
+    system: System, fake: FakeModel, hold: asyncio.Event, queued: asyncio.Event, tasks: int
+) -> list[Row]:
     tokens = system.data_dir / "tokens"
     victim_token = create_token(tokens, "victim")
     attacker = create_token(tokens, "attacker")
@@ -196,6 +203,20 @@ async def phases(system: System, fake: FakeModel, hold: asyncio.Event, tasks: in
         hold.set()
         _, outcome, _ = await attack
         rows.append(("sse flood (60 unread streams)", took, dict(peaks), outcome))
+        body = {"prompt": "attack: queue", "timeout_s": 600}
+        async with peak_rss(pids) as peaks:
+            flood = [
+                asyncio.create_task(run_task(http, system, attacker, body)) for _ in range(100)
+            ]
+            await fake.wait_for(
+                lambda: sum("attack: queue" in (r.prompt or "") for r in fake.main_requests()) >= 4,
+                120,
+            )
+            took = await victim(http, system, victim_token, tasks, "queue")
+            queued.set()
+            ends = await asyncio.gather(*flood)
+        outcomes = sorted({outcome for _, outcome, _ in ends})
+        rows.append(("queue flood (100 tasks)", took, dict(peaks), ", ".join(outcomes)))
     return rows
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,6 +82,8 @@ class Cursor:
     even when the last event is one nobody may act on."""
 
     seq: int = 0
+    caught_up: bool = False
+    """The read ended because nothing was left to deliver (not by the caller stopping)."""
 
 
 @dataclass(frozen=True)
@@ -317,6 +319,7 @@ class Bus:
         self,
         filter_subject: str | None = None,
         *,
+        subjects: Sequence[str] | None = None,
         from_seq: int | None = None,
         since: datetime | None = None,
         follow: bool = False,
@@ -333,8 +336,11 @@ class Bus:
         Memory is bounded whatever the caller's pace: at most :data:`READ_AHEAD` messages wait
         for it, and while they do, the subscription does not answer the server's flow control,
         so the server stops pushing (a slow SSE client holds back only its own read).
+
+        ``subjects``, instead of ``filter_subject``: several filters, applied by the server
+        (the lifecycle reads a task's history without its output batches).
         """
-        subject = filter_subject or self.all_filter
+        subject = "" if subjects else filter_subject or self.all_filter
         if from_seq is not None:
             config = ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, from_seq)
@@ -346,6 +352,8 @@ class Bus:
             )
         else:
             config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        if subjects:
+            config.filter_subjects = list(subjects)
         queue: asyncio.Queue[Msg] = asyncio.Queue(READ_AHEAD)
 
         async def on_msg(msg: Msg) -> None:
@@ -366,6 +374,8 @@ class Bus:
                 # still be on their way to ``queue`` (num_pending no longer counts them).
                 delivered = info.delivered.consumer_seq if info.delivered else 0
                 if info.num_pending == 0 and not delivered and queue.empty():
+                    if cursor is not None:
+                        cursor.caught_up = True
                     return
             # nats.py re-creates an ordered consumer that lost its server (a NATS restart)
             # from "the last sequence it delivered + 1", which is 1 when it had delivered
@@ -393,6 +403,8 @@ class Bus:
                         else:
                             yield Record(seq, msg.subject, meta.timestamp, event)
                 if not follow and meta.num_pending == 0:
+                    if cursor is not None:
+                        cursor.caught_up = True
                     return
         finally:
             with contextlib.suppress(Exception):

@@ -63,6 +63,10 @@ CONTROL_EVENTS: Final = (
     "TaskCancelRequested",
 )
 
+OUTPUT: Final = ev.type_name(ev.AgentOutput)
+HISTORY_TYPES: Final = tuple(ev.type_name(t) for t in ev.EVENT_TYPES if t is not ev.AgentOutput)
+"""What the lifecycle reads of a task's history: everything but its output batches."""
+
 _STOP_REASON: Final[dict[type[ev.Event], str]] = {
     ev.TaskSucceeded: "completed",
     ev.TaskFailed: "failed",
@@ -272,23 +276,26 @@ class Lifecycle:
     # ---- history -----------------------------------------------------------------------------
 
     async def _history(self, task_id: str, tries: int = 3) -> list[ev.AnyEvent]:
-        """The task's events, checked to reach its last stored one.
+        """The task's events but its output batches (nothing here depends on them, and they
+        are most of a long task's history), checked to reach its last stored one.
 
         Decisions here are destructive (an "unknown" task's sandbox is removed), so a read
         that stops short of the last sequence is read again, then :class:`Unavailable`.
         """
-        last = await self._last_seq(task_id)
+        last, last_subject = await self._last(task_id)
         if last == 0:
             return []
+        if last_subject == self.bus.subject(task_id, OUTPUT):
+            last = 1  # the read cannot reach it: it must just not come back empty
+        subjects = [self.bus.subject(task_id, name) for name in HISTORY_TYPES]
         for _ in range(tries):
             cursor = Cursor()
             try:
-                filter_subject = self.bus.task_filter(task_id)
-                records = [r async for r in self.bus.read(filter_subject, cursor=cursor)]
+                records = [r async for r in self.bus.read(subjects=subjects, cursor=cursor)]
             except (nats.errors.Error, TimeoutError) as exc:
                 raise Unavailable(f"cannot read the history of {task_id}: {exc}") from exc
             # Up to the last stored event, even when that one was skipped as untrusted.
-            if cursor.seq >= last:
+            if cursor.caught_up and cursor.seq >= last:
                 return [r.event for r in records]
             log.warning("history read incomplete, reading again", task_id=task_id)
         raise Unavailable(f"the history of {task_id} came back incomplete")
@@ -307,15 +314,19 @@ class Lifecycle:
 
     async def _last_seq(self, task_id: str) -> int:
         """Stream sequence of the task's last event, 0 if it has none (one direct get)."""
+        return (await self._last(task_id))[0]
+
+    async def _last(self, task_id: str) -> tuple[int, str]:
+        """Sequence and subject of the task's last event; ``(0, "")`` if it has none."""
         try:
             raw = await self.bus.js.get_last_msg(
                 self.bus.stream.name, self.bus.task_filter(task_id), direct=True
             )
         except nats.js.errors.NotFoundError:
-            return 0
+            return 0, ""
         except (nats.errors.TimeoutError, TimeoutError) as exc:
             raise Unavailable("the event log (NATS) did not answer in time") from exc
-        return int(raw.seq or 0)
+        return int(raw.seq or 0), str(raw.subject or "")
 
     # ---- TaskRequested ---------------------------------------------------------------------
 

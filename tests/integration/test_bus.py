@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shared import events as ev
-from shared.bus import MAX_EVENT_BYTES, Bus, StreamSettings, connect
+from shared.bus import MAX_EVENT_BYTES, Bus, Cursor, StreamSettings, connect
 from shared.errors import Conflict, Permanent, Unavailable
 from shared.worker import Delivery, Worker
 from tests.support.procs import NatsServer, free_port
@@ -191,6 +191,36 @@ async def test_a_message_whose_handling_never_finishes_ends_with_a_give_up(bus: 
     assert calls == [1, 2]
     assert len(given_up) == 1 and "delivered 3 times" in given_up[0]
     assert info is not None and info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_a_read_with_several_subjects_gets_only_those(bus: Bus) -> None:
+    task = ev.new_task_id()
+    await bus.publish(requested(task))
+    for n in range(3):
+        await bus.publish(
+            ev.AgentOutput(
+                event_id=ev.event_id(task, "AgentOutput", n),
+                task_id=task,
+                tenant="acme",
+                batch=n,
+                lines=["x"],
+            )
+        )
+    await bus.publish(
+        ev.TaskCancelRequested(
+            event_id=ev.event_id(task, "TaskCancelRequested"), task_id=task, tenant="acme"
+        )
+    )
+    cursor = Cursor()
+    subjects = [bus.subject(task, "TaskRequested"), bus.subject(task, "TaskCancelRequested")]
+    got = [type(r.event) async for r in bus.read(subjects=subjects, cursor=cursor)]
+    assert got == [ev.TaskRequested, ev.TaskCancelRequested]
+    assert cursor.caught_up and cursor.seq == await bus_last_seq(bus, task)
+
+
+async def bus_last_seq(bus: Bus, task: str) -> int:
+    raw = await bus.js.get_last_msg(bus.stream.name, bus.task_filter(task), direct=True)
+    return int(raw.seq or 0)
 
 
 async def test_a_parked_handler_frees_its_slot_and_keeps_its_message(bus: Bus) -> None:

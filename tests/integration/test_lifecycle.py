@@ -278,6 +278,43 @@ async def test_deadline_times_the_task_out_and_removes_the_sandbox(h: Harness) -
     assert service.admission.running == 0
 
 
+async def test_a_task_whose_last_events_are_output_still_times_out(h: Harness) -> None:
+    """The lifecycle reads a task's history without its output batches; when those are the
+    task's last events (a running agent), the read is still known complete."""
+    service = h.lifecycle()
+    await service.start()
+    task = task_id("talky")
+    await h.request(task, timeout_s=2)
+    await wait_for_event(h.bus, task, "SandboxStarted")
+    await h.bus.publish(
+        ev.ExecutionStarted(
+            event_id=ev.event_id(task, "ExecutionStarted", 1),
+            task_id=task,
+            tenant="acme",
+            sandbox=sandbox_name(task),
+        )
+    )
+    for batch in range(200):
+        await h.bus.publish(
+            ev.AgentOutput(
+                event_id=ev.event_id(task, "AgentOutput", batch * 10),
+                task_id=task,
+                tenant="acme",
+                batch=batch,
+                lines=["{}"] * 10,
+            )
+        )
+    history = await service._history(task)
+    assert [ev.type_name(type(e)) for e in history] == [
+        "TaskRequested",
+        "SandboxStarted",
+        "ExecutionStarted",
+    ]
+    stopped = await wait_for_event(h.bus, task, "SandboxStopped", timeout=15)
+    assert isinstance(stopped, ev.SandboxStopped) and stopped.reason == "timeout"
+    assert await h.gone(task)
+
+
 async def test_deadline_also_applies_while_queued(h: Harness) -> None:
     service = h.lifecycle(max_concurrent=1)
     await service.start()

@@ -13,7 +13,7 @@ import sys
 
 from shared import logging as slog
 from tests.chaos.run import ChaosConfig, run
-from tests.chaos.system import SERVICES, docker_problem
+from tests.chaos.system import S3, SERVICES, docker_problem
 
 
 def parse(argv: list[str] | None = None) -> ChaosConfig:
@@ -43,16 +43,24 @@ def parse(argv: list[str] | None = None) -> ChaosConfig:
     )
     p.add_argument("--nats-restarts", type=int, default=1, help="nats-server restarts (default 1)")
     p.add_argument(
+        "--storage",
+        choices=("s3", "file"),
+        default="s3",
+        help="results to moto's S3 server, its own process and killed too (default), or files",
+    )
+    p.add_argument(
         "--only",
-        default=",".join(SERVICES),
+        default=None,
         metavar="NAMES",
-        help="comma-separated services to kill (default: all four)",
+        help=f"comma-separated parts to kill among {', '.join((*SERVICES, S3))} "
+        "(default: all of them; s3 only with --storage s3)",
     )
     p.add_argument("--keep", action="store_true", help="keep the run's folder even on success")
     a = p.parse_args(argv)
-    targets = tuple(n for n in a.only.split(",") if n)
-    if not set(targets) <= set(SERVICES):
-        p.error(f"--only takes names among {', '.join(SERVICES)}")
+    targets = None if a.only is None else tuple(n for n in a.only.split(",") if n)
+    parts = (*SERVICES, S3) if a.storage == "s3" else SERVICES
+    if targets is not None and not set(targets) <= set(parts):
+        p.error(f"--only takes names among {', '.join(parts)}")
     if a.tasks < 1 or a.kill_every <= 0 or a.max_concurrent < 1:
         p.error("--tasks, --max-concurrent and --kill-every must be positive")
     if a.timeout < 60:
@@ -65,6 +73,7 @@ def parse(argv: list[str] | None = None) -> ChaosConfig:
         timeout=a.timeout,
         ack_wait=a.ack_wait,
         nats_restarts=a.nats_restarts,
+        storage=a.storage,
         targets=targets,
         keep=a.keep,
     )

@@ -2,8 +2,9 @@
 
 Everything is read back from the parts themselves: the whole ``TASKS`` stream (``Bus.read``),
 the ``docker events`` creates of the run's containers and the containers left, the stored
-objects, and the fake model's count of agent runs per prompt. Each broken rule becomes one
-line of :attr:`Report.errors`; the run passes when there is none.
+objects (from the folder, or over HTTP from the S3 server: not through the code under test),
+and the fake model's count of agent runs per prompt. Each broken rule becomes one line of
+:attr:`Report.errors`; the run passes when there is none.
 
 Every task is expected to succeed: the fake model never fails and every part comes back, so
 a task that ends otherwise (with its reason) is a finding too, not a tolerated outcome.
@@ -12,6 +13,7 @@ a task that ends otherwise (with its reason) is a finding too, not a tolerated o
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 import msgspec
 
 from shared import events as ev
-from shared.blobstore import FileStore, sha256_hex
+from shared.blobstore import sha256_hex
 from shared.bus import Bus, Record
 from shared.errors import Unavailable
 from shared.results import decode_result
@@ -27,8 +29,11 @@ from shared.sandbox import sandbox_name
 from shared.state import Status, fold
 from tests.chaos.clients import TaskRecord
 from tests.chaos.rules import violations
-from tests.chaos.system import NATS, SERVICES
+from tests.chaos.system import NATS, S3, SERVICES
 from tests.fakes.model import FakeModel
+
+ReadObject = Callable[[str], Awaitable[bytes | None]]
+"""Reads a stored object by its key, as the store the run used has it (``None``: missing)."""
 
 
 @dataclass
@@ -78,7 +83,8 @@ class Report:
     def summary(self) -> str:
         """The figures of the run, then every error (at most 40 lines of them)."""
         verdict = "PASS" if self.passed else f"FAIL ({len(self.errors)} problems)"
-        per_service = ", ".join(f"{s} {len(self.kills_of(s))}" for s in SERVICES)
+        parts = (*SERVICES, S3) if S3 in self.targets else SERVICES
+        per_service = ", ".join(f"{s} {len(self.kills_of(s))}" for s in parts)
         executor_mid = sum(1 for k in self.kills_of("executor") if k.mid_run)
         statuses = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items())) or "none"
         if self.planted_orphan is None:
@@ -93,7 +99,7 @@ class Report:
             f"  tasks        {self.tasks} submitted, {self.accepted} accepted "
             f"({self.submit_retries} requests retried); {statuses}; {self.events} events",
             f"  kills        {per_service} (executor with agents mid-run: {executor_mid})",
-            f"  restarts     {sum(len(self.kills_of(s)) for s in SERVICES)} service restarts, "
+            f"  restarts     {sum(len(self.kills_of(s)) for s in parts)} restarts of those, "
             f"{len(self.kills_of(NATS))} nats-server restart(s)",
             f"  lost         {len(self.lost)}",
             f"  duplicates   {sum(self.duplicates.values())}" + (f" ({dups})" if dups else ""),
@@ -130,14 +136,13 @@ async def audit(
     bus: Bus,
     records: list[TaskRecord],
     fake: FakeModel,
-    results_dir: Path,
+    read_object: ReadObject,
     planted_orphan: str | None,
 ) -> None:
     """Fill ``report`` with the figures and errors of the run (see the module docstring)."""
     report.planted_orphan = planted_orphan
     histories = await read_stream(bus)
     report.events = sum(len(h) for h in histories.values())
-    store = FileStore(results_dir)
     accepted = {r.task_id: r for r in records if r.task_id is not None}
     report.accepted = len(accepted)
     report.submit_retries = sum(max(0, r.submit_attempts - 1) for r in records)
@@ -167,7 +172,7 @@ async def audit(
             err(f"Idempotency-Key {key}: {n} tasks")
 
     for task_id, rec in accepted.items():
-        await _audit_task(report, task_id, rec, histories.get(task_id, []), fake, store)
+        await _audit_task(report, task_id, rec, histories.get(task_id, []), fake, read_object)
 
     _audit_kills(report, histories)
     if report.orphans:
@@ -186,7 +191,7 @@ async def _audit_task(
     rec: TaskRecord,
     history: list[Record],
     fake: FakeModel,
-    store: FileStore,
+    read_object: ReadObject,
 ) -> None:
     err = report.errors.append
     events = [r.event for r in history]
@@ -215,7 +220,7 @@ async def _audit_task(
 
     for stored in results:
         for obj in stored.objects:
-            data = await store.get(obj.key)
+            data = await read_object(obj.key)
             if data is None:
                 err(f"{name}: stored object {obj.key} is missing")
             elif sha256_hex(data) != obj.sha256 or len(data) != obj.size:

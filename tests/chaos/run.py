@@ -36,7 +36,7 @@ from shared.bus import Record
 from tests.chaos import clients
 from tests.chaos.audit import Kill, Report, audit, read_stream
 from tests.chaos.clients import TaskRecord
-from tests.chaos.system import NATS, SERVICES, ContainerCreates, System
+from tests.chaos.system import NATS, S3, SERVICES, ContainerCreates, System
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse
 
 API_KEY: Final = "sk-chaos-0123456789-secret"
@@ -62,8 +62,11 @@ class ChaosConfig:
     ack_wait: float = 4.0
     max_deliver: int = 8
     nats_restarts: int = 1
-    targets: tuple[str, ...] = SERVICES
-    """The services that are killed (each at least once); all five by default."""
+    storage: str = "s3"
+    """Where results go: ``s3`` (moto's server, its own process, killed too) or ``file``."""
+    targets: tuple[str, ...] | None = None
+    """The parts that are killed (each at least once); by default the five services and,
+    with S3 storage, the S3 server."""
     tenants: int = 2
     task_timeout_s: int = 300
     submit_gap: float = 0.25
@@ -93,6 +96,8 @@ async def run(config: ChaosConfig) -> Report:
     instance = f"chaos-{run_id}"
     root = Path(tempfile.mkdtemp(prefix=f"sandstream-{instance}-"))
     tenants = [f"chaos-{chr(ord('a') + i)}" for i in range(max(1, config.tenants))]
+    if config.targets is None:
+        config.targets = (*SERVICES, S3) if config.storage == "s3" else SERVICES
     report = Report(
         run_id=run_id,
         seed=seed,
@@ -102,7 +107,10 @@ async def run(config: ChaosConfig) -> Report:
         targets=config.targets,
     )
     began = time.monotonic()
-    config.say(f"chaos {instance}: seed {seed}, {config.tasks} tasks, folder {root}")
+    config.say(
+        f"chaos {instance}: seed {seed}, {config.tasks} tasks, {config.storage} storage, "
+        f"folder {root}"
+    )
     async with FakeModel() as fake:
         records = _plan(config, rng, run_id, tenants, fake)
         system = System(
@@ -114,6 +122,7 @@ async def run(config: ChaosConfig) -> Report:
             ack_wait_s=config.ack_wait,
             max_deliver=config.max_deliver,
             tenants=tenants,
+            storage=config.storage,
         )
         creates = ContainerCreates(system.label)
         state = _Run(config, rng, system, fake, records, report)
@@ -141,7 +150,7 @@ async def run(config: ChaosConfig) -> Report:
                     await creates.stop()
                     report.container_creates = dict(creates.counts)
                     assert system.bus is not None
-                    await audit(report, system.bus, records, fake, system.results_dir, state.orphan)
+                    await audit(report, system.bus, records, fake, system.read_object, state.orphan)
         except Exception as exc:
             report.errors.append(f"the run itself failed: {type(exc).__name__}: {exc}")
             config.say(traceback.format_exc())

@@ -1,5 +1,11 @@
 """The system under chaos, started from its parts: one nats-server, the four services and
-the model proxy, each its own process.
+the model proxy, each its own process, and (with ``storage="s3"``) moto's S3 server, a process
+of its own too.
+
+moto keeps its objects in memory, so a SIGKILLed moto would come back empty. It records every
+request it serves to a file, and a restarted one replays that file into itself before it
+listens (``s3server.py``): it comes back with what it had, as a real store would. Objects are
+then checked by sha256 like files are.
 
 Each part is a :class:`Part`: a child process with its own log file (appended across
 restarts), killed with SIGKILL and started again on demand. Children get ``PR_SET_PDEATHSIG``
@@ -19,8 +25,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+import aioboto3
 import aiohttp
 
 from services.gateway.auth import create_token
@@ -34,6 +41,16 @@ from tests.support.procs import free_port, nats_server_binary
 BUS_SERVICES: Final = ("gateway", "lifecycle", "executor", "storage")
 SERVICES: Final = (*BUS_SERVICES, "modelproxy")
 NATS: Final = "nats-server"
+S3: Final = "s3"
+BUCKET: Final = "chaos-results"
+S3_ENV: Final = {
+    "AWS_ACCESS_KEY_ID": "chaos-key",
+    "AWS_SECRET_ACCESS_KEY": "chaos-secret-never-logged",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": "/nonexistent/sandstream-chaos-aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/sandstream-chaos-aws-creds",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 DURABLES: Final = ("lifecycle-admit", "lifecycle", "executor", "storage")
 LABEL_INSTANCE: Final = "sandstream.instance"
 REPO: Final = Path(__file__).resolve().parents[2]
@@ -135,6 +152,7 @@ class System:
         ack_wait_s: float,
         max_deliver: int,
         tenants: Sequence[str],
+        storage: str = "file",
     ) -> None:
         self.root = root
         self.instance = instance
@@ -149,7 +167,14 @@ class System:
         self.url = f"http://127.0.0.1:{self.port}"
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
         self.results_dir = (self.data_dir / "results").resolve()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SANDSTREAM_")}
+        self.storage = storage
+        self.s3_port = free_port()
+        self.s3_recording = root / "s3-recording.jsonl"
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SANDSTREAM_", "AWS_", "MOTO_"))
+        }
         env.pop("CLAUDE_CODE_OAUTH_TOKEN", None)
         env.update({k: os.environ[k] for k in _KEEP_ENV if k in os.environ})
         env.update(
@@ -159,7 +184,7 @@ class System:
             SANDSTREAM_HOST="127.0.0.1",
             SANDSTREAM_PORT=str(self.port),
             SANDSTREAM_INSTANCE=instance,
-            SANDSTREAM_STORAGE_URL=f"file://{self.results_dir}",
+            SANDSTREAM_STORAGE_URL=self.results_url,
             SANDSTREAM_MODEL_UPSTREAM=model_url,
             SANDSTREAM_ACK_WAIT_S=str(ack_wait_s),
             SANDSTREAM_MAX_DELIVER=str(max_deliver),
@@ -168,6 +193,8 @@ class System:
             ANTHROPIC_API_KEY=api_key,
             PYTHONUNBUFFERED="1",
         )
+        if storage == "s3":
+            env.update(S3_ENV, SANDSTREAM_S3_ENDPOINT_URL=self.s3_endpoint)
         # The same bus identities as `sandstream up`: every service as itself, the harness
         # reading as `reader`.
         self.identities = self.data_dir / "nats"
@@ -181,6 +208,11 @@ class System:
         self.parts: dict[str, Part] = {
             NATS: Part(NATS, nats_argv, {"PATH": env.get("PATH", "")}, self.logs / "nats.log")
         }
+        if storage == "s3":
+            s3_env = {"PATH": env.get("PATH", ""), **S3_ENV}
+            s3_argv = [sys.executable, "-m", "tests.chaos.s3server", str(self.s3_port)]
+            s3_argv.append(str(self.s3_recording))
+            self.parts[S3] = Part(S3, s3_argv, s3_env, self.logs / "s3.log")
         for name in SERVICES:
             argv = [sys.executable, "-m", f"services.{name}"]
             own = dict(env)
@@ -190,6 +222,8 @@ class System:
                 own.pop("ANTHROPIC_API_KEY")
             self.parts[name] = Part(name, argv, own, self.logs / f"{name}.log")
         self.bus: Bus | None = None
+        self._s3: Any = None  # the audit's own S3 client (aioboto3, not the code under test)
+        self._closing = contextlib.AsyncExitStack()
 
     # ---- starting and stopping -------------------------------------------------------------
 
@@ -197,6 +231,12 @@ class System:
         """Start everything and wait until the gateway is ready and every consumer exists."""
         self.parts[NATS].start()
         await wait_port(self.nats_port, timeout)
+        if self.storage == "s3":
+            await self._start_s3()
+            # moto takes an unsigned create
+            async with aiohttp.ClientSession() as http, http.put(self._bucket_url) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"cannot create the bucket: {r.status}")
         for name in SERVICES:
             self.parts[name].start()
         reader = NatsAuth(nkey=seed_path(self.identities, "reader"))
@@ -230,10 +270,51 @@ class System:
         self.parts[name].kill()
 
     async def restart(self, name: str) -> None:
+        if name == S3:
+            await self._start_s3()
+            return
         part = self.parts[name]
         part.start()
         if name == NATS:
             await wait_port(self.nats_port, 15.0)
+
+    async def read_object(self, key: str) -> bytes | None:
+        """A stored object as the store has it (for the audit), ``None`` when missing."""
+        if self.storage != "s3":
+            path = self.results_dir / key
+            return path.read_bytes() if path.is_file() else None
+        if self._s3 is None:
+            session = aioboto3.Session(
+                aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+                region_name=S3_ENV["AWS_DEFAULT_REGION"],
+            )
+            client = session.client("s3", endpoint_url=self.s3_endpoint)
+            self._s3 = await self._closing.enter_async_context(client)
+        try:
+            response = await self._s3.get_object(Bucket=BUCKET, Key=f"r/{key}")
+        except self._s3.exceptions.NoSuchKey:
+            return None
+        async with response["Body"] as body:
+            data: bytes = await body.read()
+        return data
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def _bucket_url(self) -> str:
+        return f"{self.s3_endpoint}/{BUCKET}"
+
+    @property
+    def results_url(self) -> str:
+        return f"s3://{BUCKET}/r" if self.storage == "s3" else f"file://{self.results_dir}"
+
+    async def _start_s3(self) -> None:
+        """Start moto; it replays its recording before it listens (see ``s3server.py``)."""
+        self.parts[S3].start()
+        await wait_port(self.s3_port, 60.0)
 
     async def stop(self) -> None:
         """Services first (graceful, bounded), then nats-server. Never raises."""
@@ -244,6 +325,10 @@ class System:
             with contextlib.suppress(Exception):
                 await self.bus.nc.close()
         await self.parts[NATS].terminate(10.0)
+        with contextlib.suppress(Exception):
+            await self._closing.aclose()
+        if S3 in self.parts:
+            await self.parts[S3].terminate(10.0)
 
     # ---- docker --------------------------------------------------------------------------
 

@@ -1,14 +1,17 @@
-"""The chaos run's state-machine rules (tests/chaos/rules.py) on hand-made histories."""
+"""The chaos run's state-machine rules (tests/chaos/rules.py) on hand-made histories, and its
+S3 server's recording after a kill."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shared import events as ev
 from tests.chaos.rules import violations
+from tests.chaos.s3server import trim_recording
 
 T = "t_rules"
 BASE = datetime(2026, 1, 1, tzinfo=UTC)
@@ -206,3 +209,13 @@ def test_a_history_must_begin_with_its_request_and_end() -> None:
     assert violations(unfinished, require_end=False) == []
     assert "no terminal event" in violations(unfinished)
     assert violations([]) == ["empty history"]
+
+
+def test_a_recording_cut_by_a_kill_loses_only_its_last_request(tmp_path: Path) -> None:
+    path = tmp_path / "rec.jsonl"
+    whole = b'{"method": "PUT", "url": "a"}\n{"method": "PUT", "url": "b"}\n'
+    path.write_bytes(whole + b'{"method": "PUT", "url": "c", "bo')
+    assert trim_recording(path) == 2 and path.read_bytes() == whole
+    assert trim_recording(path) == 2 and path.read_bytes() == whole  # nothing more to drop
+    path.write_bytes(b'{"cut": \n')  # a line ended, yet not whole
+    assert trim_recording(path) == 0 and path.read_bytes() == b""

@@ -23,6 +23,7 @@ import structlog
 from shared import identities
 from shared import logging as logging_mod
 from shared import settings as settings_mod
+from shared.errors import backoff
 
 log = structlog.get_logger("sandstream.up")
 SERVICES = ("gateway", "lifecycle", "executor", "storage")  # the bus's components
@@ -106,7 +107,7 @@ async def supervise(child: Child, stopping: asyncio.Event) -> None:
         if stopping.is_set():
             return
         child.restarts += 1
-        pause = min(5.0, 0.25 * 2 ** min(child.restarts, 5))
+        pause = backoff(child.restarts + 1, first=0.25, cap=5.0)
         log.error("service died, restarting", service=child.name, exit_code=code, in_s=pause)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), pause)

@@ -34,3 +34,12 @@ class Retry(SandstreamError):
     def __init__(self, message: str = "", *, delay: float | None = None) -> None:
         super().__init__(message)
         self.delay = delay
+
+
+def backoff(attempt: int, *, first: float = 0.5, cap: float = 15.0) -> float:
+    """The pause after the ``attempt``-th failure (1-based): ``first``, doubling, at most ``cap``.
+
+    The one backoff of the code base: redeliveries, the lifecycle's deadline retries, ``up``'s
+    restarts of a dead service.
+    """
+    return float(min(cap, first * 2 ** max(0, attempt - 1)))

@@ -4,7 +4,8 @@ One place maps a handler's outcome to JetStream:
 
 - returns normally → ``ack``;
 - raises :class:`~shared.errors.Retry`, :class:`~shared.errors.Unavailable` or any other
-  exception → ``nak`` with a delay that grows with the number of deliveries;
+  exception → ``nak`` with a delay that grows with the number of deliveries (a ``Retry`` with
+  its own ``delay`` gets that one);
 - raises :class:`~shared.errors.Permanent`, or fails on its last allowed delivery → the
   ``on_give_up`` callback publishes an error event, then ``term``;
 - delivered again after its last allowed delivery (that handler never finished: the service
@@ -41,7 +42,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared import events as ev
 from shared.bus import Bus
-from shared.errors import Permanent
+from shared.errors import Permanent, Retry, backoff
 
 log = structlog.get_logger("sandstream.worker")
 
@@ -68,7 +69,7 @@ GiveUp = Callable[[ev.AnyEvent, str], Awaitable[None]]
 
 def default_backoff(num_delivered: int) -> float:
     """Delay before the next delivery: 0.5 s, 1 s, 2 s, … capped at 15 s."""
-    return float(min(15.0, 0.5 * 2 ** max(0, num_delivered - 1)))
+    return backoff(num_delivered)
 
 
 class Worker:
@@ -290,6 +291,8 @@ class Worker:
                     await self._give_up(msg, event, reason)
                 else:
                     delay = self.backoff(delivery.num_delivered)
+                    if isinstance(exc, Retry) and exc.delay is not None:
+                        delay = exc.delay  # the handler knows better (e.g. "re-attach now")
                     self._log.warning(
                         "handler failed, will retry",
                         error=reason,

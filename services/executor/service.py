@@ -413,7 +413,7 @@ class Executor:
         collected = outcome.collected
         if collected is None:
             if await self._sandbox_alive(name, settle_s=0.5):
-                raise Retry("the agent's output stream ended early; re-attaching", delay=0.2)
+                raise Retry("the agent's output stream ended early; re-attaching")
             history = await self._history(task_id)
             await self.proxy.remove_task(task_id)
             if history.terminal or history.ended:

@@ -35,7 +35,7 @@ import structlog
 from services.lifecycle.admission import Admission, AdmissionClosed, Withdrawn
 from shared import events as ev
 from shared.bus import Bus, Cursor
-from shared.errors import Permanent, Unavailable
+from shared.errors import Permanent, Unavailable, backoff
 from shared.sandbox import (
     MANAGED_FILTER,
     GiB,
@@ -638,7 +638,7 @@ class Lifecycle:
                     except asyncio.CancelledError:
                         raise
                     except Exception as exc:
-                        delay = min(15.0, 0.5 * 2 ** (attempt - 1))
+                        delay = backoff(attempt)
                         log.warning("timeout handling failed, retrying", error=repr(exc))
                         await asyncio.sleep(delay)
             finally:

@@ -26,7 +26,7 @@ from services.storage.build import Artifacts, build
 from shared import events as ev
 from shared.blobstore import BlobStore
 from shared.bus import Bus
-from shared.errors import Unavailable
+from shared.errors import Unavailable, backoff
 from shared.results import CONTENT_TYPES, DIFF_FILE, RESULT_FILE, TRANSCRIPT_FILE, task_prefix
 from shared.worker import Delivery, Worker
 
@@ -37,7 +37,7 @@ DURABLE = "storage"
 
 def storage_backoff(num_delivered: int) -> float:
     """0.5 s, 1 s, 2 s, … capped at 30 s: a store outage is waited out, not hammered."""
-    return float(min(30.0, 0.5 * 2 ** max(0, num_delivered - 1)))
+    return backoff(num_delivered, cap=30.0)
 
 
 class StorageService:

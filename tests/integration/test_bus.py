@@ -11,7 +11,7 @@ import pytest
 
 from shared import events as ev
 from shared.bus import MAX_EVENT_BYTES, Bus, Cursor, StreamSettings, connect
-from shared.errors import Conflict, Permanent, Unavailable
+from shared.errors import Conflict, Permanent, Retry, Unavailable
 from shared.worker import Delivery, Worker
 from tests.support.procs import NatsServer, free_port
 
@@ -191,6 +191,34 @@ async def test_a_message_whose_handling_never_finishes_ends_with_a_give_up(bus: 
     assert calls == [1, 2]
     assert len(given_up) == 1 and "delivered 3 times" in given_up[0]
     assert info is not None and info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_a_retry_with_its_own_delay_is_redelivered_after_that_delay(bus: Bus) -> None:
+    """The worker's backoff would wait a minute; the handler's ``Retry(delay=...)`` wins."""
+    task = ev.new_task_id()
+    deliveries: list[int] = []
+    done = asyncio.Event()
+
+    async def handler(event: ev.AnyEvent, delivery: Delivery) -> None:
+        deliveries.append(delivery.num_delivered)
+        if delivery.num_delivered == 1:
+            raise Retry("again, at once", delay=0.05)
+        done.set()
+
+    worker = Worker(
+        bus=bus, durable="wretry", subjects=[f"{bus.prefix}.>"], handler=handler,
+        backoff=lambda n: 60.0,
+    )  # fmt: skip
+    runner = asyncio.create_task(worker.run())
+    try:
+        await bus.publish(requested(task))
+        await asyncio.wait_for(done.wait(), 10)
+        assert deliveries == [1, 2]
+    finally:
+        await worker.stop()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
 
 
 async def test_a_read_with_several_subjects_gets_only_those(bus: Bus) -> None:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +50,11 @@ MANAGED_FILTER: Final = f"{LABEL_MANAGED}=1"
 
 WORKSPACE: Final = "/workspace"
 SOCKET_MOUNT: Final = "/run/sandstream"
+"""Where a task's model-socket folder is mounted in its sandbox (read-only)."""
+SOCKET_NAME: Final = "model.sock"
+MODEL_SOCKET: Final = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
+"""The model socket as the agent sees it."""
+SAFE_SEGMENT: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 SANDBOX_USER: Final = "agent"  # uid 1000 in the image; the container's user for every exec
 SANDBOX_UID: Final = 1000
 KEEPER_UID: Final = 1001
@@ -76,6 +82,16 @@ class SandboxNotFound(SandboxError):
 
 def sandbox_name(task_id: str) -> str:
     return f"{NAME_PREFIX}{task_id}"
+
+
+def socket_folder(root: Path, task_id: str) -> Path:
+    """The task's model-socket folder on the host (``<root>/<task_id>``): the model proxy
+    listens at ``socket_folder(...) / SOCKET_NAME``, the lifecycle mounts the folder at
+    :data:`SOCKET_MOUNT`. ``task_id`` becomes a path: anything but one safe path segment
+    (letters, digits, ``_.-``, not starting with a dot) is refused."""
+    if not SAFE_SEGMENT.fullmatch(task_id):
+        raise ValueError(f"not a task id: {task_id[:64]!r}")
+    return root / task_id
 
 
 def share_with_sandbox(path: Path) -> None:

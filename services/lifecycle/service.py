@@ -44,6 +44,7 @@ from shared.sandbox import (
     SandboxSpec,
     sandbox_name,
     share_with_sandbox,
+    socket_folder,
 )
 from shared.settings import Settings
 from shared.state import Status, TaskState, fold
@@ -377,7 +378,7 @@ class Lifecycle:
     async def _create_and_start(self, event: ev.TaskRequested, deadline: float) -> None:
         task = event.task_id
         began = time.perf_counter()
-        socket_dir = self.settings.model_socket_dir / task
+        socket_dir = socket_folder(self.settings.model_socket_dir, task)
         socket_dir.mkdir(parents=True, exist_ok=True)
         share_with_sandbox(socket_dir)
         o = self.options
@@ -599,7 +600,7 @@ class Lifecycle:
         self.admission.release(task)
         self._disarm(task)
         with contextlib.suppress(OSError):
-            shutil.rmtree(self.settings.model_socket_dir / task)
+            shutil.rmtree(socket_folder(self.settings.model_socket_dir, task))
         if usage is None:
             log.info("sandbox removed", sandbox=name)
             return

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import time
 from collections.abc import Mapping
 from contextvars import Context
@@ -48,18 +47,16 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from services.modelproxy.policy import Budget, Prices, ProxyPolicy, Refused, screen
-from shared.sandbox import share_with_sandbox
+from shared.sandbox import SAFE_SEGMENT, SOCKET_NAME, share_with_sandbox, socket_folder
 
 log = structlog.get_logger("sandstream.model_proxy")
 
-SOCKET_NAME: Final = "model.sock"
 USAGE_FILE: Final = "usage.json"
 MESSAGES_PATHS: Final = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 OAUTH_BETA: Final = "oauth-2025-04-20"
 BUDGET_FILE: Final = "budget.json"
 MAX_JSON_USAGE_BODY: Final = 32 * 1024 * 1024
 _SUN_PATH_MAX: Final = 107
-_TASK_ID_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 _HOP_BY_HOP: Final = frozenset(
     {
@@ -321,7 +318,7 @@ class ModelProxy:
 
     # ---- tasks --------------------------------------------------------------------------
     def socket_path(self, task_id: str) -> Path:
-        return self.socket_dir / task_id / SOCKET_NAME
+        return socket_folder(self.socket_dir, task_id) / SOCKET_NAME
 
     @property
     def tasks(self) -> list[str]:
@@ -336,7 +333,7 @@ class ModelProxy:
         for a task id that is not a safe file name or a path too long for a Unix socket,
         ``OSError`` when binding fails.
         """
-        if not _TASK_ID_RE.match(task_id):
+        if not SAFE_SEGMENT.fullmatch(task_id):
             raise ValueError(f"task id {task_id!r} is not usable as a socket directory name")
         path = self.socket_path(task_id)
         if budget is not None:
@@ -416,10 +413,10 @@ class ModelProxy:
         await self._stop_site(task_id, unlink=True)
         self._usage.pop(task_id, None)
         self._budgets.pop(task_id, None)
-        if _TASK_ID_RE.match(task_id):
+        if SAFE_SEGMENT.fullmatch(task_id):
             for name in (SOCKET_NAME, USAGE_FILE, BUDGET_FILE):
                 with contextlib.suppress(OSError):
-                    (self.socket_dir / task_id / name).unlink()
+                    (socket_folder(self.socket_dir, task_id) / name).unlink()
 
     async def _stop_site(self, task_id: str, *, unlink: bool) -> None:
         site = self._sites.pop(task_id, None)
@@ -444,7 +441,7 @@ class ModelProxy:
 
     def _load_usage(self, task_id: str) -> TaskUsage:
         try:
-            raw = (self.socket_dir / task_id / USAGE_FILE).read_bytes()
+            raw = (socket_folder(self.socket_dir, task_id) / USAGE_FILE).read_bytes()
             data = json.loads(raw)
             return TaskUsage.from_dict(data) if isinstance(data, dict) else TaskUsage()
         except (OSError, ValueError, TypeError):
@@ -452,21 +449,21 @@ class ModelProxy:
 
     def _load_budget(self, task_id: str) -> Budget:
         try:
-            raw = (self.socket_dir / task_id / BUDGET_FILE).read_bytes()
+            raw = (socket_folder(self.socket_dir, task_id) / BUDGET_FILE).read_bytes()
             return msgspec.json.decode(raw, type=Budget)
-        except (OSError, msgspec.DecodeError):
+        except (OSError, ValueError):  # msgspec.DecodeError is a ValueError
             return Budget()
 
     def _save_usage(self, task_id: str, usage: TaskUsage) -> None:
         self._save(task_id, USAGE_FILE, json.dumps(usage.as_dict()).encode())
 
     def _save(self, task_id: str, name: str, data: bytes) -> None:
-        folder = self.socket_dir / task_id
-        tmp = folder / f".{name}.tmp"
         try:
+            folder = socket_folder(self.socket_dir, task_id)
+            tmp = folder / f".{name}.tmp"
             tmp.write_bytes(data)
             tmp.replace(folder / name)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.debug("not saved", file=name, task_id=task_id, error=str(exc))
 
     # ---- requests ------------------------------------------------------------------------

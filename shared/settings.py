@@ -34,6 +34,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_per_tenant: int = 4
     ack_wait_s: float = 10.0
     max_deliver: int = 8
+    store_max_deliver: int = 40  # storage's attempts: a store outage is waited out (~17 min)
     socket_dir: Path | None = None
     proxy_socket: Path | None = None  # the model proxy's control socket
     sandbox_memory_mb: int = 1024
@@ -138,6 +139,7 @@ def _read(env: Mapping[str, str]) -> Settings:
         max_per_tenant=_int(env, "SANDSTREAM_MAX_PER_TENANT", 4),
         ack_wait_s=_float(env, "SANDSTREAM_ACK_WAIT_S", 10.0),
         max_deliver=_int(env, "SANDSTREAM_MAX_DELIVER", 8),
+        store_max_deliver=_int(env, "SANDSTREAM_STORE_MAX_DELIVER", 40),
         socket_dir=Path(socket_dir) if socket_dir else None,
         proxy_socket=_path(env, "SANDSTREAM_PROXY_SOCKET"),
         sandbox_memory_mb=_int(env, "SANDSTREAM_SANDBOX_MEMORY_MB", 1024),

@@ -41,6 +41,7 @@ async def serve(config: settings.Settings, *, stop: asyncio.Event | None = None)
             durable=config.consumer_prefix + DURABLE,
             concurrency=config.max_concurrent,
             ack_wait=config.ack_wait_s,
+            max_deliver=config.store_max_deliver,
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -25,9 +25,12 @@ def test_values_are_read() -> None:
         "SANDSTREAM_STORAGE_URL": "s3://bucket/p",
         "SANDSTREAM_SANDBOX_CPUS": "0.5",
         "SANDSTREAM_INSTANCE": "up-1",
+        "SANDSTREAM_STORE_MAX_DELIVER": "12",
+        "SANDSTREAM_MAX_WAITING": "100",
     })  # fmt: skip
     assert settings.port == 9000 and settings.results_url == "s3://bucket/p"
     assert settings.sandbox_cpus == 0.5 and settings.instance == "up-1"
+    assert (settings.store_max_deliver, settings.max_waiting) == (12, 100)
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 schemas: venv
-	$(PY) -m shared.schemas
+	$(PY) -m services.schemas
 
 # A skip in `make test` is a failure: everything a test needs was installed above.
 test: venv image cli lint

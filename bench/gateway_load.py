@@ -24,7 +24,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.gateway.auth import create_token  # noqa: E402
+from shared.tokens import create_token  # noqa: E402
 from tests.support.procs import NatsServer, free_port, wait_for_port  # noqa: E402
 
 

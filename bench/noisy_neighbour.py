@@ -35,7 +35,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.gateway.auth import create_token  # noqa: E402
+from shared.tokens import create_token  # noqa: E402
 from tests.e2e.test_up import System, children_of, start_up, stop_up  # noqa: E402
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse  # noqa: E402
 

@@ -136,7 +136,7 @@ def _nats_config(args: argparse.Namespace) -> None:
 
 
 def _token_create(args: argparse.Namespace) -> None:
-    from services.gateway.auth import create_token
+    from shared.tokens import create_token
 
     path = args.tokens_file or settings_mod.load().tokens_path
     try:

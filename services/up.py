@@ -68,7 +68,7 @@ def nats_binary() -> str:
 
 def dev_token(data_dir: Path, tokens_file: Path) -> str:
     """The development token of tenant ``dev``, created once and kept in ``<data>/dev-token``."""
-    from services.gateway.auth import TokenStore, create_token
+    from shared.tokens import TokenStore, create_token
 
     path = data_dir / "dev-token"
     if path.exists():

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from services.gateway.auth import TokenStore
 from services.gateway.http import errors_middleware
 from services.gateway.keys import AUTH, BUS_LINK, LIMITS, METRICS, PROJECTION, RESULTS, SETTINGS
 from services.gateway.limits import TenantLimits
@@ -20,6 +19,7 @@ from services.gateway.routes import routes
 from services.gateway.sse import routes as sse_routes
 from shared.bus import NatsAuth, StreamSettings
 from shared.settings import Settings
+from shared.tokens import TokenStore
 
 MAX_BODY = 1024 * 1024
 

@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from services.gateway.auth import TokenStore
 from services.gateway.link import BusLink
 from services.gateway.metrics import Metrics
 from services.gateway.projection import Projection
 from services.gateway.results import ResultReader
 from shared.settings import Settings
+from shared.tokens import TokenStore
 
 if TYPE_CHECKING:
     from services.gateway.limits import TenantLimits

@@ -370,6 +370,6 @@ async def openapi_json(request: web.Request) -> web.Response:
 def _openapi_body() -> bytes:
     """The document exactly as committed in ``schemas/openapi.json``."""
     from services.gateway.openapi import openapi
-    from shared.schemas import render
+    from services.schemas import render
 
     return render(openapi()).encode()

@@ -30,12 +30,12 @@ from typing import Any, Final
 import aioboto3
 import aiohttp
 
-from services.gateway.auth import create_token
 from shared.bus import Bus, NatsAuth, StreamSettings, connect
 from shared.errors import Unavailable
 from shared.identities import Scope, provision, seed_path
 from shared.sandbox import MANAGED_FILTER, DockerDriver, SandboxSpec
 from shared.settings import DEFAULT_IMAGE
+from shared.tokens import create_token
 from tests.support.procs import free_port, nats_server_binary
 
 BUS_SERVICES: Final = ("gateway", "lifecycle", "executor", "storage")

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from services.gateway.auth import create_token
+from shared.tokens import create_token
 from tests.e2e.test_up import System, children_of, start_up, stop_up
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import aiohttp
 
-from services.gateway.auth import TokenStore
 from shared import events as ev
 from shared.bus import Bus, StreamSettings
+from shared.tokens import TokenStore
 from tests.support.gateway import Gateway
 from tests.support.procs import NatsServer
 

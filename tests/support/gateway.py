@@ -9,10 +9,10 @@ from typing import Any
 from aiohttp import web
 
 from services.gateway.app import create_app
-from services.gateway.auth import create_token
 from services.gateway.keys import PROJECTION
 from shared.bus import StreamSettings
 from shared.settings import Settings
+from shared.tokens import create_token
 from tests.support.procs import NatsServer, free_port
 
 

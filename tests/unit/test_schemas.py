@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from services.schemas import generated, main
 from shared import events as ev
-from shared.schemas import generated, main
 
 
 def test_schemas_on_disk_match_the_code(repo_root: Path) -> None:

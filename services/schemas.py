@@ -1,7 +1,7 @@
 """Writes ``schemas/``: the JSON Schema of every event and of ``result.json``, and the HTTP API's
 OpenAPI document, all generated from the msgspec types that the code itself uses.
 
-``python -m shared.schemas`` (``make schemas``) writes them; ``--check`` exits 1 when the files
+``python -m services.schemas`` (``make schemas``) writes them; ``--check`` exits 1 when the files
 on disk differ from what the code generates (a test runs that check).
 """
 

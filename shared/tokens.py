@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 import structlog
 
-log = structlog.get_logger("sandstream.gateway")
+log = structlog.get_logger("sandstream.tokens")
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 

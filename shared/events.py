@@ -187,6 +187,13 @@ class ResultStored(Event, frozen=True, kw_only=True, tag="ResultStored"):
     objects: list[StoredObject]
 
 
+class StorageFailed(Event, frozen=True, kw_only=True, tag="StorageFailed"):
+    """Storage gave up on the task's result (its store kept failing); the lifecycle ends the
+    task ``failed`` with this error. Only the lifecycle publishes terminal events."""
+
+    error: ErrorInfo
+
+
 class TaskCancelRequested(Event, frozen=True, kw_only=True, tag="TaskCancelRequested"):
     reason: str = "requested by the client"
 
@@ -216,6 +223,7 @@ AnyEvent: TypeAlias = (
     | ExecutionFailed
     | SandboxStopped
     | ResultStored
+    | StorageFailed
     | TaskCancelRequested
     | TaskSucceeded
     | TaskFailed
@@ -232,6 +240,7 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     ExecutionFailed,
     SandboxStopped,
     ResultStored,
+    StorageFailed,
     TaskCancelRequested,
     TaskSucceeded,
     TaskFailed,

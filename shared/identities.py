@@ -41,7 +41,7 @@ PUBLISHES: Final[dict[str, tuple[type[ev.Event], ...]]] = {
         ev.ExecutionCompleted,
         ev.ExecutionFailed,
     ),
-    "storage": (ev.ResultStored, ev.TaskFailed),
+    "storage": (ev.ResultStored, ev.StorageFailed),
     "reader": (),
 }
 DURABLES: Final[dict[str, tuple[str, ...]]] = {

@@ -29,6 +29,7 @@ from shared.events import (
     ResultStored,
     SandboxStarted,
     SandboxStopped,
+    StorageFailed,
     TaskCancelled,
     TaskCancelRequested,
     TaskFailed,
@@ -125,7 +126,7 @@ def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
             return _advance(state, Status.STARTING, event)
         case ExecutionStarted() | AgentOutput():
             return _advance(state, Status.RUNNING, event)
-        case ExecutionCompleted() | ExecutionFailed() | SandboxStopped():
+        case ExecutionCompleted() | ExecutionFailed() | SandboxStopped() | StorageFailed():
             return _advance(state, Status.STORING, event)
         case ResultStored():
             state = msgspec.structs.replace(state, result_location=event.location)

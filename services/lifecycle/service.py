@@ -61,6 +61,7 @@ CONTROL_EVENTS: Final = (
     "ExecutionCompleted",
     "ExecutionFailed",
     "ResultStored",
+    "StorageFailed",
     "TaskCancelRequested",
 )
 
@@ -445,6 +446,9 @@ class Lifecycle:
                     await self._on_result_stored(event)
                 case ev.TaskCancelRequested():
                     await self._on_cancel(event)
+                case ev.StorageFailed():
+                    if await self._open(event.task_id) is not None:
+                        await self._fail(event, event.error)
                 case _:
                     return
 

@@ -10,8 +10,8 @@ For each ``<prefix>.<task>.SandboxStopped`` (durable consumer ``storage``):
 
 A store that is down or refuses writes raises :class:`~shared.errors.Unavailable`: the message
 is not acknowledged and comes back with a growing delay, so the task waits until the store
-works again. After ``max_deliver`` failed deliveries the task ends with ``TaskFailed``
-(id ``<task>:terminal``) carrying the reason; nothing is dropped silently.
+works again. After ``max_deliver`` failed deliveries it publishes ``StorageFailed`` with the
+reason, and the lifecycle ends the task ``failed``; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -151,9 +151,9 @@ class StorageService:
         return objects
 
     async def give_up(self, event: ev.AnyEvent, reason: str) -> None:
-        """After the last delivery: end the task with ``TaskFailed`` so nothing hangs."""
-        failed = ev.TaskFailed(
-            event_id=ev.terminal_id(event.task_id),
+        """After the last delivery: say so with ``StorageFailed``; the lifecycle ends the task."""
+        failed = ev.StorageFailed(
+            event_id=ev.event_id(event.task_id, "StorageFailed"),
             task_id=event.task_id,
             tenant=event.tenant,
             causation_id=event.event_id,

@@ -138,6 +138,9 @@ def violations(events: Sequence[ev.AnyEvent], *, require_end: bool = True) -> li
                 if "SandboxStopped" not in prior:
                     out.append(f"{where} before SandboxStopped")
                 stored = stored or event
+            case ev.StorageFailed():
+                if "SandboxStopped" not in prior:
+                    out.append(f"{where} before SandboxStopped")
             case ev.TaskSucceeded():
                 if stored is None:
                     out.append(f"{where} before ResultStored")

@@ -32,6 +32,7 @@ def sample(cls: type[ev.Event]) -> ev.Event:
         ev.ExecutionFailed: {"code": "internal", "message": "m"},
         ev.ResultStored: {"status": "succeeded", "location": "l", "objects": []},
         ev.TaskFailed: {"error": ev.ErrorInfo(code="internal", message="m")},
+        ev.StorageFailed: {"error": ev.ErrorInfo(code="storage_failed", message="m")},
         ev.TaskTimedOut: {"timeout_s": 1},
         ev.ExecutionStarted: {"sandbox": "s"},
         ev.SandboxStopped: {"sandbox": "s", "reason": "done"},

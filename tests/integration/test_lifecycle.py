@@ -422,6 +422,26 @@ async def test_result_stored_ends_the_task_and_late_events_are_ignored(h: Harnes
     assert await h.driver.list(f"{TEST_LABEL}={h.tag}") == []
 
 
+async def test_storage_giving_up_ends_the_task_failed(h: Harness) -> None:
+    service = h.lifecycle()
+    await service.start()
+    task = task_id("unstorable")
+    await h.request(task)
+    await wait_for_event(h.bus, task, "SandboxStarted")
+    await h.completed(task)
+    await wait_for_event(h.bus, task, "SandboxStopped")
+    error = ev.ErrorInfo(code="storage_failed", message="the result could not be stored: x")
+    await h.bus.publish(
+        ev.StorageFailed(
+            event_id=ev.event_id(task, "StorageFailed"), task_id=task, tenant="acme", error=error
+        )
+    )
+    ended = await wait_for_event(h.bus, task, "TaskFailed")
+    assert isinstance(ended, ev.TaskFailed) and ended.error == error
+    assert ended.event_id == ev.terminal_id(task)
+    assert ended.causation_id == ev.event_id(task, "StorageFailed")
+
+
 async def test_missing_image_fails_the_task(h: Harness) -> None:
     service = h.lifecycle(sandbox_image="sandstream/no-such-image:missing")
     task = task_id("noimg")

@@ -511,9 +511,11 @@ async def test_a_refusing_store_makes_the_task_wait_then_it_is_stored_once(
         server.stop()
 
 
-async def test_a_store_that_never_recovers_fails_the_task_with_the_reason(
+async def test_a_store_that_never_recovers_is_reported_with_the_reason(
     bus: Bus, tmp_path: Path
 ) -> None:
+    """Storage says it gave up (``StorageFailed``); ending the task is the lifecycle's job
+    (test_lifecycle.py::test_storage_giving_up_ends_the_task_failed)."""
     root = tmp_path / "results"
     root.mkdir()
     (root / "tasks").write_bytes(b"")
@@ -524,10 +526,11 @@ async def test_a_store_that_never_recovers_fails_the_task_with_the_reason(
 
     events = await history(bus, task)
     assert not any(isinstance(e, ev.ResultStored) for e in events)
-    [ended] = [e for e in events if isinstance(e, ev.TaskFailed)]
-    assert ended.event_id == ev.terminal_id(task)
-    assert ended.error.code == "storage_failed"
-    assert "cannot write" in ended.error.message
+    assert not any(ev.is_terminal(e) for e in events)  # only the lifecycle ends tasks
+    [failed] = [e for e in events if isinstance(e, ev.StorageFailed)]
+    assert failed.event_id == ev.event_id(task, "StorageFailed")
+    assert failed.error.code == "storage_failed"
+    assert "cannot write" in failed.error.message
 
 
 # ---- the program -----------------------------------------------------------------------

@@ -172,7 +172,8 @@ async def phases(
     watched = ("gateway", "executor", "modelproxy")
     pids = {k: v for k, v in services_of(system.proc.pid).items() if k in watched}
     rows: list[Row] = []
-    async with aiohttp.ClientSession() as http:
+    # No connection limit: the queue flood holds 100 long polls while the victim submits.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         await victim(http, system, victim_token, 1, "warm-up")
         async with peak_rss(pids) as peaks:
             took = await victim(http, system, victim_token, tasks, "alone")

@@ -239,7 +239,7 @@ class Executor:
             outcome = _Outcome()
         return await self._finish(event, spec, transcript, outcome)
 
-    async def _follow(
+    async def _follow(  # noqa: C901 (one read loop; to split with the executor refactor)
         self,
         event: ev.SandboxStarted,
         spec: ev.TaskSpec,

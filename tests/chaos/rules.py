@@ -69,7 +69,7 @@ def _first_line(event: ev.AgentOutput) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
-def violations(events: Sequence[ev.AnyEvent], *, require_end: bool = True) -> list[str]:
+def violations(events: Sequence[ev.AnyEvent], *, require_end: bool = True) -> list[str]:  # noqa: C901
     """What is wrong with one task's history (stream order); empty when nothing is.
 
     With ``require_end`` a history without a terminal event is a violation too (use it once

@@ -293,7 +293,8 @@ def agents_active(fake: FakeModel) -> int:
 async def _kill_loop(state: _Run) -> None:
     """SIGKILL a part every few seconds and restart it; the mandatory kills come first."""
     cfg, rng, system = state.config, state.rng, state.system
-    mandatory = [*cfg.targets, *([NATS] * cfg.nats_restarts)]
+    targets = cfg.targets or ()
+    mandatory = [*targets, *([NATS] * cfg.nats_restarts)]
     rng.shuffle(mandatory)
     while True:
         with contextlib.suppress(TimeoutError):
@@ -302,7 +303,7 @@ async def _kill_loop(state: _Run) -> None:
         if state.stop_kills.is_set():
             return
         active = agents_active(state.fake)
-        target = _choose(mandatory, cfg.targets, active, rng)
+        target = _choose(mandatory, targets, active, rng)
         if target is None:
             continue
         if target == "lifecycle" and state.orphan is None:

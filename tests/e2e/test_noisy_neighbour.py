@@ -99,7 +99,7 @@ async def up(tmp_path: Path) -> AsyncIterator[tuple[System, FakeModel, asyncio.E
         hold = asyncio.Event()  # every attacker's last reply waits for it
         fake.script([Text("victim ok")], match="victim")
         for name, command in (("output", OUTPUT_FLOOD), ("proxy", PROXY_FLOOD)):
-            replies = [ToolUse.bash(command), Reply(Text(name), hold=hold)]
+            replies: list[Reply | ToolUse] = [ToolUse.bash(command), Reply(Text(name), hold=hold)]
             fake.script(match=f"attack: {name}", replies=replies)
         fake.script(match="attack: queue", replies=[Reply(Text("q"), hold=hold)])
         system = await start_up(tmp_path, fake)

@@ -440,9 +440,9 @@ async def test_secrets_stay_with_the_process_that_uses_them(system: System) -> N
     # The same rights, tried: root reaches the engine, uid 1000 without groups does not.
     probes = [
         await asyncio.to_thread(
-            subprocess.run,
+            subprocess.run,  # type: ignore[arg-type]
             ["curl", "-sS", "--unix-socket", "/var/run/docker.sock", "http://docker/_ping"],
-            capture_output=True, text=True, timeout=30, **rights,  # type: ignore[arg-type]
+            capture_output=True, text=True, timeout=30, **rights,
         )
         for rights in ({}, {"user": 1000, "group": 1000, "extra_groups": []})
     ]  # fmt: skip

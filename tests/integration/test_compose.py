@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # no stubs needed for two loads
 
 SECRETS = {
     "MINIO_ROOT_PASSWORD": "check-only",

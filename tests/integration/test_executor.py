@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -87,7 +88,7 @@ class Harness:
     def proxy(self, credential: Credential | None = None) -> ModelProxy:
         return ModelProxy(socket_dir=self.socket_dir, upstream=self.fake.url, credential=credential)
 
-    async def sandbox(self, task_id: str, **options: int) -> str:
+    async def sandbox(self, task_id: str, **options: Any) -> str:
         """A hardened sandbox exactly as the lifecycle makes it, started."""
         folder = self.socket_dir / task_id
         folder.mkdir()

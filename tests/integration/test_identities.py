@@ -24,7 +24,7 @@ def sample(cls: type[ev.Event]) -> ev.Event:
     """A valid event of type ``cls`` (fields beyond the envelope get plausible values)."""
     task = ev.new_task_id()
     envelope = {"event_id": ev.event_id(task, ev.type_name(cls)), "task_id": task, "tenant": "t"}
-    extra: dict[str, object] = {
+    extras: dict[type[ev.Event], dict[str, object]] = {
         ev.TaskRequested: {"spec": ev.TaskSpec(prompt="p")},
         ev.SandboxStarted: {"sandbox": "s", "image": "i"},
         ev.AgentOutput: {"batch": 0, "lines": []},
@@ -36,8 +36,8 @@ def sample(cls: type[ev.Event]) -> ev.Event:
         ev.TaskTimedOut: {"timeout_s": 1},
         ev.ExecutionStarted: {"sandbox": "s"},
         ev.SandboxStopped: {"sandbox": "s", "reason": "done"},
-    }.get(cls, {})
-    return cls(**envelope, **extra)  # type: ignore[arg-type]
+    }
+    return cls(**envelope, **extras.get(cls, {}))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -371,8 +371,12 @@ async def test_control_socket_is_private_and_checks_task_ids(
     finally:
         await client.close()
         await runner.cleanup()
-    with pytest.raises(Unavailable, match="does not answer"):
-        await ProxyClient(path, wait_s=0.5).credential_kind()
+    gone = ProxyClient(path, wait_s=0.5)
+    try:
+        with pytest.raises(Unavailable, match="does not answer"):
+            await gone.credential_kind()
+    finally:
+        await gone.close()
 
 
 # ---- what the proxy lets through -----------------------------------------------------------

@@ -224,7 +224,8 @@ async def test_volume_workspace_is_writable_and_removed(env: Env) -> None:
     assert data is not None
     volumes = [m["Name"] for m in data["Mounts"] if m["Destination"] == "/workspace"]
     await env.driver.remove(spec.name)
-    names = {v["Name"] for v in (await env.driver.docker.volumes.list())["Volumes"] or []}
+    listed = await env.driver.docker.volumes.list()  # type: ignore[no-untyped-call]
+    names = {v["Name"] for v in listed["Volumes"] or []}
     assert volumes and volumes[0] not in names
 
 

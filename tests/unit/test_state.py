@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import msgspec
 import pytest
@@ -104,7 +105,7 @@ def stored(t: float = 6) -> ev.ResultStored:
 
 
 def end(kind: type[ev.Event], t: float = 7) -> ev.AnyEvent:
-    extra: dict[str, object] = {}
+    extra: dict[str, Any] = {}
     if kind is ev.TaskFailed:
         extra["error"] = ev.ErrorInfo(code="cli_error", message="boom")
     if kind is ev.TaskTimedOut:

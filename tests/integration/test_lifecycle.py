@@ -21,6 +21,7 @@ from shared.sandbox import (
     LABEL_TENANT,
     SANDBOX_UID,
     DockerDriver,
+    SandboxDriver,
     SandboxSpec,
     sandbox_name,
 )
@@ -40,7 +41,7 @@ pytestmark = pytest.mark.docker
 class Harness:
     """One test's bus, driver, label and lifecycle(s); every container removed at the end."""
 
-    def __init__(self, bus: Bus, driver: DockerDriver, tag: str, tmp: Path) -> None:
+    def __init__(self, bus: Bus, driver: SandboxDriver, tag: str, tmp: Path) -> None:
         self.bus = bus
         self.driver = driver
         self.tag = tag
@@ -460,6 +461,7 @@ class BrokenDriver(DockerDriver):
 
 async def test_poison_request_ends_with_task_failed(h: Harness) -> None:
     service = h.lifecycle(max_deliver=2)
+    assert isinstance(h.driver, DockerDriver)
     service.driver = BrokenDriver(h.driver.docker)
     await service.start()
     task = task_id("poison")

@@ -1,0 +1,54 @@
+"""The lifecycle's engine-independent tests again, against the in-memory sandbox driver (its
+contract with Docker: test_sandbox_contract.py), so `make fast` covers admission, deadlines,
+cancellation and endings. The tests themselves live in test_lifecycle.py, run there on Docker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from shared.bus import Bus
+from tests.integration import test_lifecycle as on_docker
+from tests.integration.test_lifecycle import Harness
+from tests.support.memory_driver import MemoryDriver
+
+
+@pytest.fixture
+async def h(bus: Bus, tmp_path: Path) -> AsyncIterator[Harness]:
+    driver = MemoryDriver(missing_images=["sandstream/no-such-image:missing"])
+    harness = Harness(bus, driver, "mem", tmp_path)
+    try:
+        yield harness
+    finally:
+        for service in harness.services:
+            await service.stop(timeout=5)
+
+
+test_requested_task_gets_a_hardened_running_sandbox = (
+    on_docker.test_requested_task_gets_a_hardened_running_sandbox
+)
+test_per_tenant_cap_lets_other_tenants_pass = on_docker.test_per_tenant_cap_lets_other_tenants_pass
+test_a_tenants_backlog_holds_no_slot_another_tenant_needs = (
+    on_docker.test_a_tenants_backlog_holds_no_slot_another_tenant_needs
+)
+test_deadline_times_the_task_out_and_removes_the_sandbox = (
+    on_docker.test_deadline_times_the_task_out_and_removes_the_sandbox
+)
+test_a_task_whose_last_events_are_output_still_times_out = (
+    on_docker.test_a_task_whose_last_events_are_output_still_times_out
+)
+test_deadline_also_applies_while_queued = on_docker.test_deadline_also_applies_while_queued
+test_cancel_while_queued_and_while_running = on_docker.test_cancel_while_queued_and_while_running
+test_result_stored_ends_the_task_and_late_events_are_ignored = (
+    on_docker.test_result_stored_ends_the_task_and_late_events_are_ignored
+)
+test_storage_giving_up_ends_the_task_failed = on_docker.test_storage_giving_up_ends_the_task_failed
+test_missing_image_fails_the_task = on_docker.test_missing_image_fails_the_task
+test_start_up_reaps_orphans_and_keeps_live_sandboxes = (
+    on_docker.test_start_up_reaps_orphans_and_keeps_live_sandboxes
+)
+test_a_graceful_restart_loses_no_waiting_task = (
+    on_docker.test_a_graceful_restart_loses_no_waiting_task
+)

@@ -60,7 +60,7 @@ fast: venv
 chaos: venv image
 	$(PY) -m tests.chaos
 
-# Mutation testing of the state fold (about half a minute); lists the mutants that survive.
+# Mutation testing of the state fold and the outcome (about half a minute); lists the survivors.
 mutants: venv
 	$(VENV)/bin/mutmut run; $(VENV)/bin/mutmut results
 

@@ -18,7 +18,7 @@ import base64
 import re
 import secrets
 from datetime import UTC, datetime
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
 
@@ -181,10 +181,16 @@ class SandboxStopped(Event, frozen=True, kw_only=True, tag="SandboxStopped"):
     usage: Usage = msgspec.field(default_factory=Usage)
 
 
+ResultStatus: TypeAlias = Literal["succeeded", "failed", "cancelled", "timed_out"]
+
+
 class ResultStored(Event, frozen=True, kw_only=True, tag="ResultStored"):
-    status: str
+    status: ResultStatus
     location: str
     objects: list[StoredObject]
+    error: ErrorInfo | None = None
+    """Why the task did not succeed, as ``result.json`` says (``shared/outcome.py``): the
+    lifecycle copies it into ``TaskFailed``. ``None`` on success (and in older events)."""
 
 
 class StorageFailed(Event, frozen=True, kw_only=True, tag="StorageFailed"):

@@ -7,13 +7,11 @@ Object keys are deterministic and named by the task, so a redelivery overwrites 
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final
 
 import msgspec
 
-from shared.events import ErrorInfo, ModelUsage, Usage
-
-ResultStatus: TypeAlias = Literal["succeeded", "failed", "cancelled", "timed_out"]
+from shared.events import ErrorInfo, ModelUsage, ResultStatus, Usage
 
 RESULT_FILE: Final = "result.json"
 TRANSCRIPT_FILE: Final = "transcript.jsonl"

@@ -467,7 +467,7 @@ class Lifecycle:
             return
         state, history = open_task
         terminal: ev.Event
-        if event.status == Status.SUCCEEDED:
+        if event.status == "succeeded":
             terminal = ev.TaskSucceeded(
                 event_id=ev.terminal_id(task),
                 task_id=task,
@@ -480,7 +480,7 @@ class Lifecycle:
                 task_id=task,
                 tenant=state.tenant,
                 causation_id=event.event_id,
-                error=failure_of(history, event),
+                error=event.error or _unexplained(event),
             )
         await self.bus.publish(terminal)
         log.info("task ended", type=ev.type_name(type(terminal)))
@@ -702,17 +702,9 @@ def ev_deadline(event: ev.TaskRequested) -> float:
     return event.at.timestamp() + event.spec.timeout_s
 
 
-def failure_of(history: list[ev.AnyEvent], stored: ev.ResultStored) -> ev.ErrorInfo:
-    """The error a failed task ends with: its last ``ExecutionFailed``, else what we know."""
-    for event in reversed(history):
-        if isinstance(event, ev.ExecutionFailed):
-            return ev.ErrorInfo(code=event.code, message=event.message)
-        if isinstance(event, ev.ExecutionCompleted):
-            if event.is_error or event.exit_code != 0:
-                text = event.text.strip() or f"the agent exited with code {event.exit_code}"
-                return ev.ErrorInfo(code="cli_error", message=text[:2000])
-            break
+def _unexplained(stored: ev.ResultStored) -> ev.ErrorInfo:
+    """The error of a ``ResultStored`` written before it carried one (shared/outcome.py)."""
     return ev.ErrorInfo(
-        code=stored.status or "failed",
+        code=stored.status,
         message=f"the result was stored with status {stored.status!r}",
     )

@@ -14,17 +14,11 @@ import msgspec
 from shared.events import (
     AgentOutput,
     AnyEvent,
-    ErrorInfo,
     ExecutionCompleted,
-    ExecutionFailed,
     SandboxStopped,
-    TaskCancelled,
-    TaskFailed,
-    TaskSucceeded,
-    TaskTimedOut,
-    TerminalEvent,
 )
-from shared.results import ResultStatus, TaskResult, encode_result
+from shared.outcome import decide
+from shared.results import TaskResult, encode_result
 
 
 class Artifacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,23 +42,9 @@ def build(history: Sequence[AnyEvent], stopped: SandboxStopped) -> Artifacts:
 
 
 def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskResult:
-    """``result.json`` per docs/api.md.
-
-    ``status``: ``timed_out`` / ``cancelled`` when the task's terminal event says so;
-    ``succeeded`` when the (last) execution completed with exit code 0 and ``is_error`` false
-    and no other ending was recorded; otherwise ``failed`` with the most specific error known.
-    """
-    terminal: TerminalEvent | None = None
-    execution: ExecutionCompleted | ExecutionFailed | None = None
-    for event in history:
-        if event.task_id != stopped.task_id:
-            continue
-        if isinstance(event, TaskSucceeded | TaskFailed | TaskCancelled | TaskTimedOut):
-            terminal = terminal or event  # a task ends once: the first ending counts
-        elif isinstance(event, ExecutionCompleted | ExecutionFailed):
-            execution = event  # the last attempt's end
-
-    status, error = _outcome(terminal, execution, stopped)
+    """``result.json`` per docs/api.md; status and error from :func:`shared.outcome.decide`."""
+    outcome = decide(history, stopped.task_id, stopped.reason)
+    status, error, execution = outcome.status, outcome.error, outcome.execution
     sandbox = stopped.usage
     if execution is None:
         return TaskResult(
@@ -87,41 +67,6 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
         sandbox=sandbox,
         model_usage=execution.model_usage,
         error=error,
-    )
-
-
-def _outcome(
-    terminal: TerminalEvent | None,
-    execution: ExecutionCompleted | ExecutionFailed | None,
-    stopped: SandboxStopped,
-) -> tuple[ResultStatus, ErrorInfo | None]:
-    if isinstance(terminal, TaskTimedOut):
-        message = f"the task ran longer than its timeout_s of {terminal.timeout_s} seconds"
-        return "timed_out", ErrorInfo(code="timeout", message=message)
-    if isinstance(terminal, TaskCancelled):
-        message = terminal.reason or "the task was cancelled"
-        return "cancelled", ErrorInfo(code="cancelled", message=message)
-    completed_ok = (
-        isinstance(execution, ExecutionCompleted)
-        and execution.exit_code == 0
-        and not execution.is_error
-    )
-    if completed_ok and (terminal is None or isinstance(terminal, TaskSucceeded)):
-        return "succeeded", None
-    if isinstance(execution, ExecutionFailed):
-        return "failed", ErrorInfo(code=execution.code, message=execution.message)
-    if isinstance(execution, ExecutionCompleted) and not completed_ok:
-        if execution.is_error:
-            detail = execution.text.strip()[:500] or "no message"
-            message = f"the agent reported an error (exit code {execution.exit_code}): {detail}"
-        else:
-            message = f"the agent exited with code {execution.exit_code}"
-        return "failed", ErrorInfo(code="cli_error", message=message)
-    if isinstance(terminal, TaskFailed):
-        return "failed", terminal.error
-    return "failed", ErrorInfo(
-        code="sandbox_lost",
-        message=f"the sandbox stopped ({stopped.reason}) before the agent finished",
     )
 
 

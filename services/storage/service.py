@@ -101,6 +101,7 @@ class StorageService:
             tenant=stopped.tenant,
             causation_id=stopped.event_id,
             status=artifacts.result.status,
+            error=artifacts.result.error,
             location=self.store.url_for(task_prefix(stopped.task_id)),
             objects=objects,
         )

@@ -102,13 +102,20 @@ class Harness:
             )
         )
 
-    async def stored(self, task: str, status: str, tenant: str = "acme") -> None:
+    async def stored(
+        self,
+        task: str,
+        status: ev.ResultStatus,
+        tenant: str = "acme",
+        error: ev.ErrorInfo | None = None,
+    ) -> None:
         await self.bus.publish(
             ev.ResultStored(
                 event_id=ev.event_id(task, "ResultStored"),
                 task_id=task,
                 tenant=tenant,
                 status=status,
+                error=error,
                 location=f"file:///r/{task}",
                 objects=[],
             )
@@ -389,13 +396,14 @@ async def test_result_stored_ends_the_task_and_late_events_are_ignored(h: Harnes
     stopped = await wait_for_event(h.bus, bad, "SandboxStopped")
     assert isinstance(stopped, ev.SandboxStopped) and stopped.reason == "failed"
     await h.stored(ok, "succeeded")
-    await h.stored(bad, "failed")
+    # The error as storage decided it (shared/outcome.py); the lifecycle copies it.
+    decided = ev.ErrorInfo(code="cli_error", message="decided by storage, not the lifecycle")
+    await h.stored(bad, "failed", error=decided)
     await service.run_until_idle()
     done = await wait_for_event(h.bus, ok, "TaskSucceeded")
     assert done.event_id == f"{ok}:terminal"
     failed = await wait_for_event(h.bus, bad, "TaskFailed")
-    assert isinstance(failed, ev.TaskFailed)
-    assert failed.error == ev.ErrorInfo(code="cli_error", message="the CLI said is_error")
+    assert isinstance(failed, ev.TaskFailed) and failed.error == decided
 
     # Late events for an ended task change nothing.
     await h.cancel(ok)

@@ -306,6 +306,7 @@ async def test_a_failed_task_is_stored_as_failed_with_its_error(bus: Bus, backen
     assert result.error == ev.ErrorInfo(
         code="cli_error", message="claude exited with code 1: API error"
     )
+    assert stored.error == result.error  # one decision: the lifecycle copies this one
     assert contents[transcript_key(task)].decode().splitlines() == LINES[:1]
     assert contents[diff_key(task)] == b""
 

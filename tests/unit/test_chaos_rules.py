@@ -55,7 +55,7 @@ def stopped(reason: str = "completed") -> ev.SandboxStopped:
     return ev.SandboxStopped(**env("SandboxStopped"), sandbox="s", reason=reason)
 
 
-def stored(status: str = "succeeded") -> ev.ResultStored:
+def stored(status: ev.ResultStatus = "succeeded") -> ev.ResultStored:
     return ev.ResultStored(**env("ResultStored"), status=status, location="file:///x", objects=[])
 
 

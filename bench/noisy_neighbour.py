@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -36,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared.tokens import create_token  # noqa: E402
-from tests.e2e.test_up import System, children_of, start_up, stop_up  # noqa: E402
+from tests.e2e.test_noisy_neighbour import peak_rss, services_of  # noqa: E402
+from tests.e2e.test_up import System, start_up, stop_up  # noqa: E402
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse  # noqa: E402
 
 OUTPUT_FLOOD = 'yes \'{"type":"noise"}\' | head -c 64000000 >> /tmp/.sandstream-run/out.jsonl'
@@ -46,40 +45,6 @@ PROXY_FLOOD = (
     "Content-Length: 8000000\\r\\n\\r\\n'+'a'.repeat(1000000))});s.on('error',()=>{})}"
     ';setTimeout(()=>process.exit(0),20000)"'
 )
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def services_of(up_pid: int) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for child in children_of(up_pid):
-        for arg in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
-            if arg.startswith(b"services."):
-                found[arg.decode().removeprefix("services.")] = child
-    return found
-
-
-@contextlib.asynccontextmanager
-async def peak_rss(pids: dict[str, int]) -> AsyncIterator[dict[str, int]]:
-    peaks = {name: rss_kib(pid) for name, pid in pids.items()}
-
-    async def sample() -> None:
-        while True:
-            for name, pid in pids.items():
-                with contextlib.suppress(OSError):
-                    peaks[name] = max(peaks[name], rss_kib(pid))
-            await asyncio.sleep(0.05)
-
-    sampler = asyncio.create_task(sample())
-    try:
-        yield peaks
-    finally:
-        sampler.cancel()
 
 
 async def run_task(
@@ -154,13 +119,11 @@ async def main_async(tasks: int, keep: bool) -> None:
     )
     for name, took, peaks, outcome in rows:
         p50 = statistics.median(took)
-        mem = " / ".join(
-            f"{peaks.get(k, 0) / 1024:.0f}" for k in ("gateway", "executor", "modelproxy")
-        )
+        mem = " / ".join(f"{peaks.get(k, 0):.0f}" for k in ("gateway", "executor", "modelproxy"))
         print(f"{name:<32}{p50 * 1000:>9.0f} ms{p50 / base:>9.2f}x   {mem:<48}{outcome}")
 
 
-Row = tuple[str, list[float], dict[str, int], str]
+Row = tuple[str, list[float], dict[str, float], str]
 
 
 async def phases(

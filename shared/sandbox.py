@@ -12,9 +12,12 @@ Failure mapping (every method):
   ``usage`` treat an absent sandbox as fine instead);
 - anything else the engine refuses → :class:`SandboxError`.
 
-Commands run inside the sandbox as the container's own user (``agent``, uid 1000), or, with
+Commands run inside the sandbox as the agent's user (``agent``, uid 1000), or, with
 ``keeper=True``, as the bookkeeping user (uid 1001): a user the agent cannot trace, signal or
 write as, who owns :data:`KEEPER_DIR`. No method takes any other user (never root), on purpose.
+The container's own process (``sleep`` under ``docker-init``) runs as the keeper too, so the
+executor can stop every process of the agent at once (``kill -KILL -1`` as uid 1000) and the
+agent cannot end its own container.
 """
 
 from __future__ import annotations
@@ -55,11 +58,12 @@ SOCKET_NAME: Final = "model.sock"
 MODEL_SOCKET: Final = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
 """The model socket as the agent sees it."""
 SAFE_SEGMENT: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-SANDBOX_USER: Final = "agent"  # uid 1000 in the image; the container's user for every exec
+SANDBOX_USER: Final = "agent"  # uid 1000 in the image: the user of every exec but the keeper's
 SANDBOX_UID: Final = 1000
 KEEPER_UID: Final = 1001
 """The run's bookkeeping user: no name in the image, no capabilities, no rights over uid 1000's
 processes; it alone can write :data:`KEEPER_DIR`."""
+KEEPER_USER: Final = f"{KEEPER_UID}:{KEEPER_UID}"
 KEEPER_DIR: Final = "/run/sandstream-keeper"
 """The keeper's own tmpfs (mode 0700): the agent can neither read it nor fill it."""
 
@@ -277,7 +281,7 @@ def container_config(spec: SandboxSpec) -> dict[str, Any]:
     binds: list[str] = []
     config: dict[str, Any] = {
         "Image": spec.image,
-        "User": SANDBOX_USER,
+        "User": KEEPER_USER,  # the container's process; every exec names its user
         "WorkingDir": WORKSPACE,
         "Labels": labels,
         "AttachStdin": False,
@@ -628,8 +632,8 @@ class DockerDriver:
         *,
         keeper: bool = False,
     ) -> Any:
-        # The container's User (agent) unless it is the keeper's turn. Never "0".
-        user = f"{KEEPER_UID}:{KEEPER_UID}" if keeper else ""
+        # The agent unless it is the keeper's turn: always named, never "0".
+        user = KEEPER_USER if keeper else SANDBOX_USER
         try:
             with _engine("exec"):
                 return await self.docker.containers.container(name).exec(

@@ -192,14 +192,19 @@ follow)
     }
     export GIT_DIR="$K/git" GIT_WORK_TREE="$W"
     gitq=(git -c core.quotePath=false)
-    if [ ! -f "$K/base" ] && [ ! -e "$R" ]; then
-        # The workspace before the agent: it has not started (its run folder is not there).
-        (
+    # The workspace before the agent (it has not started: its run folder is not there), once:
+    # a second follower (a re-attach) waits on the lock rather than recording it half-way.
+    (
+        flock 9
+        if [ ! -f "$K/base" ] && [ ! -e "$R" ]; then
             export GIT_INDEX_FILE="$K/base.index"
-            cd "$W" && git init -q && git add -A --ignore-errors
+            cd "$W" && git init -q &&
+                # The files as they are: no in-tree .gitattributes may rewrite what is stored.
+                echo '* -text -ident -filter -working-tree-encoding' >"$GIT_DIR/info/attributes" &&
+                "${gitq[@]}" add -A -f --ignore-errors
             git write-tree >"$K/base.tmp" && mv "$K/base.tmp" "$K/base"
-        ) >"$K/git.log" 2>&1
-    fi
+        fi
+    ) 9>"$K/lock" >"$K/git.log" 2>&1
     echo "$nonce.ready"
     # The executor starts the run when it reads the line above.
     for ((i = 0; i < 1200; i++)); do [ -f "$R/pid" ] && break; sleep 0.05; done
@@ -213,6 +218,15 @@ follow)
         tail -n "+$((from + 1))" -s 0.005 --pid="$pid" -f "/proc/$$/fd/4" 2>/dev/null
         exec 4<&-
     fi
+    # The executor now stops every process of the agent's user (kill -KILL -1 as uid 1000):
+    # nothing of the agent may change the workspace or its files while they are collected.
+    echo "$nonce.ended"
+    alive=""
+    for ((i = 0; i < 500; i++)); do
+        alive=$(find /proc -maxdepth 1 -regex '/proc/[0-9]+' -user __UID__ -print -quit)
+        [ -z "$alive" ] && break
+        sleep 0.02
+    done
     echo "$nonce"
     agent_file 3 exit && read -r rc <&3 && exec 3<&-
     [[ $rc =~ ^[0-9]+$ ]] || rc=""
@@ -232,19 +246,31 @@ follow)
         exec 3<&-
     fi
     read -r base <"$K/base" 2>/dev/null
-    if [ -n "$base" ] && cd "$W" 2>/dev/null; then
+    if [ -n "$alive" ]; then
+        echo "collect_error=the agent's processes did not stop; its changes were not collected"
+        echo "files=0"
+    elif [ -z "$base" ]; then
+        echo "collect_error=the workspace was not recorded before the run ($(tail -n 1 \
+            "$K/git.log" 2>/dev/null | tr '\n\r' '  ' | head -c 300))"
+        echo "files=0"
+    elif ! cd "$W" 2>/dev/null || [ ! -r . ]; then
+        echo "collect_error=the agent made the workspace itself unreadable"
+        echo "files=0"
+    else
         # An index of its own: a second follower (a re-attach) may be collecting too.
         export GIT_INDEX_FILE="$K/index.$$"
-        # What the agent made unreadable cannot be collected: name it rather than leave it out.
+        # What cannot be recorded is named rather than left out: what the agent made
+        # unreadable, and git folders (git never records a .git, nor what a nested one holds).
         mapfile -d '' -t hidden < <(
-            find . -mindepth 1 \( -type d \( ! -readable -o ! -executable \) -prune \
-                -printf '%P\0' \) -o \( ! -type d ! -type l ! -readable -printf '%P\0' \) \
+            find . -mindepth 1 \( -iname .git -prune -printf '%P\0' \) -o \
+                \( -type d \( ! -readable -o ! -executable \) -prune -printf '%P\0' \) -o \
+                \( ! -type d ! -type l ! -readable -printf '%P\0' \) \
                 2>/dev/null | head -z -n 100
         )
         # --ignore-errors: an unreadable file is skipped (and named above), not fatal. A
         # failure to write (the keeper's tmpfs full) is said, never shown as "no changes".
         if git read-tree "$base" 2>"$K/add.log"; then
-            "${gitq[@]}" add -A --ignore-errors >/dev/null 2>"$K/add.log"
+            "${gitq[@]}" add -A -f --ignore-errors >/dev/null 2>"$K/add.log"
             added=$?
         else
             added=128
@@ -252,6 +278,11 @@ follow)
         if [ "$added" -ge 128 ]; then
             echo "collect_error=$(tail -n 1 "$K/add.log" | tr '\n\r' '  ' | head -c 500)"
         fi
+        # Paths git refused (an invalid name such as .GIT/x): named like the unreadable ones.
+        while IFS= read -r line && [ "${#hidden[@]}" -lt 100 ]; do
+            case "$line" in *"invalid path '"*) line=${line#*invalid path \'} ;; *) continue ;; esac
+            hidden+=("${line%\'*}")
+        done <"$K/add.log"
         mapfile -t names < <("${gitq[@]}" diff --cached --name-only "$base" 2>/dev/null)
         echo "unreadable=${#hidden[@]}"
         echo "files=${#names[@]}"
@@ -261,8 +292,6 @@ follow)
             "${gitq[@]}" diff --cached --binary "$base" 2>/dev/null | head -c __MAX_DIFF__
         fi
         rm -f "$GIT_INDEX_FILE"
-    else
-        echo "files=0"
     fi
     echo "$nonce.done"
     exit 0
@@ -352,8 +381,9 @@ class Collected(msgspec.Struct, frozen=True, kw_only=True):
     diff: str = ""
     diff_truncated: bool = False
     unreadable: list[str] = msgspec.field(default_factory=list)
-    """Workspace paths the keeper could not read (the agent took the permission away): their
-    changes are not in ``diff``; they are listed in ``files_changed`` and named in a note."""
+    """Workspace paths the keeper could not record (the agent took the read permission away,
+    a ``.git`` folder, a name git refuses): their changes are not in ``diff``; they are listed
+    in ``files_changed`` and named in a note."""
     collect_error: str = ""
     """Why the changes could not be recorded at all (``diff`` then says so)."""
 
@@ -389,8 +419,9 @@ def parse_collected(lines: Sequence[str], *, max_diff_bytes: int = MAX_DIFF_BYTE
         more = f" and {len(hidden) - 10} more" if len(hidden) > 10 else ""
         shown = ", ".join(hidden[:10]) + more
         diff += (
-            f"[sandstream: {len(hidden)} workspace paths were made unreadable during the run; "
-            f"their changes are not in this diff: {shown}]\n"
+            f"[sandstream: {len(hidden)} workspace paths could not be recorded (made "
+            f"unreadable, a .git folder, or a name git refuses); their changes are not in "
+            f"this diff: {shown}]\n"
         )
     listed = set(names)
     return Collected(

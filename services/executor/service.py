@@ -262,7 +262,7 @@ class Executor:
             name,
             agent.follow_argv(self._script, from_line=next_line),
             env=agent.keeper_environment(nonce),
-            workdir=agent.WORKSPACE,
+            workdir=agent.KEEPER_DIR,  # the agent may take /workspace away from the keeper
             keeper=True,
         )
 
@@ -281,7 +281,8 @@ class Executor:
         first_at = 0.0
         line_no, batch_no = next_line, next_batch
         tail: list[str] | None = None
-        ready, done, complete = nonce + ".ready", nonce + ".done", False
+        ready, ended, done = nonce + ".ready", nonce + ".ended", nonce + ".done"
+        complete = False
         killer: asyncio.Task[Any] | None = None
 
         async def flush() -> None:
@@ -359,6 +360,8 @@ class Executor:
                     assert isinstance(item, str)
                     if item == ready and tail is None:
                         await self._start(name, spec)
+                    elif item == ended and tail is None:
+                        await self._stop_all(name)
                     elif tail is not None:
                         if item.endswith(done):
                             if head := item[: -len(done)]:
@@ -399,6 +402,14 @@ class Executor:
         if started.exit_code != 0:
             raise SandboxError(f"the agent's run could not be started: {said[-500:]}")
         log.info("agent run", how=said)
+
+    async def _stop_all(self, name: str) -> None:
+        """The run has ended: stop every process of the agent's user before the keeper
+        collects (``kill -KILL -1`` spares only the shell that sends it)."""
+        with contextlib.suppress(SandboxError):
+            await asyncio.wait_for(
+                self.driver.exec(name, ["bash", "-c", "kill -KILL -1 2>/dev/null; true"]), 15.0
+            )
 
     async def _finish(
         self,

@@ -65,7 +65,6 @@ CONTROL_EVENTS: Final = (
     "TaskCancelRequested",
 )
 
-OUTPUT: Final = ev.type_name(ev.AgentOutput)
 HISTORY_TYPES: Final = tuple(ev.type_name(t) for t in ev.EVENT_TYPES if t is not ev.AgentOutput)
 """What the lifecycle reads of a task's history: everything but its output batches."""
 
@@ -287,9 +286,9 @@ class Lifecycle:
         last, last_subject = await self._last(task_id)
         if last == 0:
             return []
-        if last_subject == self.bus.subject(task_id, OUTPUT):
-            last = 1  # the read cannot reach it: it must just not come back empty
         subjects = [self.bus.subject(task_id, name) for name in HISTORY_TYPES]
+        if last_subject not in subjects:  # output (or a type unknown here): not read
+            last = 1  # the read cannot reach it: it must just not come back empty
         for _ in range(tries):
             cursor = Cursor()
             try:
@@ -447,8 +446,7 @@ class Lifecycle:
                 case ev.TaskCancelRequested():
                     await self._on_cancel(event)
                 case ev.StorageFailed():
-                    if await self._open(event.task_id) is not None:
-                        await self._fail(event, event.error)
+                    await self._on_storage_failed(event)
                 case _:
                     return
 
@@ -486,6 +484,23 @@ class Lifecycle:
         log.info("task ended", type=ev.type_name(type(terminal)))
         # Normally the sandbox is long gone; make sure of it (and of its slot).
         await self._after_end(task, state, [*history, terminal])
+
+    async def _on_storage_failed(self, event: ev.StorageFailed) -> None:
+        """Storage gave up: end the task with its error (its sandbox is already stopped)."""
+        task = event.task_id
+        if (open_task := await self._open(task)) is None:
+            return
+        state, history = open_task
+        ending = ev.TaskFailed(
+            event_id=ev.terminal_id(task),
+            task_id=task,
+            tenant=state.tenant,
+            causation_id=event.event_id,
+            error=event.error,
+        )
+        await self.bus.publish(ending)
+        log.warning("task failed", code=event.error.code, message=event.error.message)
+        await self._after_end(task, state, [*history, ending])
 
     async def _on_cancel(self, event: ev.TaskCancelRequested) -> None:
         task = event.task_id

@@ -32,6 +32,7 @@ import structlog.testing
 from services.executor import agent
 from services.executor.service import Executor, ExecutorConfig
 from services.modelproxy.proxy import Credential, ModelProxy
+from services.storage.build import build_transcript
 from shared import events as ev
 from shared.bus import Bus
 from shared.errors import Unavailable
@@ -498,8 +499,11 @@ async def test_redelivery_mid_run_reattaches_without_a_second_agent(harness: Har
     assert harness.fake.conversations_matching(tag) == 1
     (end,) = ends(events)
     assert isinstance(end, ev.ExecutionCompleted) and end.text == "shared"
-    lines = output_lines(events)
-    assert len(lines) == len(set(lines))
+    # The two followers may cut their batches at different lines, so the stream can hold a
+    # line twice; the transcript storage builds has each line once, in order.
+    lines = build_transcript(events).decode().splitlines()
+    assert len(lines) == len(set(lines)) == len(set(output_lines(events)))
+    assert json.loads(lines[-1])["type"] == "result"
 
 
 async def test_huge_output_lines_are_truncated_and_batches_bounded(harness: Harness) -> None:
@@ -554,6 +558,9 @@ cd /workspace
 echo evil > evil.txt
 echo s > locked.txt && chmod 000 locked.txt
 mkdir hidden && echo s > hidden/x && chmod 700 hidden
+# Left out by git unless told: an ignored file and a git folder.
+echo ignored.env > .gitignore && echo token > ignored.env
+mkdir -p sub/.git && echo '[core]' > sub/.git/config
 # Every argv and environment the agent's user can read, searched for the end marker.
 for f in /proc/[0-9]*/cmdline /proc/[0-9]*/environ; do tr '\0' '\n' <"$f" 2>/dev/null; done \
     | grep -oE 'sandstream-end-[0-9a-f]{32}' | sort -u >/tmp/nonces
@@ -590,9 +597,34 @@ async def test_what_the_result_says_about_changes_is_not_the_agents_to_forge(
     assert end.text == "nothing changed"  # the CLI's own word; the changes below are not
     assert "+seen=0\n" in end.diff, end.diff
     assert "Permission denied" in end.diff  # the keeper's folder: not writable, not listed
-    assert set(end.files_changed) == {"evil.txt", "seen.txt", "locked.txt", "hidden"}
-    assert "+evil\n" in end.diff
-    assert "2 workspace paths were made unreadable" in end.diff and "locked.txt" in end.diff
+    assert set(end.files_changed) == {
+        "evil.txt", "seen.txt", "locked.txt", "hidden", ".gitignore", "ignored.env", "sub/.git"
+    }  # fmt: skip
+    assert "+evil\n" in end.diff and "+token\n" in end.diff
+    assert "3 workspace paths could not be recorded" in end.diff and "sub/.git" in end.diff
+
+
+async def test_nothing_of_the_agent_runs_while_its_changes_are_collected(harness: Harness) -> None:
+    """A process the agent leaves behind (in a session of its own, so not the run's) could
+    change the workspace while the keeper reads it: every process of the agent's user is
+    stopped first."""
+    tag = marker()
+    left = "setsid bash -c 'while :; do date >> /workspace/late.txt; sleep 0.05; done' " + (
+        ">/dev/null 2>&1 </dev/null & echo started"
+    )
+    harness.fake.script(match=tag, replies=[ToolUse.bash(left), Text("left something")])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(f"leave {tag}", allowed_tools=["Bash"])
+        await executor.worker().run_until_idle()
+        (end,) = ends(await harness.history(task_id))
+        name = sandbox_name(task_id)
+        probe = "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' <\"$f\"; echo; done"
+        running = (await harness.driver.exec(name, ["bash", "-c", probe])).output.decode()
+
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert "while :" not in running, running  # stopped before the end was reported
+    assert "late.txt" in end.files_changed
 
 
 async def test_agent_killed_for_memory_is_oom(harness: Harness) -> None:

@@ -70,7 +70,7 @@ def test_container_config_is_hardened() -> None:
     spec = SandboxSpec(task_id="t_x", tenant="acme", image="img", deadline=12.5)
     config = container_config(spec)
     host = config["HostConfig"]
-    assert config["User"] == "agent"
+    assert config["User"] == "1001:1001"  # the container's process: the keeper
     assert host["NetworkMode"] == "none"
     assert host["CapDrop"] == ["ALL"]
     assert host["SecurityOpt"] == ["no-new-privileges"]
@@ -89,7 +89,7 @@ async def test_hardening_visible_in_inspect(env: Env) -> None:
     assert data is not None
     host, config = data["HostConfig"], data["Config"]
     assert data["State"]["Running"] is True
-    assert config["User"] == "agent"
+    assert config["User"] == "1001:1001"  # the container's process: the keeper
     assert host["CapDrop"] == ["ALL"]
     assert host["SecurityOpt"] == ["no-new-privileges"]
     assert host["ReadonlyRootfs"] is True

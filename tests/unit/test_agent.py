@@ -121,7 +121,7 @@ def test_paths_the_agent_hid_from_the_keeper_are_named_not_left_out() -> None:
     assert got.unreadable == ["secret", "dir/sub"]
     assert got.files_changed == ["a.txt", "secret", "dir/sub"]
     assert got.diff.startswith("diff --git a/a.txt b/a.txt\n+a\n")
-    assert "2 workspace paths were made unreadable" in got.diff and "secret, dir/sub" in got.diff
+    assert "2 workspace paths could not be recorded" in got.diff and "secret, dir/sub" in got.diff
 
     failed = agent.parse_collected(["exit=0", "pid=4", "collect_error=No space", "files=0"])
     assert failed.collect_error == "No space" and "could not be recorded: No space" in failed.diff

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared.tokens import create_token  # noqa: E402
-from tests.e2e.test_noisy_neighbour import peak_rss, services_of  # noqa: E402
+from tests.e2e.test_noisy_neighbour import peak_rss, services_of, sse_flood  # noqa: E402
 from tests.e2e.test_up import System, start_up, stop_up  # noqa: E402
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse  # noqa: E402
 
@@ -75,20 +75,6 @@ async def victim(
             raise SystemExit(f"a victim task ended {status}")
         took.append(seconds)
     return took
-
-
-async def sse_flood(system: System, token: str, task_id: str, n: int) -> list[asyncio.StreamWriter]:
-    """``n`` event streams of ``task_id`` whose responses are never read."""
-    host, port = system.url.removeprefix("http://").split(":")
-    writers = []
-    for _ in range(n):
-        _, writer = await asyncio.open_connection(host, int(port))
-        writer.write(
-            f"GET /v1/tasks/{task_id}/events HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
-        writers.append(writer)
-    return writers
 
 
 async def main_async(tasks: int, keep: bool) -> None:

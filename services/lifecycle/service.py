@@ -25,7 +25,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import nats.errors
@@ -460,47 +460,34 @@ class Lifecycle:
             await self._stop_sandbox(task, state.tenant, reason, causation=event.event_id)
 
     async def _on_result_stored(self, event: ev.ResultStored) -> None:
-        task = event.task_id
-        if (open_task := await self._open(task)) is None:
-            return
-        state, history = open_task
-        terminal: ev.Event
-        if event.status == "succeeded":
-            terminal = ev.TaskSucceeded(
-                event_id=ev.terminal_id(task),
-                task_id=task,
-                tenant=state.tenant,
-                causation_id=event.event_id,
-            )
-        else:
-            terminal = ev.TaskFailed(
-                event_id=ev.terminal_id(task),
-                task_id=task,
-                tenant=state.tenant,
-                causation_id=event.event_id,
-                error=event.error or _unexplained(event),
-            )
-        await self.bus.publish(terminal)
-        log.info("task ended", type=ev.type_name(type(terminal)))
-        # Normally the sandbox is long gone; make sure of it (and of its slot).
-        await self._after_end(task, state, [*history, terminal])
+        error = None if event.status == "succeeded" else event.error or _unexplained(event)
+        await self._close(event, error)
 
     async def _on_storage_failed(self, event: ev.StorageFailed) -> None:
-        """Storage gave up: end the task with its error (its sandbox is already stopped)."""
-        task = event.task_id
+        await self._close(event, event.error)
+
+    async def _close(
+        self, cause: ev.ResultStored | ev.StorageFailed, error: ev.ErrorInfo | None
+    ) -> None:
+        """The result step is over: end the open task, ``TaskSucceeded`` when there is no
+        error, else ``TaskFailed`` with the error as storage decided it (copied, never derived)."""
+        task = cause.task_id
         if (open_task := await self._open(task)) is None:
             return
         state, history = open_task
-        ending = ev.TaskFailed(
-            event_id=ev.terminal_id(task),
-            task_id=task,
-            tenant=state.tenant,
-            causation_id=event.event_id,
-            error=event.error,
+        common: dict[str, Any] = {
+            "event_id": ev.terminal_id(task),
+            "task_id": task,
+            "tenant": state.tenant,
+            "causation_id": cause.event_id,
+        }
+        terminal = (
+            ev.TaskSucceeded(**common) if error is None else ev.TaskFailed(**common, error=error)
         )
-        await self.bus.publish(ending)
-        log.warning("task failed", code=event.error.code, message=event.error.message)
-        await self._after_end(task, state, [*history, ending])
+        await self.bus.publish(terminal)
+        log.info("task ended", type=ev.type_name(type(terminal)), code=error and error.code)
+        # Normally the sandbox is long gone; make sure of it (and of its slot).
+        await self._after_end(task, state, [*history, terminal])
 
     async def _on_cancel(self, event: ev.TaskCancelRequested) -> None:
         task = event.task_id

@@ -76,6 +76,20 @@ async def peak_rss(pids: dict[str, int]) -> AsyncIterator[dict[str, float]]:
             await sampler
 
 
+async def sse_flood(system: System, token: str, task_id: str, n: int) -> list[asyncio.StreamWriter]:
+    """``n`` event streams of ``task_id`` whose responses are never read."""
+    host, port = system.url.removeprefix("http://").split(":")
+    writers = []
+    for _ in range(n):
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"GET /v1/tasks/{task_id}/events HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        writers.append(writer)
+    return writers
+
+
 async def submit(http: aiohttp.ClientSession, up: System, token: str, body: object) -> str:
     headers = {"Authorization": f"Bearer {token}"}
     async with http.post(f"{up.url}/v1/tasks", json=body, headers=headers) as r:
@@ -129,15 +143,7 @@ async def test_a_tenant_attacking_every_way_at_once_slows_only_itself(
                 for i in range(QUEUED)
             )
         )
-        streams = []
-        host, port = system.url.removeprefix("http://").split(":")
-        for _ in range(STREAMS):
-            _, writer = await asyncio.open_connection(host, int(port))
-            writer.write(
-                f"GET /v1/tasks/{proxy}/events HTTP/1.1\r\nHost: x\r\n"
-                f"Authorization: Bearer {attacker}\r\n\r\n".encode()
-            )
-            streams.append(writer)
+        streams = await sse_flood(system, attacker, proxy, STREAMS)
 
         for i in range(3):
             body = {"prompt": f"victim {i}", "timeout_s": 60}

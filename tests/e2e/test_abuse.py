@@ -122,9 +122,11 @@ async def test_fork_bomb_memory_hog_and_endless_loop_are_contained(
     # each sandbox may hold at most its pids limit of processes
     assert most_processes <= processes_before + 3 * 200 + 100
     # The hog's sandbox never held more than its limit: its peak, read from its cgroup, is
-    # what the hog would far exceed (40 x 80 MB) if the limit did not apply.
+    # what the hog would far exceed (40 x 80 MB) if the limit did not apply. cgroup v1 counts
+    # usage in per-CPU batches of pages ("a fuzz value", kernel docs, memory.txt 5.5): seen
+    # one page over the limit once, so the bound allows 1 MiB of that fuzz.
     peak = views["memory hog"]["result"]["sandbox"]["memory_peak_bytes"]
-    assert 0 < peak <= 768 * 2**20, peak
+    assert 0 < peak <= 768 * 2**20 + 2**20, peak
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30
     while any(sandbox_names(task_id) for task_id in ids.values()):

@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.lifecycle.service import HISTORY_TYPES  # noqa: E402
 from shared import events as ev  # noqa: E402
 from shared.bus import Bus, StreamSettings, connect  # noqa: E402
+from shared.events import WITHOUT_OUTPUT  # noqa: E402
 from tests.support.procs import NatsServer  # noqa: E402
 
 
@@ -59,7 +59,7 @@ async def main_async(outputs: int, line_bytes: int, runs: int) -> None:
                     event_id=ev.event_id(task, "TaskCancelRequested"), task_id=task, tenant="bench"
                 )
             )
-            subjects = [bus.subject(task, name) for name in HISTORY_TYPES]
+            subjects = [bus.subject(task, name) for name in WITHOUT_OUTPUT]
             whole, control = [], []
             for _ in range(runs):
                 began = time.perf_counter()

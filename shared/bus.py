@@ -307,6 +307,55 @@ class Bus:
             return None
         return Record(raw.seq, subject, stored_at, event)
 
+    async def history(
+        self, task_id: str, *, types: Sequence[str] | None = None, tries: int = 3
+    ) -> list[ev.AnyEvent]:
+        """A task's events in order (only ``types`` when given), read to its last stored one.
+
+        The one way services read a task's past. Decisions on it can be destructive (a
+        sandbox of an "unknown" task is removed, a result is built), so a read that stops
+        short of the task's last stored sequence is read again, then :class:`Unavailable`.
+        When the last event is of a type not read, the read cannot reach it: it then only
+        must not come back empty.
+        """
+        last, last_subject = await self._last_of_task(task_id)
+        if last == 0:
+            return []
+        subjects = [self.subject(task_id, name) for name in types] if types else None
+        if subjects is not None and last_subject not in subjects:
+            last = 1
+        for _ in range(tries):
+            cursor = Cursor()
+            try:
+                records = [
+                    r
+                    async for r in self.read(
+                        self.task_filter(task_id), subjects=subjects, cursor=cursor
+                    )
+                ]
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise Unavailable(f"cannot read the history of {task_id}: {exc}") from exc
+            # Up to the last stored event, even when that one was skipped as untrusted.
+            if cursor.caught_up and cursor.seq >= last:
+                return [r.event for r in records]
+            log.warning("history read incomplete, reading again", task_id=task_id)
+        raise Unavailable(f"the history of {task_id} came back incomplete")
+
+    async def last_of_task(self, task_id: str) -> int:
+        """Stream sequence of the task's last event, 0 if it has none (one direct get)."""
+        return (await self._last_of_task(task_id))[0]
+
+    async def _last_of_task(self, task_id: str) -> tuple[int, str]:
+        try:
+            raw = await self.js.get_last_msg(
+                self.stream.name, self.task_filter(task_id), direct=True
+            )
+        except nats.js.errors.NotFoundError:
+            return 0, ""
+        except (nats.errors.TimeoutError, TimeoutError) as exc:
+            raise Unavailable("the event log (NATS) did not answer in time") from exc
+        return int(raw.seq or 0), str(raw.subject or "")
+
     async def last_sequence(self) -> int:
         """The stream's last sequence number; ``Unavailable`` when NATS does not answer."""
         try:

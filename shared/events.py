@@ -134,6 +134,10 @@ class AgentOutput(Event, frozen=True, kw_only=True, tag="AgentOutput"):
     attempt: int = 1
     output_bytes: int = 0
     """The run's output so far in bytes, this batch included (what the output cap counts)."""
+    first_line: int | None = None
+    """Index in the run's output file of this batch's first line (also the last part of the
+    event id). ``None`` only in events written before the field existed: see
+    :func:`first_line`."""
 
 
 class ExecutionCompleted(Event, frozen=True, kw_only=True, tag="ExecutionCompleted"):
@@ -267,6 +271,11 @@ def type_name(event_cls: type[Event]) -> str:
     return tag
 
 
+WITHOUT_OUTPUT: Final = tuple(type_name(t) for t in EVENT_TYPES if t is not AgentOutput)
+"""Every event type but the output batches: what services read of a task to decide on it
+(output is most of a long task's history)."""
+
+
 def encode(event: Event) -> bytes:
     return _encoder.encode(event)
 
@@ -295,3 +304,12 @@ def event_schemas() -> dict[str, dict[str, Any]]:
     for cls in EVENT_TYPES:
         out[type_name(cls)] = msgspec.json.schema(cls)
     return out
+
+
+def first_line(output: AgentOutput) -> int | None:
+    """Index in the run's output file of a batch's first line: its field, or for a batch
+    written before the field existed, the last part of its id; ``None`` if neither says."""
+    if output.first_line is not None:
+        return output.first_line
+    tail = output.event_id.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else None

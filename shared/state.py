@@ -7,7 +7,14 @@ Rules:
 - the first event of a task must be ``TaskRequested``; anything before it is ignored;
 - a duplicate (same ``event_id`` as one already applied) changes nothing;
 - after a terminal event nothing changes (late events are recorded as ``ignored``);
-- statuses only move forward: queued → starting → running → storing → terminal.
+- statuses only move forward: queued → starting → running → storing → terminal;
+- a ``SandboxStopped`` or ``ResultStored`` after the end still counts (not the status): a
+  timeout or a cancel ends the task first, then its sandbox is stopped and what it left
+  is stored, and that result is the task's too.
+
+Besides the status it holds what the services decide on: whether the sandbox started and
+stopped, whether the execution ended, and where the output goes on (``next_line``,
+``next_batch``, ``output_bytes``; readers that skip output batches fold in just the last).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from shared.events import (
     TaskRequested,
     TaskSucceeded,
     TaskTimedOut,
+    first_line,
 )
 
 
@@ -82,6 +90,13 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     result_location: str | None = None
     error: ErrorInfo | None = None
     seen: frozenset[str] = frozenset()
+    sandbox_started: bool = False
+    sandbox_stopped: bool = False
+    execution_ended: bool = False
+    next_line: int = 0
+    """Index of the next output line of the run (after every ``AgentOutput`` folded in)."""
+    next_batch: int = 0
+    output_bytes: int = 0
     ignored: tuple[str, ...] = ()
     """Event ids that arrived after the end or out of order: kept for audits (the first
     ``MAX_IGNORED``), never applied."""
@@ -113,9 +128,7 @@ def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
     if event.event_id in state.seen:
         return state
     if state.status.terminal or isinstance(event, TaskRequested):
-        if len(state.ignored) >= MAX_IGNORED:
-            return state
-        return msgspec.structs.replace(state, ignored=(*state.ignored, event.event_id))
+        return _late(state, event)
 
     if not isinstance(event, AgentOutput):
         # Output batches are most of a task's events, and applying one twice changes
@@ -123,10 +136,19 @@ def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
         state = msgspec.structs.replace(state, seen=state.seen | {event.event_id})
     match event:
         case SandboxStarted():
+            state = msgspec.structs.replace(state, sandbox_started=True)
             return _advance(state, Status.STARTING, event)
-        case ExecutionStarted() | AgentOutput():
+        case AgentOutput():
+            return _advance(_output(state, event), Status.RUNNING, event)
+        case ExecutionStarted():
             return _advance(state, Status.RUNNING, event)
-        case ExecutionCompleted() | ExecutionFailed() | SandboxStopped() | StorageFailed():
+        case ExecutionCompleted() | ExecutionFailed():
+            state = msgspec.structs.replace(state, execution_ended=True)
+            return _advance(state, Status.STORING, event)
+        case SandboxStopped():
+            state = msgspec.structs.replace(state, sandbox_stopped=True)
+            return _advance(state, Status.STORING, event)
+        case StorageFailed():
             return _advance(state, Status.STORING, event)
         case ResultStored():
             state = msgspec.structs.replace(state, result_location=event.location)
@@ -144,6 +166,32 @@ def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
             message = f"the task ran longer than its timeout_s of {event.timeout_s} seconds"
             return _end(state, Status.TIMED_OUT, event, ErrorInfo(code="timeout", message=message))
     return state
+
+
+def _late(state: TaskState, event: AnyEvent) -> TaskState:
+    """An event after the end (or a second request): recorded, never applied, except for
+    the facts about the sandbox and the result that outlive the status."""
+    seen = state.seen | {event.event_id}
+    if state.status.terminal and isinstance(event, SandboxStopped):
+        return msgspec.structs.replace(state, sandbox_stopped=True, seen=seen)
+    if state.status.terminal and isinstance(event, ResultStored):
+        return msgspec.structs.replace(state, result_location=event.location, seen=seen)
+    if len(state.ignored) >= MAX_IGNORED:
+        return state
+    return msgspec.structs.replace(state, ignored=(*state.ignored, event.event_id))
+
+
+def _output(state: TaskState, event: AgentOutput) -> TaskState:
+    """Where the output goes on after ``event`` (a batch seen again moves nothing back)."""
+    end = (first_line(event) or 0) + len(event.lines)
+    if end <= state.next_line and event.batch < state.next_batch:
+        return state
+    return msgspec.structs.replace(
+        state,
+        next_line=max(state.next_line, end),
+        next_batch=max(state.next_batch, event.batch + 1),
+        output_bytes=max(state.output_bytes, event.output_bytes),
+    )
 
 
 def _end(state: TaskState, status: Status, event: Event, error: ErrorInfo | None) -> TaskState:

@@ -41,6 +41,7 @@ from shared import events as ev
 from shared.bus import Bus
 from shared.errors import Retry
 from shared.sandbox import SandboxDriver, SandboxError, SandboxNotFound, sandbox_name
+from shared.state import TaskState, fold
 from shared.worker import Delivery, Worker
 
 log = structlog.get_logger("sandstream.executor")
@@ -79,10 +80,16 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _History(msgspec.Struct, frozen=True, kw_only=True):
+    """What the executor reads of a task: its history without output, and the last batch."""
+
+    state: TaskState | None
     requested: ev.TaskRequested | None
-    ended: bool
-    terminal: bool
     last_output: ev.AgentOutput | None
+
+    @property
+    def over(self) -> bool:
+        """The execution ended, or the whole task did: nothing is left to run or follow."""
+        return self.state is not None and (self.state.status.terminal or self.state.execution_ended)
 
 
 class _Outcome(msgspec.Struct, kw_only=True):
@@ -145,8 +152,8 @@ class Executor:
             return
         began = time.perf_counter()
         history = await self._history(event.task_id)
-        if history.terminal or history.ended:
-            log.info("execution already over, skipped", terminal=history.terminal)
+        if history.over:
+            log.info("execution already over, skipped")
             return
         requested = history.requested
         if requested is None:
@@ -172,22 +179,16 @@ class Executor:
 
     # ---- steps ------------------------------------------------------------------------------
     async def _history(self, task_id: str) -> _History:
-        names = (
-            "TaskRequested",
-            "ExecutionCompleted",
-            "ExecutionFailed",
-            "AgentOutput",
-            *(ev.type_name(t) for t in ev.TERMINAL_TYPES),
+        events, last = await asyncio.gather(
+            self.bus.history(task_id, types=ev.WITHOUT_OUTPUT),
+            self.bus.last(task_id, "AgentOutput"),
         )
-        found = await asyncio.gather(*(self.bus.last(task_id, n) for n in names))
-        by_name = {n: r.event for n, r in zip(names, found, strict=True) if r is not None}
-        requested = by_name.get("TaskRequested")
-        output = by_name.get("AgentOutput")
+        output = last.event if last is not None and isinstance(last.event, ev.AgentOutput) else None
+        requested = events[0] if events and isinstance(events[0], ev.TaskRequested) else None
         return _History(
-            requested=requested if isinstance(requested, ev.TaskRequested) else None,
-            ended="ExecutionCompleted" in by_name or "ExecutionFailed" in by_name,
-            terminal=any(ev.type_name(t) in by_name for t in ev.TERMINAL_TYPES),
-            last_output=output if isinstance(output, ev.AgentOutput) else None,
+            state=fold([*events, output] if output is not None else events),
+            requested=requested,
+            last_output=output,
         )
 
     async def _execute(
@@ -197,11 +198,15 @@ class Executor:
         name = sandbox_name(task_id)  # never the event's own field: derived from the id
         spec = requested.spec
         transcript = agent.Transcript()
-        next_line, next_batch, next_output_bytes = 0, 0, 0
+        next_line = next_batch = next_output_bytes = 0
+        if history.state is not None:
+            state = history.state
+            next_line, next_batch, next_output_bytes = (
+                state.next_line,
+                state.next_batch,
+                state.output_bytes,
+            )
         if (last := history.last_output) is not None:
-            next_line = _first_line(last) + len(last.lines)
-            next_batch = last.batch + 1
-            next_output_bytes = last.output_bytes
             transcript.feed_all(last.lines)  # the result line may already be published
         await self.bus.publish(
             ev.ExecutionStarted(
@@ -300,6 +305,7 @@ class Executor:
                     lines=pending,
                     attempt=event.attempt,
                     output_bytes=output_bytes,
+                    first_line=first,
                 )
             )
             batch_no += 1
@@ -427,7 +433,7 @@ class Executor:
                 raise Retry("the agent's output stream ended early; re-attaching")
             history = await self._history(task_id)
             await self.proxy.remove_task(task_id)
-            if history.terminal or history.ended:
+            if history.over:
                 return "sandbox removed after the task ended"
             await self._fail(
                 event,
@@ -552,14 +558,6 @@ class Executor:
     async def _oom_killed(self, name: str) -> bool:
         data = await self.driver.inspect(name)
         return data is not None and bool((data.get("State") or {}).get("OOMKilled"))
-
-
-def _first_line(output: ev.AgentOutput) -> int:
-    """The file line index of an ``AgentOutput``'s first line (the last part of its id)."""
-    try:
-        return int(output.event_id.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return 0
 
 
 def _cli_error_message(exit_code: int | None, result: agent.AgentResult, stderr: str) -> str:

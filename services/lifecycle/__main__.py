@@ -26,11 +26,7 @@ async def serve(settings: Settings) -> None:
     driver: DockerDriver | None = None
     try:
         driver = await DockerDriver.connect()
-        options = LifecycleOptions(
-            memory_bytes=settings.sandbox_memory_mb * 2**20,
-            nano_cpus=int(settings.sandbox_cpus * 1e9),
-            pids_limit=settings.sandbox_pids,
-        )
+        options = LifecycleOptions.of(settings)
         lifecycle = Lifecycle(bus=bus, driver=driver, settings=settings, options=options)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -16,6 +16,7 @@ from shared.events import (
     AnyEvent,
     ExecutionCompleted,
     SandboxStopped,
+    first_line,
 )
 from shared.outcome import decide
 from shared.results import TaskResult, encode_result
@@ -73,12 +74,12 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
 def build_transcript(history: Sequence[AnyEvent]) -> bytes:
     """Every ``AgentOutput`` line once, in order, one per line (JSON Lines).
 
-    Batches are ordered by their first line's index, which their event id carries
-    (``<task>:AgentOutput:<first line index>``); a line delivered twice (a re-published or
-    overlapping batch) is written once. Ids that do not carry an index fall back to ``batch``.
+    Batches are ordered by their first line's index (``AgentOutput.first_line``); a line
+    delivered twice (a re-published or overlapping batch) is written once. Batches that do not
+    say where they start fall back to ``batch``.
     """
     outputs = [e for e in history if isinstance(e, AgentOutput)]
-    starts = [_first_line_index(e) for e in outputs]
+    starts = [first_line(e) for e in outputs]
     by_index = all(s is not None for s in starts)
     lines: dict[tuple[int, int, int], str] = {}
     for output, start in zip(outputs, starts, strict=True):
@@ -90,8 +91,3 @@ def build_transcript(history: Sequence[AnyEvent]) -> bytes:
                 key = (output.attempt, output.batch, offset)
             lines.setdefault(key, line.rstrip("\r\n"))
     return "".join(lines[k] + "\n" for k in sorted(lines)).encode()
-
-
-def _first_line_index(event: AgentOutput) -> int | None:
-    tail = event.event_id.rsplit(":", 1)[-1]
-    return int(tail) if tail.isdigit() else None

@@ -26,8 +26,9 @@ from services.storage.build import Artifacts, build
 from shared import events as ev
 from shared.blobstore import BlobStore
 from shared.bus import Bus
-from shared.errors import Unavailable, backoff
+from shared.errors import backoff
 from shared.results import CONTENT_TYPES, DIFF_FILE, RESULT_FILE, TRANSCRIPT_FILE, task_prefix
+from shared.state import fold
 from shared.worker import Delivery, Worker
 
 log = structlog.get_logger("sandstream.storage")
@@ -89,8 +90,11 @@ class StorageService:
     async def store_result(self, stopped: ev.SandboxStopped) -> ev.ResultStored | None:
         """Store the result of the task ``stopped`` ends; ``None`` if it was stored before."""
         began = time.perf_counter()
-        history = await self._history(stopped)
-        if any(isinstance(e, ev.ResultStored) for e in history):
+        # The whole history, output included, read to its last stored event: never a result
+        # built from part of it.
+        history = await self.bus.history(stopped.task_id)
+        state = fold(history)
+        if state is not None and state.result_location is not None:
             log.info("result already stored", task_id=stopped.task_id)
             return None
         artifacts = build(history, stopped)
@@ -114,23 +118,6 @@ class StorageService:
             ms=round((time.perf_counter() - began) * 1000, 1),
         )
         return stored
-
-    async def _history(self, stopped: ev.SandboxStopped, tries: int = 3) -> list[ev.AnyEvent]:
-        """The task's events up to at least ``stopped`` (which is in the stream already).
-
-        A read that does not reach ``stopped`` is incomplete (``Bus.read`` can return early
-        when its ordered consumer's messages are still on their way): read again, and after
-        ``tries`` raise :class:`Unavailable` so the message is retried rather than a result
-        built from part of the history.
-        """
-        for attempt in range(1, tries + 1):
-            events = [r.event async for r in self.bus.read(self.bus.task_filter(stopped.task_id))]
-            if any(e.event_id == stopped.event_id for e in events):
-                return events
-            log.warning("history read incomplete, reading again", attempt=attempt, n=len(events))
-        raise Unavailable(
-            f"the history of task {stopped.task_id} came back without {stopped.event_id}"
-        )
 
     async def _write(self, task_id: str, artifacts: Artifacts) -> list[ev.StoredObject]:
         """Write the three objects concurrently; return only once every one is durable."""

@@ -168,7 +168,8 @@ def violations(events: Sequence[ev.AnyEvent], *, require_end: bool = True) -> li
 
 
 def _allowed_after_end(event: ev.AnyEvent, end: ev.Event) -> bool:
-    """Events that may follow the terminal one (kept for audits, ignored by the fold)."""
+    """Events that may follow the terminal one (kept for audits; the fold takes only the
+    stopped sandbox and the stored result of them, never a status)."""
     if isinstance(event, ev.TaskCancelRequested):
         return True  # a client may ask to cancel a task that has just ended
     if isinstance(end, ev.TaskSucceeded):

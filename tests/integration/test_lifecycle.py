@@ -312,7 +312,7 @@ async def test_a_task_whose_last_events_are_output_still_times_out(h: Harness) -
                 lines=["{}"] * 10,
             )
         )
-    history = await service._history(task)
+    history = await h.bus.history(task, types=ev.WITHOUT_OUTPUT)
     assert [ev.type_name(type(e)) for e in history] == [
         "TaskRequested",
         "SandboxStarted",

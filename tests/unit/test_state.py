@@ -258,3 +258,31 @@ def test_the_state_stays_small_however_long_the_task() -> None:
     late = [output(b, t=20) for b in range(2000, 2000 + 2 * MAX_IGNORED)]
     ended = fold([requested(), end(ev.TaskSucceeded), *late])
     assert ended is not None and len(ended.ignored) == MAX_IGNORED
+
+
+# ---- what the services decide on: sandbox, execution, output position --------------------
+
+
+def test_the_fold_knows_the_sandbox_the_execution_and_where_output_goes_on() -> None:
+    running = final([requested(), started(), exec_started(), output(0), output(1)])
+    assert running.sandbox_started and not running.sandbox_stopped
+    assert not running.execution_ended
+    assert (running.next_line, running.next_batch) == (2, 2)  # one line per batch here
+    again = final([requested(), started(), exec_started(), output(0), output(1), output(0)])
+    assert (again.next_line, again.next_batch) == (2, 2)  # a batch seen again moves nothing
+    ended = final([requested(), started(), output(0), completed()])
+    assert ended.execution_ended and ended.status is Status.STORING
+
+
+def test_a_stopped_sandbox_and_a_stored_result_after_the_end_still_count() -> None:
+    timed_out = end(ev.TaskTimedOut)
+    state = final([requested(), started(), timed_out, stopped(t=8), stored(t=9)])
+    assert state.status is Status.TIMED_OUT and state.updated_at == timed_out.at
+    assert state.sandbox_stopped and state.result_location == stored().location
+    assert state.ignored == ()
+
+
+def test_an_output_batch_without_the_field_takes_its_first_line_from_its_id() -> None:
+    old = msgspec.structs.replace(output(0), event_id=ev.event_id(T, "AgentOutput", 40))
+    assert old.first_line is None and ev.first_line(old) == 40
+    assert final([requested(), started(), old]).next_line == 41

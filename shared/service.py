@@ -1,11 +1,23 @@
-"""What every worker service's ``main()`` shares: logging, settings, the bus, exit codes."""
+"""The one shape of every Sandstream process: ``main()`` → :func:`run` → ``serve(settings)``.
+
+Each service's ``serve`` is::
+
+    async with lifetime("executor", stop) as life:
+        bus = await life.bus(settings)            # resources, closed in reverse order
+        ...
+        await life.run(worker.run(), graceful=worker.stop, stream=settings.stream)
+
+SIGTERM/SIGINT (or ``stop``) end ``run``: the main coroutine is asked to finish its work
+(``graceful``), then cancelled; an error it died of is raised, and the process exits.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Coroutine
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -57,3 +69,63 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
     if not task.done():
         task.cancel()
     await asyncio.wait({task})
+
+
+class Lifetime:
+    """A service's resources and its main loop (see the module's docstring)."""
+
+    def __init__(self, name: str, stack: contextlib.AsyncExitStack, stop: asyncio.Event) -> None:
+        self.name = name
+        self.stop = stop
+        self._stack = stack
+        self._log = structlog.get_logger(f"sandstream.{name.replace(' ', '')}")
+
+    def closing(self, close: Callable[[], Awaitable[Any]]) -> None:
+        """Call ``close`` when the service ends (after everything opened later is closed)."""
+        self._stack.push_async_callback(close)
+
+    async def bus(self, settings: Settings) -> Bus:
+        bus = await open_bus(settings, self.name)
+        self._stack.push_async_callback(close_bus, bus)
+        return bus
+
+    async def run(
+        self,
+        main: Coroutine[Any, Any, None] | None = None,
+        *,
+        graceful: Callable[[], Awaitable[Any]] | None = None,
+        **about: Any,
+    ) -> None:
+        """Run ``main`` until it ends or the stop is asked for (without ``main``: until the
+        stop). On a stop, ``graceful()`` first, then ``main`` is cancelled."""
+        self._log.info(f"{self.name} running", **about)
+        stopping = asyncio.create_task(self.stop.wait(), name=f"{self.name}-stop")
+        runner = asyncio.create_task(main, name=self.name) if main is not None else None
+        try:
+            await asyncio.wait(
+                {stopping} | ({runner} if runner else set()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if runner is not None and not runner.done():
+                self._log.info(f"{self.name} stopping")
+                if graceful is not None:
+                    await graceful()
+        finally:
+            await cancel_and_wait(stopping)
+            if runner is not None:
+                await cancel_and_wait(runner)
+        if runner is not None and not runner.cancelled() and runner.exception() is not None:
+            raise runner.exception()  # type: ignore[misc]
+
+
+@contextlib.asynccontextmanager
+async def lifetime(name: str, stop: asyncio.Event | None = None) -> AsyncIterator[Lifetime]:
+    """A service's lifetime: SIGTERM/SIGINT set ``stop``; resources close at the end."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            stack.callback(loop.remove_signal_handler, sig)
+        life = Lifetime(name, stack, stop)
+        yield life
+    life._log.info(f"{name} stopped")

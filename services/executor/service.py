@@ -41,6 +41,7 @@ from shared import events as ev
 from shared.bus import Bus
 from shared.errors import Retry
 from shared.sandbox import SandboxDriver, SandboxError, SandboxNotFound, sandbox_name
+from shared.settings import Settings
 from shared.state import TaskState, fold
 from shared.worker import Delivery, Worker
 
@@ -77,6 +78,11 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
     deadline_grace_s: float = 5.0
     """The executor stops the agent this long after the task's deadline (the lifecycle's
     deadline normally ends the task first)."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> ExecutorConfig:
+        """The configuration the settings ask for (``SANDSTREAM_MAX_OUTPUT_BYTES``)."""
+        return cls(max_output_bytes=settings.max_output_bytes)
 
 
 class _History(msgspec.Struct, frozen=True, kw_only=True):

@@ -122,6 +122,10 @@ class Sandboxes:
         with contextlib.suppress(OSError):
             shutil.rmtree(socket_folder(self.settings.model_socket_dir, task))
 
+    async def reap(self, info: SandboxInfo) -> None:
+        """Remove a sandbox of ours that belongs to no known task (by its engine name)."""
+        await self.driver.remove(info.name)
+
     async def own(self) -> list[SandboxInfo]:
         """This installation's sandboxes (same stream and, when set, same ``instance``):
         another installation sharing the engine has tasks we do not know."""

@@ -92,7 +92,6 @@ class Lifecycle:
         options: LifecycleOptions | None = None,
     ) -> None:
         self.bus = bus
-        self.driver = driver
         self.settings = settings
         self.options = options or LifecycleOptions()
         self.admission = Admission(
@@ -162,10 +161,6 @@ class Lifecycle:
         for task in done:
             if task is not stop and not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
-
-    def request_stop(self) -> None:
-        """Ask :meth:`run` to shut down (safe from a signal handler)."""
-        self._stop_requested.set()
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop taking work: waiting tasks go back to the stream, in-flight work finishes."""
@@ -458,7 +453,7 @@ class Lifecycle:
             with structlog.contextvars.bound_contextvars(task_id=task):
                 state = fold(await self.bus.history(task, types=ev.WITHOUT_OUTPUT))
                 if state is None:
-                    await self.driver.remove(info.name)
+                    await self.sandboxes.reap(info)
                     log.warning("reaped the sandbox of an unknown task", sandbox=info.name)
                     reaped += 1
                 elif state.status.terminal:

@@ -12,9 +12,7 @@ closed to it. A restarted proxy listens again on every socket the previous one l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import ssl
 from pathlib import Path
 
@@ -69,7 +67,6 @@ def own_socket_dir(socket_dir: Path) -> None:
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Serve task sockets and the control socket until ``stop`` or SIGTERM/SIGINT."""
-    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     credential = Credential.from_env()
     socket_dir = settings.model_socket_dir.resolve()
@@ -77,7 +74,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
     own_socket_dir(socket_dir)
     os.chdir(socket_dir)
     control_path.parent.mkdir(parents=True, exist_ok=True)
-    async with contextlib.AsyncExitStack() as stack:
+    async with service.lifetime("model proxy", stop) as life:
         proxy = ModelProxy(
             socket_dir=Path("."),
             upstream=settings.model_upstream,
@@ -85,7 +82,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             policy=policy(settings),
         )
         control = await serve_control(proxy, control_path)
-        stack.push_async_callback(control.cleanup)
+        life.closing(control.cleanup)
         # What would be imported lazily later is loaded now, while the interpreter's own
         # files are still readable (a root-only Python install): the thread pool and the
         # IDNA codec that name resolution goes through, TLS defaults for an https upstream.
@@ -94,13 +91,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         ssl.create_default_context()
         drop_privileges()
         await proxy.start()
-        stack.push_async_callback(proxy.close)
+        life.closing(proxy.close)
         adopted = await proxy.adopt_existing()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-            stack.callback(loop.remove_signal_handler, sig)
-        log.info(
-            "model proxy running",
+        await life.run(
             upstream=settings.model_upstream,
             credential=credential.kind if credential else "none",
             sockets=str(socket_dir),
@@ -108,8 +101,6 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             uid=os.getuid(),
             adopted=len(adopted),
         )
-        await stop.wait()
-    log.info("model proxy stopped")
 
 
 def main() -> int:

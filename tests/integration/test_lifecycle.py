@@ -470,7 +470,7 @@ class BrokenDriver(DockerDriver):
 async def test_poison_request_ends_with_task_failed(h: Harness) -> None:
     service = h.lifecycle(max_deliver=2)
     assert isinstance(h.driver, DockerDriver)
-    service.driver = BrokenDriver(h.driver.docker)
+    service.sandboxes.driver = BrokenDriver(h.driver.docker)
     await service.start()
     task = task_id("poison")
     await h.request(task)

@@ -15,7 +15,7 @@ UV := $(UV_VENV)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_NO_CONFIG := 1
 
-.PHONY: venv lock image cli up test fast lint schemas chaos mutants bench clean
+.PHONY: venv lock image cli up test fast coverage lint schemas chaos mutants bench clean
 
 $(UV): .ci/uv.lock.txt
 	test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
@@ -56,6 +56,12 @@ test: venv image cli lint
 
 fast: venv
 	$(PY) -m pytest -m "not docker and not slow" tests/unit tests/integration $(PYTEST_ARGS)
+
+# What `make fast` covers of the services (in-process code only; subprocesses are not counted).
+coverage: venv
+	$(PY) -m coverage run --branch --source=shared,services -m pytest -q -m "not docker and not slow" \
+		tests/unit tests/integration $(PYTEST_ARGS)
+	$(PY) -m coverage report --skip-covered --sort=cover $(COVERAGE_ARGS)
 
 chaos: venv image
 	$(PY) -m tests.chaos

@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", required=True)
     create.add_argument("--tokens-file", type=Path)
 
+    secret = sub.add_parser("secret", help="manage tenant secrets (repository credentials)")
+    secret_sub = secret.add_subparsers(dest="secret_command", required=True, metavar="ACTION")
+    secret_set = secret_sub.add_parser(
+        "set",
+        help="set a secret from stdin (an empty value deletes it); only the executor reads it",
+    )
+    secret_set.add_argument("name")
+    secret_set.add_argument("--tenant", required=True)
+    secret_set.add_argument("--secrets-file", type=Path)
+
     nats_config = sub.add_parser(
         "nats-config",
         help="write a nats-server config and one nkey seed per component (for your own NATS)",
@@ -95,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "token":
         _token_create(args)
         return
+    if args.command == "secret":
+        _secret_set(args)
+        return
     if args.command == "nats-config":
         _nats_config(args)
         return
@@ -146,6 +159,20 @@ def _token_create(args: argparse.Namespace) -> None:
         sys.exit(2)
     print(f"created a token for tenant {args.tenant!r} in {path}", file=sys.stderr)
     print(token)
+
+
+def _secret_set(args: argparse.Namespace) -> None:
+    from shared.secrets import set_secret
+
+    path = args.secrets_file or settings_mod.load().secrets_path
+    value = sys.stdin.read().removesuffix("\n")
+    try:
+        set_secret(path, args.tenant, args.name, value)
+    except ValueError as exc:
+        print(f"sandstream: {exc}", file=sys.stderr)
+        sys.exit(2)
+    done = "deleted" if not value else "set"
+    print(f"{done} secret {args.name!r} of tenant {args.tenant!r} in {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,18 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     causation_id: str | None = None
 
 
+class RepoSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A git repository to check out into the workspace before the agent starts."""
+
+    url: str
+    """Without credentials (the gateway refuses a URL that carries any)."""
+    ref: str | None = None
+    """Branch, tag or full commit id; ``None``: the remote's HEAD."""
+    depth: int | None = None
+    credential: str | None = None
+    """Name of a tenant secret, used as the HTTP password; only the executor reads it."""
+
+
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the user asked for (the validated body of ``POST /v1/tasks``)."""
 
@@ -70,6 +82,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Cap on the run's model tokens (input, cache and output), enforced by the model proxy."""
     max_budget_usd: float | None = None
     """Cap on the run's model cost, priced by the model proxy from the upstream's usage."""
+    repo: RepoSpec | None = None
 
 
 class ModelUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -138,6 +151,21 @@ class AgentOutput(Event, frozen=True, kw_only=True, tag="AgentOutput"):
     """Index in the run's output file of this batch's first line (also the last part of the
     event id). ``None`` only in events written before the field existed: see
     :func:`first_line`."""
+
+
+class WorkspacePrepared(Event, frozen=True, kw_only=True, tag="WorkspacePrepared"):
+    """The workspace was filled before the agent started (published once it is in the
+    sandbox; the agent starts only after it, so a redelivery never fills it twice)."""
+
+    url: str = ""
+    ref: str = ""
+    """The ref asked for (``HEAD`` when none was)."""
+    commit: str = ""
+    """The checked-out commit: the diff and the branch are against it."""
+    bytes: int = 0
+    """Size of what was copied in (work tree and ``.git``)."""
+    ms: int = 0
+    """Time to fetch, check out and copy in."""
 
 
 class ExecutionCompleted(Event, frozen=True, kw_only=True, tag="ExecutionCompleted"):
@@ -227,6 +255,7 @@ class TaskTimedOut(Event, frozen=True, kw_only=True, tag="TaskTimedOut"):
 AnyEvent: TypeAlias = (
     TaskRequested
     | SandboxStarted
+    | WorkspacePrepared
     | ExecutionStarted
     | AgentOutput
     | ExecutionCompleted
@@ -244,6 +273,7 @@ AnyEvent: TypeAlias = (
 EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     TaskRequested,
     SandboxStarted,
+    WorkspacePrepared,
     ExecutionStarted,
     AgentOutput,
     ExecutionCompleted,

@@ -36,6 +36,7 @@ PUBLISHES: Final[dict[str, tuple[type[ev.Event], ...]]] = {
         ev.TaskTimedOut,
     ),
     "executor": (
+        ev.WorkspacePrepared,
         ev.ExecutionStarted,
         ev.AgentOutput,
         ev.ExecutionCompleted,

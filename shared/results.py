@@ -24,6 +24,14 @@ CONTENT_TYPES: Final = {
 }
 
 
+class RepoInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The repository the workspace was checked out from (``WorkspacePrepared``)."""
+
+    url: str
+    ref: str
+    commit: str
+
+
 class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
     """``result.json``: the outcome of one task, with the agent's final answer and usage."""
 
@@ -46,6 +54,8 @@ class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
     """The model calls as the model proxy counted them (``total_cost_usd`` and ``usage`` are
     what the agent's CLI reported)."""
     error: ErrorInfo | None = None
+    repo: RepoInfo | None = None
+    """Set when the task had a ``repo``: ``diff`` and ``files_changed`` are against ``commit``."""
 
 
 def task_prefix(task_id: str) -> str:

@@ -238,6 +238,11 @@ class SandboxDriver(Protocol):
         read its stdout as it comes."""
         ...
 
+    async def copy_in(self, name: str, path: str, archive: AsyncIterator[bytes]) -> None:
+        """Unpack a tar stream into ``path`` as the sandbox's user (what lands there is the
+        agent's); :class:`SandboxError` naming the cause when it cannot (a full workspace)."""
+        ...
+
     async def kill(self, name: str) -> None:
         """SIGKILL the sandbox; absent or already stopped is fine."""
         ...
@@ -693,6 +698,46 @@ class DockerDriver:
         with _engine("exec start"):
             await stream._init()  # attach now, so the command is running when we return
         return DockerExecStream(self.docker, exe, stream)
+
+    async def copy_in(self, name: str, path: str, archive: AsyncIterator[bytes]) -> None:
+        # ``tar -x`` inside the sandbox, fed on stdin (an existing folder keeps its owner and
+        # mode: /workspace stays readable to the keeper). Docker's archive upload would write
+        # under a tmpfs mount rather than into it, and as root.
+        try:
+            with _engine("exec"):
+                exe = await self.docker.containers.container(name).exec(
+                    ["tar", "-x", "--no-overwrite-dir", "-C", path],
+                    stdin=True,
+                    stdout=True,
+                    stderr=True,
+                    user=SANDBOX_USER,
+                )
+        except DockerError as exc:
+            raise _refused(exc, f"exec in {name}") from exc
+        stream = exe.start(detach=False)
+        async with DockerExecStream(self.docker, exe, stream) as running:
+            with _engine("exec start"):
+                await stream._init()
+            cut = False
+            try:
+                async for chunk in archive:
+                    with _engine("copy in"):
+                        await stream.write_in(chunk)
+            except (ConnectionError, RuntimeError):
+                cut = True  # tar stopped reading (it failed): its message says why
+            else:
+                # End of stdin, while the output is still read (aiodocker's close() would
+                # end both).
+                response: Any = stream._resp
+                transport = response.connection.transport if response.connection else None
+                if transport is not None and transport.can_write_eof():
+                    transport.write_eof()
+            code = await running.wait()
+        if code != 0 or cut:
+            detail = running.stderr.decode(errors="replace").strip()[-500:] or f"exit {code}"
+            if "Wrote only" in detail or "No space left" in detail:
+                detail = f"the sandbox's {path} is full ({detail})"
+            raise SandboxError(f"cannot unpack into {path} of {name}: {detail}")
 
     # -- usage -------------------------------------------------------------------------------
 

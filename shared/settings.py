@@ -52,10 +52,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     allowed_models: tuple[str, ...] = ("claude-*",)  # globs
     allow_server_tools: bool = False  # mcp_servers and server-side tools
     model_prices: str = ""  # JSON: model glob -> USD per million tokens
+    secrets_file: Path | None = None  # tenant secrets (repository credentials): the executor's
+    allow_file_repos: bool = False  # repo.url may be file:// (tests, single-machine set-ups)
+    max_repo_bytes: int = 1024 * 1024 * 1024  # a fetched repository with its checkout
+    repo_timeout_s: float = 300.0  # fetch and check out
 
     @property
     def tokens_path(self) -> Path:
         return self.tokens_file or self.data_dir / "tokens"
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.secrets_file or self.data_dir / "secrets"
+
+    @property
+    def workspaces_dir(self) -> Path:
+        """The executor's scratch space: a task's repository while it is fetched."""
+        return (self.data_dir / "workspaces").resolve()
 
     @property
     def results_url(self) -> str:
@@ -105,6 +118,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     _at_least("SANDSTREAM_MAX_OUTPUT_BYTES", settings.max_output_bytes, 1024 * 1024)
     _at_least("SANDSTREAM_MAX_MODEL_BODY_BYTES", settings.max_model_body_bytes, 64 * 1024)
     _at_least("SANDSTREAM_MAX_MODEL_CONNECTIONS", settings.max_model_connections, 1)
+    _at_least("SANDSTREAM_MAX_REPO_BYTES", settings.max_repo_bytes, 1024 * 1024)
+    _at_least("SANDSTREAM_REPO_TIMEOUT_S", settings.repo_timeout_s, 1)
     if not settings.allowed_models:
         raise SystemExit("SANDSTREAM_ALLOWED_MODELS names no model glob")
     return settings
@@ -160,4 +175,8 @@ def _read(env: Mapping[str, str]) -> Settings:
         ),
         allow_server_tools=env.get("SANDSTREAM_ALLOW_SERVER_TOOLS", "") == "1",
         model_prices=env.get("SANDSTREAM_MODEL_PRICES") or "",
+        secrets_file=_path(env, "SANDSTREAM_SECRETS_FILE"),
+        allow_file_repos=env.get("SANDSTREAM_ALLOW_FILE_REPOS", "") == "1",
+        max_repo_bytes=_int(env, "SANDSTREAM_MAX_REPO_BYTES", 1024 * 1024 * 1024),
+        repo_timeout_s=_float(env, "SANDSTREAM_REPO_TIMEOUT_S", 300.0),
     )

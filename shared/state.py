@@ -43,6 +43,7 @@ from shared.events import (
     TaskRequested,
     TaskSucceeded,
     TaskTimedOut,
+    WorkspacePrepared,
     first_line,
 )
 
@@ -91,6 +92,8 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None = None
     seen: frozenset[str] = frozenset()
     sandbox_started: bool = False
+    workspace_commit: str | None = None
+    """The commit checked out into the workspace (``WorkspacePrepared``), once it is there."""
     sandbox_stopped: bool = False
     execution_ended: bool = False
     next_line: int = 0
@@ -138,6 +141,8 @@ def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
         case SandboxStarted():
             state = msgspec.structs.replace(state, sandbox_started=True)
             return _advance(state, Status.STARTING, event)
+        case WorkspacePrepared():
+            return msgspec.structs.replace(state, workspace_commit=event.commit)
         case AgentOutput():
             return _advance(_output(state, event), Status.RUNNING, event)
         case ExecutionStarted():

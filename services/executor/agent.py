@@ -203,6 +203,8 @@ follow)
                 echo '* -text -ident -filter -working-tree-encoding' >"$GIT_DIR/info/attributes" &&
                 "${gitq[@]}" add -A -f --ignore-errors
             git write-tree >"$K/base.tmp" && mv "$K/base.tmp" "$K/base"
+            # A checked-out repository (the task's repo): its .git is the agent's, not news.
+            if [ -d "$W/.git" ]; then : >"$K/checkout"; fi
         fi
     ) 9>"$K/lock" >"$K/git.log" 2>&1
     echo "$nonce.ready"
@@ -261,8 +263,10 @@ follow)
         export GIT_INDEX_FILE="$K/index.$$"
         # What cannot be recorded is named rather than left out: what the agent made
         # unreadable, and git folders (git never records a .git, nor what a nested one holds).
+        top=()
+        [ -f "$K/checkout" ] && top=(-path ./.git -prune -o)
         mapfile -d '' -t hidden < <(
-            find . -mindepth 1 \( -iname .git -prune -printf '%P\0' \) -o \
+            find . -mindepth 1 "${top[@]}" \( -iname .git -prune -printf '%P\0' \) -o \
                 \( -type d \( ! -readable -o ! -executable \) -prune -printf '%P\0' \) -o \
                 \( ! -type d ! -type l ! -readable -printf '%P\0' \) \
                 2>/dev/null | head -z -n 100

@@ -28,19 +28,27 @@ import asyncio
 import contextlib
 import secrets as secrets_mod
 import time
+from pathlib import Path
 from typing import Any, Final
 
 import msgspec
 import structlog
 
 from services.executor import agent
+from services.executor.workspace import Fetcher, WorkspaceError, elapsed_ms, tar_stream
 from services.modelproxy.control import ModelSockets
 from services.modelproxy.policy import Budget
 from services.modelproxy.proxy import TaskUsage
 from shared import events as ev
 from shared.bus import Bus
 from shared.errors import Retry
-from shared.sandbox import SandboxDriver, SandboxError, SandboxNotFound, sandbox_name
+from shared.sandbox import (
+    WORKSPACE,
+    SandboxDriver,
+    SandboxError,
+    SandboxNotFound,
+    sandbox_name,
+)
 from shared.settings import Settings
 from shared.state import TaskState, fold
 from shared.worker import Delivery, Worker
@@ -79,10 +87,24 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
     """The executor stops the agent this long after the task's deadline (the lifecycle's
     deadline normally ends the task first)."""
 
+    workspaces_dir: Path = Path(".sandstream/workspaces")
+    """Scratch space for repositories while they are fetched (one 0700 folder per task)."""
+    secrets_path: Path = Path(".sandstream/secrets")
+    max_repo_bytes: int = 1024 * 1024 * KiB
+    repo_timeout_s: float = 300.0
+    allow_file_repos: bool = False
+
     @classmethod
     def of(cls, settings: Settings) -> ExecutorConfig:
-        """The configuration the settings ask for (``SANDSTREAM_MAX_OUTPUT_BYTES``)."""
-        return cls(max_output_bytes=settings.max_output_bytes)
+        """The configuration the settings ask for."""
+        return cls(
+            max_output_bytes=settings.max_output_bytes,
+            workspaces_dir=settings.workspaces_dir,
+            secrets_path=settings.secrets_path,
+            max_repo_bytes=settings.max_repo_bytes,
+            repo_timeout_s=settings.repo_timeout_s,
+            allow_file_repos=settings.allow_file_repos,
+        )
 
 
 class _History(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,11 +141,19 @@ class Executor:
         driver: SandboxDriver,
         proxy: ModelSockets,
         config: ExecutorConfig | None = None,
+        fetcher: Fetcher | None = None,
     ) -> None:
         self.bus = bus
         self.driver = driver
         self.proxy = proxy
         self.config = config or ExecutorConfig()
+        self.fetcher = fetcher or Fetcher(
+            root=self.config.workspaces_dir,
+            secrets_path=self.config.secrets_path,
+            max_bytes=self.config.max_repo_bytes,
+            timeout_s=self.config.repo_timeout_s,
+            allow_file=self.config.allow_file_repos,
+        )
         self._script = agent.wrapper_script(max_diff_bytes=self.config.max_diff_bytes)
 
     def worker(
@@ -168,6 +198,14 @@ class Executor:
             await self._fail(event, "no_credential", NO_CREDENTIAL_MESSAGE)
             log.warning("execution failed", code="no_credential")
             return
+        repo = requested.spec.repo
+        if repo is not None and history.state is not None and not history.state.workspace_commit:
+            try:
+                await self._prepare(event, repo)
+            except WorkspaceError as exc:
+                await self._fail(event, "workspace_error", str(exc))
+                log.warning("execution failed", code="workspace_error", message=str(exc))
+                return
         outcome = await self._execute(event, requested, history)
         log.info(
             "execution ended",
@@ -196,6 +234,35 @@ class Executor:
             requested=requested,
             last_output=output,
         )
+
+    async def _prepare(self, event: ev.SandboxStarted, repo: ev.RepoSpec) -> None:
+        """Fetch the task's repository on this side and copy it into the sandbox, then say
+        so (``WorkspacePrepared``). The agent starts only after that event, so a redelivery
+        before it fills a workspace nobody has used yet, and one after it never again."""
+        task_id = event.task_id
+        began = time.perf_counter()
+        checkout = await self.fetcher.fetch(task_id, event.tenant, repo)
+        try:
+            await self.driver.copy_in(sandbox_name(task_id), WORKSPACE, tar_stream(checkout.path))
+        except SandboxNotFound:
+            raise Retry("the sandbox went away while its workspace was filled") from None
+        except SandboxError as exc:
+            raise WorkspaceError(f"cannot copy {repo.url} into the sandbox: {exc}") from None
+        finally:
+            self.fetcher.discard(task_id)
+        prepared = ev.WorkspacePrepared(
+            event_id=ev.event_id(task_id, "WorkspacePrepared"),
+            task_id=task_id,
+            tenant=event.tenant,
+            causation_id=event.event_id,
+            url=checkout.url,
+            ref=checkout.ref,
+            commit=checkout.commit,
+            bytes=checkout.bytes,
+            ms=elapsed_ms(began),
+        )
+        await self.bus.publish(prepared)
+        log.info("workspace prepared", commit=checkout.commit, bytes=checkout.bytes, ms=prepared.ms)
 
     async def _execute(
         self, event: ev.SandboxStarted, requested: ev.TaskRequested, history: _History

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
 
-from shared.events import ErrorInfo, TaskSpec
+from shared.events import ErrorInfo, RepoSpec, TaskSpec
+from shared.secrets import SECRET_NAME_PATTERN
 
 # What reaches the CLI's command line: an argument cannot hold a NUL byte, and a model or tool
 # name has no business holding any control character.
@@ -22,6 +24,52 @@ MetaValue = Annotated[str, Meta(max_length=1024)]
 Metadata = Annotated[dict[MetaKey, MetaValue], Meta(max_length=32)]
 MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000_000)]
 MaxBudgetUsd = Annotated[float, Meta(gt=0, le=100_000)]
+RepoUrl = Annotated[str, Meta(min_length=1, max_length=2048, pattern=r"^[^\x00-\x20\x7f]+$")]
+GitRef = Annotated[
+    str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/+@-]*$")
+]
+Depth = Annotated[int, Meta(ge=1, le=1_000_000)]
+SecretName = Annotated[str, Meta(pattern=SECRET_NAME_PATTERN)]
+REPO_SCHEMES = ("https", "http", "ssh", "git", "file")
+
+
+class RepoRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``repo`` of ``POST /v1/tasks``: checked out into the workspace before the agent runs."""
+
+    url: RepoUrl
+    ref: GitRef | None = None
+    depth: Depth | None = None
+    credential: SecretName | None = None
+
+    def spec(self) -> RepoSpec:
+        return RepoSpec(url=self.url, ref=self.ref, depth=self.depth, credential=self.credential)
+
+
+def repo_problem(repo: RepoRequest, *, allow_file: bool) -> tuple[str, str] | None:
+    """What is wrong with ``repo`` beyond its types: ``(field, message)``, or ``None``."""
+    try:
+        url = urlsplit(repo.url)
+        url.port  # noqa: B018 (a malformed port raises here)
+    except ValueError as exc:
+        return "repo.url", f"repo.url is not a URL: {exc}"
+    scheme = url.scheme.lower()
+    if scheme not in REPO_SCHEMES:
+        return "repo.url", f"repo.url must be an {', '.join(REPO_SCHEMES[:-1])} URL"
+    if scheme == "file" and not allow_file:
+        return "repo.url", "file:// repositories are off here (SANDSTREAM_ALLOW_FILE_REPOS=1)"
+    if scheme != "file" and not url.hostname:
+        return "repo.url", "repo.url names no host"
+    if url.password is not None or (url.username and scheme in ("http", "https")):
+        return (
+            "repo.url",
+            "repo.url carries credentials: store them as a secret, name it in repo.credential",
+        )
+    if url.query or url.fragment:
+        return "repo.url", "repo.url cannot have a query or a fragment"
+    ref = repo.ref or ""
+    if ".." in ref or "//" in ref or ref.endswith(("/", ".", ".lock")) or "@{" in ref:
+        return "repo.ref", f"repo.ref {ref!r} is not a valid git ref name"
+    return None
 
 
 class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -35,9 +83,11 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metadata: Metadata = msgspec.field(default_factory=dict)
     max_tokens: MaxTokens | None = None
     max_budget_usd: MaxBudgetUsd | None = None
+    repo: RepoRequest | None = None
 
     def spec(self) -> TaskSpec:
         return TaskSpec(
+            repo=self.repo.spec() if self.repo else None,
             prompt=self.prompt,
             timeout_s=self.timeout_s,
             max_turns=self.max_turns,

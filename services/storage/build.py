@@ -16,10 +16,11 @@ from shared.events import (
     AnyEvent,
     ExecutionCompleted,
     SandboxStopped,
+    WorkspacePrepared,
     first_line,
 )
 from shared.outcome import decide
-from shared.results import TaskResult, encode_result
+from shared.results import RepoInfo, TaskResult, encode_result
 
 
 class Artifacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,9 +48,18 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
     outcome = decide(history, stopped.task_id, stopped.reason)
     status, error, execution = outcome.status, outcome.error, outcome.execution
     sandbox = stopped.usage
+    prepared = next((e for e in history if isinstance(e, WorkspacePrepared)), None)
+    repo = (
+        RepoInfo(url=prepared.url, ref=prepared.ref, commit=prepared.commit) if prepared else None
+    )
     if execution is None:
         return TaskResult(
-            task_id=stopped.task_id, status=status, is_error=True, sandbox=sandbox, error=error
+            task_id=stopped.task_id,
+            status=status,
+            is_error=True,
+            sandbox=sandbox,
+            error=error,
+            repo=repo,
         )
     return TaskResult(
         task_id=stopped.task_id,
@@ -68,6 +78,7 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
         sandbox=sandbox,
         model_usage=execution.model_usage,
         error=error,
+        repo=repo,
     )
 
 

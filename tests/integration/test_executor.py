@@ -40,6 +40,7 @@ from shared.sandbox import DockerDriver, SandboxSpec, sandbox_name, share_with_s
 from shared.settings import DEFAULT_IMAGE
 from shared.worker import Delivery
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse
+from tests.support.git import make_repo, rev
 from tests.support.procs import NatsServer
 
 pytestmark = pytest.mark.docker
@@ -777,3 +778,80 @@ async def test_a_forged_sandbox_started_runs_nothing(harness: Harness) -> None:
     assert harness.fake.requests == []
     probe = await harness.driver.exec(name, ["ls", "-a", "/tmp"])
     assert b".sandstream-run" not in probe.output
+
+
+# ---- a repository in the workspace -----------------------------------------------------------
+
+
+def repo_config(tmp_path: Path) -> ExecutorConfig:
+    return ExecutorConfig(
+        workspaces_dir=tmp_path / "workspaces",
+        secrets_path=tmp_path / "secrets",
+        allow_file_repos=True,
+    )
+
+
+async def test_the_agent_works_in_a_checkout_and_the_diff_is_against_its_commit(
+    harness: Harness, tmp_path: Path
+) -> None:
+    bare = make_repo(tmp_path / "repos", "app", {"README.md": "hello\n", "src/app.py": "x = 1\n"})
+    commit = rev(bare, "main")
+    tag = marker()
+    # The agent edits a tracked file and looks at the checkout from inside.
+    harness.fake.script(
+        match=tag,
+        replies=[
+            ToolUse.bash(
+                "sed -i s/hello/goodbye/ README.md && git rev-parse HEAD > /tmp/head "
+                "&& git symbolic-ref --short HEAD >> /tmp/head && git status --short >> /tmp/head"
+            ),
+            Text("edited"),
+        ],
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(
+            bus=harness.bus, driver=harness.driver, proxy=proxy, config=repo_config(tmp_path)
+        )
+        task_id, _ = await harness.submit(
+            f"edit the readme {tag}",
+            repo={"url": f"file://{bare}", "ref": "main"},
+            allowed_tools=["Bash"],
+        )
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+    types = [ev.type_name(type(e)) for e in events]
+    assert types[:4] == ["TaskRequested", "SandboxStarted", "WorkspacePrepared", "ExecutionStarted"]
+    prepared = next(e for e in events if isinstance(e, ev.WorkspacePrepared))
+    assert (prepared.commit, prepared.ref, prepared.url) == (commit, "main", f"file://{bare}")
+    assert prepared.bytes > 0
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert end.files_changed == ["README.md"]  # not .git, not the checkout itself
+    assert "-hello" in end.diff and "+goodbye" in end.diff and "[sandstream:" not in end.diff
+    seen = await harness.driver.exec(sandbox_name(task_id), ["cat", "/tmp/head"])
+    assert seen.output.decode().splitlines() == [commit, "main", " M README.md"]
+    owners = await harness.driver.exec(
+        sandbox_name(task_id), ["find", "/workspace", "!", "-user", "agent", "-print", "-quit"]
+    )
+    assert owners.output == b""  # everything copied in is the agent's
+    assert not (tmp_path / "workspaces" / task_id).exists()  # the host's copy is gone
+
+
+async def test_a_repository_that_cannot_be_fetched_fails_the_run_before_it_starts(
+    harness: Harness, tmp_path: Path
+) -> None:
+    bare = make_repo(tmp_path / "repos", "app", {"README.md": "hello\n"})
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(
+            bus=harness.bus, driver=harness.driver, proxy=proxy, config=repo_config(tmp_path)
+        )
+        task_id, _ = await harness.submit(
+            "never runs", repo={"url": f"file://{bare}", "ref": "no-such-branch"}
+        )
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionFailed) and end.code == "workspace_error"
+    assert "no branch, tag or commit 'no-such-branch'" in end.message
+    assert not any(isinstance(e, ev.ExecutionStarted | ev.WorkspacePrepared) for e in events)
+    assert not harness.fake.main_requests()

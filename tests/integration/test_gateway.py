@@ -156,6 +156,56 @@ BAD_REQUESTS: list[tuple[str, dict[str, str] | None, Any, int, str, str | None]]
         "metadata",
     ),
     ("unknown field", None, {"prompt": "x", "priority": 1}, 422, "unknown_field", "priority"),
+    ("repo without url", None, {"prompt": "x", "repo": {}}, 422, "missing_field", "repo.url"),
+    *(
+        (f"repo url {why}", None, {"prompt": "x", "repo": {"url": url}}, 422, code, "repo.url")
+        for why, url, code in (
+            ("ext transport", "ext::sh -c touch% /tmp/pwned", "invalid_field"),
+            ("option", "--upload-pack=touch /tmp/pwned", "invalid_field"),
+            ("ext without spaces", "ext::sh%20-c%20id", "invalid_field"),
+            ("option without spaces", "--upload-pack=id", "invalid_field"),
+            ("scp-like", "git@example.com:org/app.git", "invalid_field"),
+            ("file off", "file:///srv/app.git", "invalid_field"),
+            ("password", "https://user:pw@example.com/app.git", "invalid_field"),
+            ("user on https", "https://token@example.com/app.git", "invalid_field"),
+            ("no host", "https:///app.git", "invalid_field"),
+            ("query", "https://example.com/app.git?x=1", "invalid_field"),
+            ("control char", "https://example.com/a\npp.git", "invalid_field"),
+        )
+    ),
+    *(
+        (
+            f"repo ref {why}",
+            None,
+            {"prompt": "x", "repo": {"url": "https://h/a", "ref": ref}},
+            422,
+            "invalid_field",
+            "repo.ref",
+        )
+        for why, ref in (
+            ("option", "--output=/tmp/x"),
+            ("dots", "main..other"),
+            ("lock", "main.lock"),
+            ("reflog", "main@{1}"),
+            ("space", "a b"),
+        )
+    ),
+    (
+        "repo depth zero",
+        None,
+        {"prompt": "x", "repo": {"url": "https://h/a", "depth": 0}},
+        422,
+        "invalid_field",
+        "repo.depth",
+    ),
+    (
+        "repo credential name",
+        None,
+        {"prompt": "x", "repo": {"url": "https://h/a", "credential": "../etc"}},
+        422,
+        "invalid_field",
+        "repo.credential",
+    ),
     ("model not string", None, {"prompt": "x", "model": 3}, 422, "invalid_field", "model"),
     ("body too large", None, {"prompt": "x" * (1024 * 1024)}, 413, "body_too_large", None),
     (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from shared.sandbox import (
     LABEL_TASK,
     LABEL_TENANT,
     DockerDriver,
+    SandboxError,
     SandboxSpec,
     container_config,
 )
@@ -264,3 +266,40 @@ async def test_pids_limit_hits_are_counted_during_a_fork_bomb(env: Env) -> None:
             await asyncio.sleep(0.05)
     await env.driver.remove(name)  # removal still works while the bomb holds every pid
     assert await env.driver.inspect(name) is None
+
+
+async def tar_of(folder: Path) -> AsyncIterator[bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        "tar", "-c", "-C", str(folder), ".", stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    while chunk := await proc.stdout.read(65536):
+        yield chunk
+    assert await proc.wait() == 0
+
+
+async def test_copy_in_lands_as_the_agents_and_a_full_workspace_says_so(env: Env) -> None:
+    source = env.tmp / "tree"
+    (source / "sub").mkdir(parents=True)
+    source.chmod(0o700)  # the folder's own mode must not reach /workspace
+    (source / "sub" / "a.txt").write_text("a\n")
+    (source / "run.sh").write_text("#!/bin/sh\n")
+    (source / "run.sh").chmod(0o755)
+    (source / "out").symlink_to("/etc/shadow")
+    name = await env.running(workspace_size_bytes=4 * 1024 * 1024)
+    await env.driver.copy_in(name, "/workspace", tar_of(source))
+    code, out = await env.sh(
+        name, "cd /workspace && stat -c '%U %a %n' . sub sub/a.txt run.sh && readlink out"
+    )
+    assert code == 0, out
+    assert out.splitlines() == [
+        "agent 755 .",  # /workspace keeps its mode (not the 0700 above): the keeper reads it
+        "agent 755 sub",
+        "agent 644 sub/a.txt",
+        "agent 755 run.sh",
+        "/etc/shadow",  # a link stays a link, pointing where it pointed
+    ]
+
+    (source / "big.bin").write_bytes(os.urandom(6 * 1024 * 1024))
+    with pytest.raises(SandboxError, match="/workspace is full"):
+        await env.driver.copy_in(name, "/workspace", tar_of(source))

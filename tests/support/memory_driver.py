@@ -101,6 +101,8 @@ class MemoryDriver:
         self.containers: dict[str, _Container] = {}
         self.missing_images = set(missing_images)
         self.on_exec = on_exec
+        self.copied: dict[str, list[tuple[str, bytes]]] = {}
+        """Archives unpacked per sandbox (``copy_in``), in order."""
         self.creates: dict[str, int] = {}
         """Containers made per name (an adopted create does not count), like engine events."""
         self._ids = itertools.count(1)
@@ -154,6 +156,11 @@ class MemoryDriver:
     ) -> _Stream:
         self._running(name)
         return _Stream(await self.on_exec(name, argv))
+
+    async def copy_in(self, name: str, path: str, archive: AsyncIterator[bytes]) -> None:
+        self._running(name)
+        data = b"".join([chunk async for chunk in archive])
+        self.copied.setdefault(name, []).append((path, data))
 
     async def kill(self, name: str) -> None:
         container = self.containers.get(name)

@@ -1,0 +1,321 @@
+"""The workspace before the agent starts: a repository fetched on the host, copied in.
+
+The sandbox has no network, so the executor fetches the task's ``repo`` itself, into a
+scratch folder of its own (``<data dir>/workspaces/<task>``, 0700), checks out the asked ref,
+and streams the tree with its ``.git`` into ``/workspace`` (``tar -x`` run as the agent's
+user, so everything there is the agent's). The tenant's credential (``repo.credential``, a
+tenant secret) reaches only the ``git`` processes run here, through their environment and
+a credential helper that prints it: never an argument (``/proc/*/cmdline`` is world
+readable), a URL, the sandbox, an event, a log line or an error message.
+
+``git`` runs with no user or system configuration, no prompts, no redirects (a credential
+must not follow a redirect to another host), no hooks, and only the allowed transports
+(``file`` only with ``SANDSTREAM_ALLOW_FILE_REPOS=1``). Bounded: the folder's size is
+watched while git writes it (``SANDSTREAM_MAX_REPO_BYTES``, work tree and ``.git``
+together), and the whole preparation has ``SANDSTREAM_REPO_TIMEOUT_S``.
+
+Every failure is a :class:`WorkspaceError` whose message names the cause; the task then
+fails with ``workspace_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import structlog
+
+from shared import events as ev
+from shared.secrets import get_secret
+
+log = structlog.get_logger("sandstream.executor")
+
+FULL_COMMIT: Final = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+CREDENTIAL_USER: Final = "x-access-token"
+"""The HTTP user name sent with a tenant's secret (hosts that take tokens ignore it)."""
+_HELPER: Final = (
+    '!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
+    '"$SANDSTREAM_GIT_USER" "$SANDSTREAM_GIT_PASSWORD"; }; f'
+)
+_ERROR_TAIL: Final = 600
+_CHUNK: Final = 256 * 1024
+
+
+class WorkspaceError(Exception):
+    """The workspace could not be prepared (the message names the cause, never a secret)."""
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class Checkout(msgspec.Struct, frozen=True, kw_only=True):
+    path: Path
+    url: str
+    ref: str
+    commit: str
+    bytes: int
+
+
+class Fetcher:
+    def __init__(
+        self,
+        *,
+        root: Path,
+        secrets_path: Path,
+        max_bytes: int,
+        timeout_s: float,
+        allow_file: bool,
+    ) -> None:
+        self.root = root
+        self.secrets_path = secrets_path
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.allow_file = allow_file
+
+    def folder(self, task_id: str) -> Path:
+        if not ev.is_task_id(task_id):  # the folder's name comes from a validated id only
+            raise ValueError(f"not a task id: {task_id!r}")
+        return self.root / task_id
+
+    def discard(self, task_id: str) -> None:
+        shutil.rmtree(self.folder(task_id), ignore_errors=True)
+
+    async def fetch(self, task_id: str, tenant: str, repo: ev.RepoSpec) -> Checkout:
+        """Fetch ``repo`` and check it out in the task's folder (made afresh)."""
+        folder = self.folder(task_id)
+        self.discard(task_id)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder.mkdir(mode=0o700)
+        env = self._environment(tenant, repo)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._fetch(folder, repo, env)
+        except TimeoutError:
+            raise WorkspaceError(
+                f"fetching {repo.url} took longer than {self.timeout_s:g} s "
+                "(SANDSTREAM_REPO_TIMEOUT_S)"
+            ) from None
+        except _TooLarge as exc:
+            raise WorkspaceError(
+                f"{repo.url} is larger than SANDSTREAM_MAX_REPO_BYTES ({self.max_bytes} bytes): "
+                f"{exc.size} bytes were fetched and checked out when it was stopped"
+            ) from None
+
+    async def _fetch(self, folder: Path, repo: ev.RepoSpec, env: dict[str, str]) -> Checkout:
+        await self._git(folder, env, ["init", "-q", "."], "cannot prepare a repository")
+        await self._git(folder, env, ["remote", "add", "origin", repo.url], "bad repository URL")
+        depth = [f"--depth={repo.depth}"] if repo.depth else []
+        ref = repo.ref or await self._remote_head(folder, env, repo.url)
+        if FULL_COMMIT.match(ref):
+            await self._fetch_ref(folder, env, depth, ref, repo.url, ref)
+            await self._git(folder, env, ["checkout", "-q", "--detach", ref], "cannot check out")
+        elif ref.startswith("refs/"):
+            await self._fetch_ref(folder, env, depth, ref, repo.url, ref)
+            await self._git(
+                folder, env, ["checkout", "-q", "--detach", "FETCH_HEAD"], "cannot check out"
+            )
+        else:
+            branch = f"+refs/heads/{ref}:refs/remotes/origin/{ref}"
+            if await self._try_fetch(folder, env, depth, branch):
+                await self._git(
+                    folder,
+                    env,
+                    ["checkout", "-q", "-b", ref, "--track", f"origin/{ref}"],
+                    "cannot check out",
+                )
+            else:
+                tag = f"+refs/tags/{ref}:refs/tags/{ref}"
+                await self._fetch_ref(folder, env, depth, tag, repo.url, ref)
+                await self._git(
+                    folder,
+                    env,
+                    ["checkout", "-q", "--detach", f"refs/tags/{ref}"],
+                    "cannot check out",
+                )
+        commit = (await self._git(folder, env, ["rev-parse", "HEAD"], "no commit")).strip()
+        size = await asyncio.to_thread(tree_bytes, folder)
+        if size > self.max_bytes:
+            raise _TooLarge(size)
+        return Checkout(path=folder, url=repo.url, ref=ref, commit=commit, bytes=size)
+
+    async def _remote_head(self, folder: Path, env: dict[str, str], url: str) -> str:
+        """The branch the remote's HEAD points at (what a plain clone checks out)."""
+        out = await self._git(
+            folder, env, ["ls-remote", "--symref", "origin", "HEAD"], f"cannot read {url}"
+        )
+        for line in out.splitlines():
+            if line.startswith("ref: refs/heads/") and line.endswith("\tHEAD"):
+                return line.removeprefix("ref: refs/heads/").removesuffix("\tHEAD")
+        raise WorkspaceError(f"{url} has no default branch (its HEAD names none); give repo.ref")
+
+    async def _try_fetch(
+        self, folder: Path, env: dict[str, str], depth: Sequence[str], refspec: str
+    ) -> bool:
+        try:
+            await self._git(
+                folder, env, ["fetch", "-q", "--no-tags", *depth, "origin", refspec], ""
+            )
+        except WorkspaceError as exc:
+            if "couldn't find remote ref" in str(exc) or "not our ref" in str(exc):
+                return False
+            raise
+        return True
+
+    async def _fetch_ref(
+        self,
+        folder: Path,
+        env: dict[str, str],
+        depth: Sequence[str],
+        refspec: str,
+        url: str,
+        ref: str,
+    ) -> None:
+        if not await self._try_fetch(folder, env, depth, refspec):
+            raise WorkspaceError(f"{url} has no branch, tag or commit {ref!r}")
+
+    def _environment(self, tenant: str, repo: ev.RepoSpec) -> dict[str, str]:
+        protocols = "http:https:git:ssh" + (":file" if self.allow_file else "")
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.root),
+            "LANG": "C",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
+            "GIT_ALLOW_PROTOCOL": protocols,
+        }
+        if repo.credential is not None:
+            secret = get_secret(self.secrets_path, tenant, repo.credential)
+            if secret is None:
+                raise WorkspaceError(
+                    f"tenant {tenant!r} has no secret named {repo.credential!r} "
+                    "(sandstream secret set)"
+                )
+            env["SANDSTREAM_GIT_USER"] = CREDENTIAL_USER
+            env["SANDSTREAM_GIT_PASSWORD"] = secret
+        return env
+
+    async def _git(self, folder: Path, env: dict[str, str], args: Sequence[str], what: str) -> str:
+        """Run one git command in ``folder``, watching the folder's size; its stdout."""
+        helper = _HELPER if "SANDSTREAM_GIT_PASSWORD" in env else ""
+        config = [
+            "-c", f"credential.helper={helper}",
+            "-c", "http.followRedirects=false",
+            "-c", "core.hooksPath=/dev/null",
+            "-c", "core.fsmonitor=false",
+            "-c", "core.symlinks=true",
+            "-c", "advice.detachedHead=false",
+            "-c", f"protocol.file.allow={'always' if self.allow_file else 'never'}",
+        ]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            "git",
+            *config,
+            *args,
+            cwd=folder,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        watch = asyncio.create_task(self._watch(folder, proc))
+        try:
+            out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        size = watch.result() if watch.done() and not watch.cancelled() else None
+        if size is not None:
+            raise _TooLarge(size)
+        if proc.returncode != 0:
+            detail = _explain(err.decode(errors="replace"), "SANDSTREAM_GIT_PASSWORD" in env)
+            raise WorkspaceError(f"{what}: {detail}" if what else detail)
+        return out.decode(errors="replace")
+
+    async def _watch(self, folder: Path, proc: asyncio.subprocess.Process) -> int | None:
+        """Kill ``proc`` once ``folder`` outgrows the limit; the size then, else ``None``."""
+        while proc.returncode is None:
+            size = await asyncio.to_thread(tree_bytes, folder)
+            if size > self.max_bytes:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return size
+            await asyncio.sleep(0.2)
+        return None
+
+
+_AUTH_REFUSED: Final = (
+    "Authentication failed",
+    "could not read Username",
+    "could not read Password",
+)
+
+
+def _explain(stderr: str, with_credential: bool) -> str:
+    """git's own words, led by the cause when it is a known one."""
+    detail = stderr.strip()[-_ERROR_TAIL:] or "git failed without a message"
+    if any(marker in stderr for marker in _AUTH_REFUSED):
+        cause = (
+            "the repository refused the credential (repo.credential)"
+            if with_credential
+            else "the repository asks for a credential: name a tenant secret in repo.credential"
+        )
+        return f"{cause}; git said: {detail}"
+    return detail
+
+
+def tree_bytes(folder: Path) -> int:
+    """Bytes of the regular files under ``folder`` (links are not followed)."""
+    total = 0
+    stack = [str(folder)]
+    while stack:
+        with contextlib.suppress(OSError), os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+async def tar_stream(folder: Path) -> AsyncIterator[bytes]:
+    """``folder``'s content as a tar stream (links kept as links, nothing dereferenced)."""
+    proc = await asyncio.create_subprocess_exec(
+        "tar", "-c", "-C", str(folder), "--numeric-owner", "--owner=0", "--group=0", ".",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        while chunk := await proc.stdout.read(_CHUNK):
+            yield chunk
+        err = await proc.stderr.read()
+        if await proc.wait() != 0:
+            raise WorkspaceError(f"cannot read the checkout: {err.decode(errors='replace')[-300:]}")
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+def elapsed_ms(began: float) -> int:
+    return int((time.perf_counter() - began) * 1000)

@@ -1,0 +1,188 @@
+"""Fetching a task's repository on the executor's side, with real git.
+
+Repositories are bare ones on disk, over ``file://`` and over smart HTTP (``git http-backend``
+behind a loopback server that checks Basic authentication). Nothing here needs Docker: the
+copy into a sandbox is covered by the executor's tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from services.executor.workspace import Fetcher, WorkspaceError, tar_stream
+from shared import events as ev
+from shared.secrets import get_secret, set_secret
+from tests.support.git import GitHttpServer, git, make_repo, rev
+
+TENANT = "acme"
+PASSWORD = "gitpw-" + uuid.uuid4().hex
+
+
+@pytest.fixture
+def repos(tmp_path: Path) -> Path:
+    root = tmp_path / "repos"
+    make_repo(root, "app", {"README.md": "hello\n", "src/app.py": "print('hi')\n"})
+    return root
+
+
+@pytest_asyncio.fixture
+async def server(repos: Path) -> AsyncIterator[GitHttpServer]:
+    async with GitHttpServer(repos, user="x-access-token", password=PASSWORD) as s:
+        yield s
+
+
+def fetcher(tmp_path: Path, **options: object) -> Fetcher:
+    settings: dict[str, object] = {
+        "root": tmp_path / "workspaces",
+        "secrets_path": tmp_path / "secrets",
+        "max_bytes": 64 * 1024 * 1024,
+        "timeout_s": 60.0,
+        "allow_file": True,
+    }
+    settings.update(options)
+    return Fetcher(**settings)  # type: ignore[arg-type]
+
+
+def repo(url: str, **fields: object) -> ev.RepoSpec:
+    return ev.RepoSpec(url=url, **fields)  # type: ignore[arg-type]
+
+
+async def test_a_branch_a_tag_a_commit_and_the_default_branch(tmp_path: Path, repos: Path) -> None:
+    f = fetcher(tmp_path)
+    bare = repos / "app.git"
+    url = f"file://{bare}"
+    task = ev.new_task_id()
+
+    default = await f.fetch(task, TENANT, repo(url))
+    assert default.ref == "main" and default.commit == rev(bare, "main")
+    assert git("symbolic-ref", "--short", "HEAD", cwd=default.path).strip() == "main"
+    assert (default.path / "second.txt").exists() and (default.path / ".git").is_dir()
+
+    tag = await f.fetch(task, TENANT, repo(url, ref="v1"))
+    assert tag.commit == rev(bare, "v1") and not (tag.path / "second.txt").exists()
+
+    first = rev(bare, "main~1")
+    by_commit = await f.fetch(task, TENANT, repo(url, ref=first))
+    assert by_commit.commit == first
+
+    shallow = await f.fetch(task, TENANT, repo(url, ref="main", depth=1))
+    assert git("rev-list", "--count", "HEAD", cwd=shallow.path).strip() == "1"
+    assert shallow.bytes > 0
+
+
+async def test_failures_name_their_cause(tmp_path: Path, repos: Path) -> None:
+    f = fetcher(tmp_path)
+    task = ev.new_task_id()
+    url = f"file://{repos / 'app.git'}"
+    with pytest.raises(WorkspaceError, match="no branch, tag or commit 'nope'"):
+        await f.fetch(task, TENANT, repo(url, ref="nope"))
+    with pytest.raises(WorkspaceError, match=r"does not appear to be a git repository|not found"):
+        await f.fetch(task, TENANT, repo(f"file://{repos / 'missing.git'}"))
+    # A port nobody listens on (bound, then closed): refused, and said so.
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(WorkspaceError, match=f"127.0.0.1.*{port}|Failed to connect|refused"):
+        await f.fetch(task, TENANT, repo(f"http://127.0.0.1:{port}/app.git"))
+    # file:// is a transport git refuses unless it is allowed here.
+    with pytest.raises(WorkspaceError, match="transport 'file' not allowed"):
+        await fetcher(tmp_path, allow_file=False).fetch(task, TENANT, repo(url))
+
+
+async def test_a_repository_over_the_size_limit_is_stopped(tmp_path: Path, repos: Path) -> None:
+    big = repos / "big-work"
+    git("init", "-q", "-b", "main", str(big))
+    (big / "blob.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    git("add", "-A", cwd=big)
+    git("commit", "-q", "-m", "big", cwd=big)
+    f = fetcher(tmp_path, max_bytes=2 * 1024 * 1024)
+    with pytest.raises(WorkspaceError, match="larger than SANDSTREAM_MAX_REPO_BYTES"):
+        await f.fetch(ev.new_task_id(), TENANT, repo(f"file://{big}"))
+
+
+async def test_a_tenant_secret_authenticates_and_never_shows(
+    tmp_path: Path, server: GitHttpServer
+) -> None:
+    f = fetcher(tmp_path, allow_file=False)
+    url = f"{server.url}/app.git"
+    task = ev.new_task_id()
+    with pytest.raises(WorkspaceError) as refused:
+        await f.fetch(task, TENANT, repo(url))
+    assert "asks for a credential: name a tenant secret in repo.credential" in str(refused.value)
+    with pytest.raises(WorkspaceError, match="no secret named 'gh'"):
+        await f.fetch(task, TENANT, repo(url, credential="gh"))
+
+    set_secret(f.secrets_path, "other", "gh", PASSWORD)  # another tenant's secret is not ours
+    with pytest.raises(WorkspaceError, match="no secret named 'gh'"):
+        await f.fetch(task, TENANT, repo(url, credential="gh"))
+    set_secret(f.secrets_path, TENANT, "gh", "wrong-" + PASSWORD)
+    with pytest.raises(WorkspaceError, match="refused the credential") as wrong:
+        await f.fetch(task, TENANT, repo(url, credential="gh"))
+    assert PASSWORD not in str(wrong.value)
+
+    set_secret(f.secrets_path, TENANT, "gh", PASSWORD)
+    assert (f.secrets_path.stat().st_mode & 0o777) == 0o600
+    assert get_secret(f.secrets_path, TENANT, "gh") == PASSWORD
+    checkout = await f.fetch(task, TENANT, repo(url, credential="gh"))
+    assert (checkout.path / "README.md").read_text() == "hello\n"
+    assert any(s.password_sent and s.user == "x-access-token" for s in server.seen)
+    # Nothing of the secret in what stays on disk: the checkout's config, the remote URL.
+    config = (checkout.path / ".git" / "config").read_text()
+    assert PASSWORD not in config and url in config
+
+
+async def test_a_redirect_is_not_followed_with_the_secret(tmp_path: Path, repos: Path) -> None:
+    """A host that redirects elsewhere does not get to send our credential on to it."""
+    from aiohttp import web
+
+    async with GitHttpServer(repos) as elsewhere:
+
+        async def redirect(request: web.Request) -> web.Response:
+            raise web.HTTPFound(elsewhere.url + request.path_qs)
+
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", redirect)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            f = fetcher(tmp_path, allow_file=False)
+            set_secret(f.secrets_path, TENANT, "gh", PASSWORD)
+            with pytest.raises(WorkspaceError):
+                await f.fetch(
+                    ev.new_task_id(),
+                    TENANT,
+                    repo(f"http://127.0.0.1:{port}/app.git", credential="gh"),
+                )
+        finally:
+            await runner.cleanup()
+        assert not any(s.password_sent for s in elsewhere.seen)
+
+
+async def test_the_tar_stream_keeps_the_checkout_as_it_is(tmp_path: Path, repos: Path) -> None:
+    f = fetcher(tmp_path)
+    checkout = await f.fetch(ev.new_task_id(), TENANT, repo(f"file://{repos / 'app.git'}"))
+    (checkout.path / "link").symlink_to("/etc/passwd")  # kept as a link, never followed
+    data = b"".join([chunk async for chunk in tar_stream(checkout.path)])
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = await asyncio.create_subprocess_exec(
+        "tar", "-x", "-C", str(out), stdin=asyncio.subprocess.PIPE
+    )
+    await proc.communicate(data)
+    assert proc.returncode == 0
+    assert (out / "src" / "app.py").read_text() == "print('hi')\n"
+    assert (out / "link").is_symlink() and os.readlink(out / "link") == "/etc/passwd"
+    assert git("rev-parse", "HEAD", cwd=out).strip() == checkout.commit
+    f.discard(checkout.path.name)
+    assert not checkout.path.exists()

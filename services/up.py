@@ -30,13 +30,15 @@ SERVICES = ("gateway", "lifecycle", "executor", "storage")  # the bus's componen
 STOP_GRACE_S = 15.0
 # Secrets each child gets only if it uses them: the model credential is the model proxy's
 # alone (it adds it to requests; it has no bus identity and, under root, drops to the
-# sandbox's uid); object-store keys go to the two that read or write results. nats-server
+# sandbox's uid); object-store keys go to the three that read or write results (the executor
+# writes a branch's bundle). nats-server
 # gets none of the environment at all.
 MODEL_CREDENTIALS = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
 STORE_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 USES = {
     "modelproxy": MODEL_CREDENTIALS,
     "gateway": STORE_CREDENTIALS,
+    "executor": STORE_CREDENTIALS,
     "storage": STORE_CREDENTIALS,
 }
 

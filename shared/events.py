@@ -69,6 +69,15 @@ class RepoSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Name of a tenant secret, used as the HTTP password; only the executor reads it."""
 
 
+class OutputSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the task gives back besides ``result.json`` (needs a ``repo``)."""
+
+    branch: str | None = None
+    """A branch made of the agent's changes: one commit on top of the checked-out commit."""
+    push: bool = False
+    """Push that branch to the repository's origin (with ``repo.credential``)."""
+
+
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the user asked for (the validated body of ``POST /v1/tasks``)."""
 
@@ -83,6 +92,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_budget_usd: float | None = None
     """Cap on the run's model cost, priced by the model proxy from the upstream's usage."""
     repo: RepoSpec | None = None
+    output: OutputSpec | None = None
 
 
 class ModelUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,6 +125,19 @@ class StoredObject(msgspec.Struct, frozen=True, kw_only=True):
     key: str
     size: int
     sha256: str
+
+
+class BranchInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The branch made of the agent's changes (``output.branch``)."""
+
+    name: str
+    commit: str | None = None
+    """``None`` when the agent changed nothing: no commit, no bundle, nothing pushed."""
+    base: str = ""
+    """The checked-out commit the branch's one commit is on top of."""
+    pushed: bool = False
+    bundle: StoredObject | None = None
+    """``changes.bundle``: a git bundle of the branch (prerequisite: ``base``)."""
 
 
 # ---- the events ---------------------------------------------------------------------------
@@ -168,6 +191,15 @@ class WorkspacePrepared(Event, frozen=True, kw_only=True, tag="WorkspacePrepared
     """Time to fetch, check out and copy in."""
 
 
+class BranchPushed(Event, frozen=True, kw_only=True, tag="BranchPushed"):
+    """The branch of the agent's changes is on the origin (published once it is): a
+    redelivery never pushes again."""
+
+    url: str
+    branch: str
+    commit: str
+
+
 class ExecutionCompleted(Event, frozen=True, kw_only=True, tag="ExecutionCompleted"):
     text: str
     is_error: bool
@@ -182,6 +214,7 @@ class ExecutionCompleted(Event, frozen=True, kw_only=True, tag="ExecutionComplet
     files_changed: list[str] = msgspec.field(default_factory=list)
     model_usage: ModelUsage = msgspec.field(default_factory=ModelUsage)
     attempt: int = 1
+    branch: BranchInfo | None = None
 
 
 class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
@@ -205,6 +238,7 @@ class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
     files_changed: list[str] = msgspec.field(default_factory=list)
     model_usage: ModelUsage = msgspec.field(default_factory=ModelUsage)
     attempt: int = 1
+    branch: BranchInfo | None = None
 
 
 class SandboxStopped(Event, frozen=True, kw_only=True, tag="SandboxStopped"):
@@ -258,6 +292,7 @@ AnyEvent: TypeAlias = (
     | WorkspacePrepared
     | ExecutionStarted
     | AgentOutput
+    | BranchPushed
     | ExecutionCompleted
     | ExecutionFailed
     | SandboxStopped
@@ -276,6 +311,7 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     WorkspacePrepared,
     ExecutionStarted,
     AgentOutput,
+    BranchPushed,
     ExecutionCompleted,
     ExecutionFailed,
     SandboxStopped,

@@ -16,11 +16,14 @@ from shared.events import ErrorInfo, ModelUsage, ResultStatus, Usage
 RESULT_FILE: Final = "result.json"
 TRANSCRIPT_FILE: Final = "transcript.jsonl"
 DIFF_FILE: Final = "diff.patch"
+BUNDLE_FILE: Final = "changes.bundle"
+"""Written by the executor (``output.branch``); the others by storage."""
 
 CONTENT_TYPES: Final = {
     RESULT_FILE: "application/json",
     TRANSCRIPT_FILE: "application/x-ndjson",
     DIFF_FILE: "text/x-diff; charset=utf-8",
+    BUNDLE_FILE: "application/x-git-bundle",
 }
 
 
@@ -30,6 +33,16 @@ class RepoInfo(msgspec.Struct, frozen=True, kw_only=True):
     url: str
     ref: str
     commit: str
+
+
+class BranchResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The branch of the agent's changes (``output.branch``); ``commit`` is ``None`` when
+    there were none."""
+
+    name: str
+    commit: str | None
+    base: str
+    pushed: bool
 
 
 class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -56,6 +69,7 @@ class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None = None
     repo: RepoInfo | None = None
     """Set when the task had a ``repo``: ``diff`` and ``files_changed`` are against ``commit``."""
+    branch: BranchResult | None = None
 
 
 def task_prefix(task_id: str) -> str:

@@ -183,6 +183,10 @@ class ExecStream(Protocol):
         """stdout lines without their newline, until the command exits or the stream ends."""
         ...
 
+    def chunks(self) -> AsyncIterator[bytes]:
+        """stdout byte for byte (read either this or :meth:`lines`)."""
+        ...
+
     async def wait(self) -> int | None:
         """Exit code, once the output has been read (``None`` if the engine does not know)."""
         ...
@@ -480,6 +484,21 @@ class DockerExecStream:
         finally:
             if splitter.cut:
                 log.warning("exec output lines cut", lines=splitter.cut, max_bytes=MAX_LINE_BYTES)
+            self._done = True
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """stdout as it comes, byte for byte (no line splitting); stderr goes to its tail."""
+        try:
+            while True:
+                with _engine("exec output"):
+                    msg = await self._stream.read_out()
+                if msg is None:
+                    break
+                if msg.stream == 2:
+                    self.stderr = (self.stderr + msg.data)[-self._STDERR_TAIL :]
+                    continue
+                yield msg.data
+        finally:
             self._done = True
 
     async def wait(self) -> int | None:

@@ -16,6 +16,7 @@ import structlog
 from services.executor.service import DURABLE, Executor, ExecutorConfig
 from services.modelproxy.control import ProxyClient
 from shared import service
+from shared.blobstore import open_store
 from shared.sandbox import DockerDriver
 from shared.settings import Settings
 
@@ -36,7 +37,14 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         bus = await life.bus(settings)
         driver = await DockerDriver.connect()
         life.closing(driver.close)
-        executor = Executor(bus=bus, driver=driver, proxy=proxy, config=ExecutorConfig.of(settings))
+        try:  # where a branch's bundle goes (output.branch)
+            store = await open_store(settings.results_url, endpoint_url=settings.s3_endpoint_url)
+        except ValueError as exc:
+            raise SystemExit(f"sandstream executor: bad SANDSTREAM_STORAGE_URL: {exc}") from None
+        life.closing(store.close)
+        executor = Executor(
+            bus=bus, driver=driver, proxy=proxy, config=ExecutorConfig.of(settings), store=store
+        )
         worker = executor.worker(
             durable=settings.consumer_prefix + DURABLE,
             concurrency=settings.max_concurrent,

@@ -28,6 +28,8 @@ in docs/security.md. The model usage comes from the model proxy, outside the san
    per-exec random nonce: exit code, OOM-kill count, changed files and the diff against
    ``base``, closed by ``<nonce>.done``. The nonce is in the keeper's environment, which
    the agent cannot read, so the agent cannot end the stream early or forge the block.
+4. ``patch`` (keeper, only for a task with ``output.branch``): the changes in full, as a
+   binary diff, for the branch the executor makes outside the sandbox.
 """
 
 from __future__ import annotations
@@ -170,6 +172,23 @@ start)
         echo "__ATTACHED__"
     fi
     exit 0
+    ;;
+patch)
+    # As the keeper, after the run (every process of the agent stopped, the block printed):
+    # the agent's changes in full, a binary diff against the record from before the run. The
+    # branch is made from it outside the sandbox.
+    export GIT_DIR="$K/git" GIT_WORK_TREE="$W" GIT_INDEX_FILE="$K/patch.index"
+    if ! read -r base <"$K/base" 2>/dev/null; then
+        echo "sandstream: no record of the workspace" >&2
+        exit 4
+    fi
+    cd "$W" 2>/dev/null || { echo "sandstream: the workspace is unreadable" >&2; exit 5; }
+    git read-tree "$base" || exit 6
+    git -c core.quotePath=false add -A -f --ignore-errors >/dev/null 2>&1
+    git -c core.quotePath=false diff --cached --binary --no-renames --full-index "$base"
+    rc=$?
+    rm -f "$GIT_INDEX_FILE"
+    exit $rc
     ;;
 follow)
     # As the keeper: the agent can neither trace nor signal this shell, nor write $K. The
@@ -354,6 +373,11 @@ def start_argv(script: str, spec: TaskSpec, *, port: int = DEFAULT_PORT) -> list
         *cmd,
         *prompt_chunks(spec.prompt),
     ]
+
+
+def patch_argv(script: str) -> list[str]:
+    """As the keeper, once the run is over: its changes as one binary diff on stdout."""
+    return ["bash", "-c", script, "sandstream", "patch"]
 
 
 def kill_argv(script: str) -> list[str]:

@@ -34,14 +34,16 @@ from typing import Any, Final
 import msgspec
 import structlog
 
-from services.executor import agent
+from services.executor import agent, verdict
 from services.executor.workspace import Fetcher, WorkspaceError, elapsed_ms, tar_stream
 from services.modelproxy.control import ModelSockets
 from services.modelproxy.policy import Budget
 from services.modelproxy.proxy import TaskUsage
 from shared import events as ev
+from shared.blobstore import BlobStore
 from shared.bus import Bus
 from shared.errors import Retry
+from shared.results import BUNDLE_FILE, CONTENT_TYPES, task_prefix
 from shared.sandbox import (
     WORKSPACE,
     SandboxDriver,
@@ -113,6 +115,8 @@ class _History(msgspec.Struct, frozen=True, kw_only=True):
     state: TaskState | None
     requested: ev.TaskRequested | None
     last_output: ev.AgentOutput | None
+    prepared: ev.WorkspacePrepared | None = None
+    pushed: ev.BranchPushed | None = None
 
     @property
     def over(self) -> bool:
@@ -142,11 +146,13 @@ class Executor:
         proxy: ModelSockets,
         config: ExecutorConfig | None = None,
         fetcher: Fetcher | None = None,
+        store: BlobStore | None = None,
     ) -> None:
         self.bus = bus
         self.driver = driver
         self.proxy = proxy
         self.config = config or ExecutorConfig()
+        self.store = store
         self.fetcher = fetcher or Fetcher(
             root=self.config.workspaces_dir,
             secrets_path=self.config.secrets_path,
@@ -233,6 +239,8 @@ class Executor:
             state=fold([*events, output] if output is not None else events),
             requested=requested,
             last_output=output,
+            prepared=next((e for e in events if isinstance(e, ev.WorkspacePrepared)), None),
+            pushed=next((e for e in events if isinstance(e, ev.BranchPushed)), None),
         )
 
     async def _prepare(self, event: ev.SandboxStarted, repo: ev.RepoSpec) -> None:
@@ -518,44 +526,30 @@ class Executor:
 
         result = transcript.result()
         counted = await self.proxy.usage(task_id)
-        code: str | None = None
-        message = ""
         exit_code = collected.exit_code
-        succeeded = exit_code == 0 and result.found and not result.is_error
-        if counted.budget_exceeded:
-            # The proxy refused a model call: whatever the agent made of that, the task did
-            # not get the run it asked for.
-            code = "budget_exceeded"
-            message = f"the model proxy stopped the run's model calls: {counted.budget_exceeded}"
-        elif outcome.output_limited:
-            code = "output_limit"
-            message = (
-                f"the agent wrote more than {cfg.max_output_bytes} bytes of output "
-                "(SANDSTREAM_MAX_OUTPUT_BYTES) and was stopped; the output up to it is kept"
+        oom = pids = 0
+        if not verdict.succeeded(collected, result):  # what only a failure needs to know
+            oom = collected.oom_kills or (exit_code in (137, None) and await self._oom_killed(name))
+            pids = collected.pids_limit_hits or await self.driver.pids_limit_hits(name)
+        judged = verdict.judge(
+            verdict.Facts(
+                collected=collected,
+                result=result,
+                budget_exceeded=counted.budget_exceeded or "",
+                output_limited=outcome.output_limited,
+                timed_out=outcome.timed_out,
+                oom_killed=bool(oom),
+                pids_limit_hits=pids,
+                timeout_s=spec.timeout_s,
+                max_output_bytes=cfg.max_output_bytes,
             )
-        elif succeeded:
-            pass  # even past the deadline: it finished before it could be stopped
-        elif not collected.started:
-            code, message = "internal", "the agent run was claimed but never started"
-        elif outcome.timed_out:
-            code = "timeout"
-            message = (
-                f"the agent ran past the task's timeout_s of {spec.timeout_s} seconds "
-                "and was stopped"
-            )
-        elif exit_code in (137, None) and (collected.oom_kills > 0 or await self._oom_killed(name)):
-            code, message = "oom", "the agent was killed for running out of memory"
-        elif collected.pids_limit_hits > 0 or await self.driver.pids_limit_hits(name) > 0:
-            code = "pids_limit"
-            message = (
-                "the sandbox ran out of processes (its pids limit refused "
-                f"{collected.pids_limit_hits} forks) and the agent failed"
-            )
-        else:
-            code = "cli_error"
-            message = _cli_error_message(exit_code, result, collected.stderr_tail)
-
+        )
+        branch: ev.BranchInfo | None = None
+        output = spec.output
+        if judged is None and spec.repo is not None and output is not None and output.branch:
+            branch, judged = await self._branch(event, spec.repo, output.branch, output.push, spec)
         common: dict[str, Any] = {
+            "branch": branch,
             "event_id": ev.event_id(task_id, "ExecutionEnded", event.attempt),
             "task_id": task_id,
             "tenant": event.tenant,
@@ -575,18 +569,98 @@ class Executor:
             "model_usage": _model_usage(counted),
         }
         end: ev.Event
-        if code is None:
+        if judged is None:
             end = ev.ExecutionCompleted(**common, is_error=False, exit_code=0)
         else:
-            end = ev.ExecutionFailed(
-                **common,
-                code=code,
-                message=message,
-                exit_code=exit_code,
-            )
+            code, message = judged
+            end = ev.ExecutionFailed(**common, code=code, message=message, exit_code=exit_code)
         await self.bus.publish(end)
         await self.proxy.remove_task(task_id)
-        return code or "completed"
+        self.fetcher.discard(task_id)
+        return judged[0] if judged else "completed"
+
+    async def _branch(
+        self, event: ev.SandboxStarted, repo: ev.RepoSpec, name: str, push: bool, spec: ev.TaskSpec
+    ) -> tuple[ev.BranchInfo | None, tuple[str, str] | None]:
+        """The agent's changes as one commit on ``name``, stored as ``changes.bundle`` and,
+        with ``push``, pushed to the origin (once: ``BranchPushed`` says it was). The branch
+        and its failure: ``branch_failed`` (it could not be made or stored) or
+        ``push_failed`` (made and stored, refused by the origin)."""
+        task_id, tenant = event.task_id, event.tenant
+        history = await self._history(task_id)
+        prepared = history.prepared
+        if prepared is None:
+            return None, ("branch_failed", "the workspace was never prepared")
+        info = ev.BranchInfo(name=name, base=prepared.commit)
+        try:
+            if self.store is None:
+                raise WorkspaceError("the executor has no object store for changes.bundle")
+            await self.fetcher.ensure(task_id, tenant, repo, prepared.commit)
+            patch = self.fetcher.patch_path(task_id)
+            if await self._read_patch(sandbox_name(task_id), patch) == 0:
+                return info, None  # no changes: no commit, nothing to push
+            commit = await self.fetcher.commit(
+                task_id,
+                tenant,
+                repo,
+                patch=patch,
+                branch=name,
+                base=prepared.commit,
+                message=_commit_message(spec.prompt, task_id),
+                when=prepared.at.isoformat(),
+            )
+            if commit is None:
+                return info, None
+            bundle = await self.fetcher.bundle(task_id, tenant, repo, name, prepared.commit)
+            data = await asyncio.to_thread(bundle.read_bytes)
+            stored = await self.store.put(
+                task_prefix(task_id) + BUNDLE_FILE, data, CONTENT_TYPES[BUNDLE_FILE]
+            )
+        except WorkspaceError as exc:
+            return info, ("branch_failed", f"the branch {name!r} could not be made: {exc}")
+        info = msgspec.structs.replace(info, commit=commit, bundle=stored)
+        if not push:
+            return info, None
+        if history.pushed is None or history.pushed.commit != commit:
+            try:
+                await self.fetcher.push(task_id, tenant, repo, name, commit)
+            except WorkspaceError as exc:
+                return info, ("push_failed", str(exc))
+            await self.bus.publish(
+                ev.BranchPushed(
+                    event_id=ev.event_id(task_id, "BranchPushed"),
+                    task_id=task_id,
+                    tenant=tenant,
+                    causation_id=event.event_id,
+                    url=repo.url,
+                    branch=name,
+                    commit=commit,
+                )
+            )
+        return msgspec.structs.replace(info, pushed=True), None
+
+    async def _read_patch(self, name: str, target: Path) -> int:
+        """The keeper's full diff of the run into ``target``; its size in bytes. Bounded by
+        the repository limit (:class:`WorkspaceError` past it)."""
+        size = 0
+        limit = self.config.max_repo_bytes
+        async with await self.driver.exec_stream(
+            name, agent.patch_argv(self._script), workdir=agent.KEEPER_DIR, keeper=True
+        ) as proc:
+            with await asyncio.to_thread(target.open, "wb") as out:
+                async for chunk in proc.chunks():
+                    size += len(chunk)
+                    if size > limit:
+                        raise WorkspaceError(
+                            f"the agent's changes are larger than {limit} bytes "
+                            "(SANDSTREAM_MAX_REPO_BYTES)"
+                        )
+                    await asyncio.to_thread(out.write, chunk)
+            code = await proc.wait()
+        if code != 0:
+            detail = proc.stderr.decode(errors="replace").strip()[-300:]
+            raise WorkspaceError(f"the agent's changes could not be read: {detail or code}")
+        return size
 
     async def _fail(
         self,
@@ -633,13 +707,12 @@ class Executor:
         return data is not None and bool((data.get("State") or {}).get("OOMKilled"))
 
 
-def _cli_error_message(exit_code: int | None, result: agent.AgentResult, stderr: str) -> str:
-    if result.found and result.is_error:
-        detail = result.text or result.subtype or "no detail"
-        return f"the agent reported an error ({result.subtype or 'error'}): {detail[:2000]}"
-    where = f"exited with code {exit_code}" if exit_code is not None else "ended without a status"
-    what = f"the agent {where}" + ("" if result.found else " without a result")
-    return f"{what}; stderr: {stderr[-1000:]}" if stderr else what
+def _commit_message(prompt: str, task_id: str) -> str:
+    """The branch commit's message: the task's first line, then where it came from."""
+    first = next((line.strip() for line in prompt.splitlines() if line.strip()), "changes")
+    if len(first) > 72:
+        first = first[:71] + "…"
+    return f"{first}\n\nMade by the agent of Sandstream task {task_id}.\n"
 
 
 def _model_usage(counted: TaskUsage) -> ev.ModelUsage:

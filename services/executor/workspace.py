@@ -39,6 +39,8 @@ from shared.secrets import get_secret
 log = structlog.get_logger("sandstream.executor")
 
 FULL_COMMIT: Final = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+AUTHOR: Final = ("Sandstream", "agent@sandstream.invalid")
+"""Who the branch's commit is by (author and committer): the sandbox's identity."""
 CREDENTIAL_USER: Final = "x-access-token"
 """The HTTP user name sent with a tenant's secret (hosts that take tokens ignore it)."""
 _HELPER: Final = (
@@ -87,9 +89,6 @@ class Fetcher:
         if not ev.is_task_id(task_id):  # the folder's name comes from a validated id only
             raise ValueError(f"not a task id: {task_id!r}")
         return self.root / task_id
-
-    def discard(self, task_id: str) -> None:
-        shutil.rmtree(self.folder(task_id), ignore_errors=True)
 
     async def fetch(self, task_id: str, tenant: str, repo: ev.RepoSpec) -> Checkout:
         """Fetch ``repo`` and check it out in the task's folder (made afresh)."""
@@ -148,6 +147,104 @@ class Fetcher:
         if size > self.max_bytes:
             raise _TooLarge(size)
         return Checkout(path=folder, url=repo.url, ref=ref, commit=commit, bytes=size)
+
+    async def ensure(self, task_id: str, tenant: str, repo: ev.RepoSpec, commit: str) -> Path:
+        """The task's checkout at ``commit``: the one fetched before the run if it is still
+        here (the executor may have restarted since), else fetched again at that commit."""
+        folder = self.folder(task_id)
+        env = self._environment(tenant, repo)
+        if (folder / ".git").is_dir():
+            with contextlib.suppress(WorkspaceError):
+                head = await self._git(folder, env, ["rev-parse", "HEAD"], "")
+                if head.strip() == commit:
+                    return folder
+        again = msgspec.structs.replace(repo, ref=commit, depth=1)
+        return (await self.fetch(task_id, tenant, again)).path
+
+    async def commit(
+        self,
+        task_id: str,
+        tenant: str,
+        repo: ev.RepoSpec,
+        *,
+        patch: Path,
+        branch: str,
+        base: str,
+        message: str,
+        when: str,
+    ) -> str | None:
+        """One commit of ``patch`` on top of ``base`` as ``refs/heads/<branch>``; ``None``
+        when the patch changes nothing. Deterministic: the same patch, message and ``when``
+        (an ISO time) make the same commit id, so a redelivery repeats it exactly. The patch
+        is applied to the index only: nothing the agent made is written to this side's disk."""
+        folder = self.folder(task_id)
+        env = self._environment(tenant, repo)
+        await self._git(folder, env, ["read-tree", base], "cannot read the checked-out commit")
+        await self._git(
+            folder,
+            env,
+            ["apply", "--cached", "--binary", "--whitespace=nowarn", str(patch)],
+            "the agent's changes do not apply to the checked-out commit",
+        )
+        tree = (await self._git(folder, env, ["write-tree"], "cannot record the changes")).strip()
+        if tree == (await self._git(folder, env, ["rev-parse", f"{base}^{{tree}}"], "")).strip():
+            return None
+        name, email = AUTHOR
+        who = {
+            "GIT_AUTHOR_NAME": name,
+            "GIT_AUTHOR_EMAIL": email,
+            "GIT_AUTHOR_DATE": when,
+            "GIT_COMMITTER_NAME": name,
+            "GIT_COMMITTER_EMAIL": email,
+            "GIT_COMMITTER_DATE": when,
+        }
+        made = await self._git(
+            folder,
+            {**env, **who},
+            ["commit-tree", tree, "-p", base, "-m", message],
+            "cannot make the commit",
+        )
+        commit = made.strip()
+        await self._git(
+            folder, env, ["update-ref", f"refs/heads/{branch}", commit], "cannot name the branch"
+        )
+        return commit
+
+    async def bundle(
+        self, task_id: str, tenant: str, repo: ev.RepoSpec, branch: str, base: str
+    ) -> Path:
+        """``changes.bundle``: the branch, with ``base`` as its prerequisite (a clone of the
+        repository at ``base`` or later can fetch from it)."""
+        folder = self.folder(task_id)
+        target = self.root / f"{task_id}.bundle"
+        await self._git(
+            folder,
+            self._environment(tenant, repo),
+            ["bundle", "create", "-q", str(target), f"refs/heads/{branch}", f"^{base}"],
+            "cannot bundle the branch",
+        )
+        return target
+
+    async def push(
+        self, task_id: str, tenant: str, repo: ev.RepoSpec, branch: str, commit: str
+    ) -> None:
+        """Push ``commit`` as the origin's ``branch``, never forced: a branch that moved on
+        there is a refusal (a :class:`WorkspaceError` with git's words)."""
+        await self._git(
+            self.folder(task_id),
+            self._environment(tenant, repo),
+            ["push", "-q", "origin", f"{commit}:refs/heads/{branch}"],
+            f"{repo.url} refused the branch {branch!r}",
+        )
+
+    def discard(self, task_id: str) -> None:
+        shutil.rmtree(self.folder(task_id), ignore_errors=True)
+        for leftover in (self.root / f"{task_id}.bundle", self.root / f"{task_id}.patch"):
+            leftover.unlink(missing_ok=True)
+
+    def patch_path(self, task_id: str) -> Path:
+        self.folder(task_id)  # validates the id
+        return self.root / f"{task_id}.patch"
 
     async def _remote_head(self, folder: Path, env: dict[str, str], url: str) -> str:
         """The branch the remote's HEAD points at (what a plain clone checks out)."""

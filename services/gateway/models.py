@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
-from shared.events import ErrorInfo, RepoSpec, TaskSpec
+from shared.events import ErrorInfo, OutputSpec, RepoSpec, TaskSpec
 from shared.secrets import SECRET_NAME_PATTERN
 
 # What reaches the CLI's command line: an argument cannot hold a NUL byte, and a model or tool
@@ -45,6 +45,44 @@ class RepoRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return RepoSpec(url=self.url, ref=self.ref, depth=self.depth, credential=self.credential)
 
 
+class OutputRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``output`` of ``POST /v1/tasks``: what comes back besides ``result.json``."""
+
+    branch: GitRef | None = None
+    push: bool = False
+
+    def spec(self) -> OutputSpec:
+        return OutputSpec(branch=self.branch, push=self.push)
+
+
+def _bad_ref(ref: str) -> bool:
+    """What ``git check-ref-format`` refuses beyond the pattern of :data:`GitRef`."""
+    parts = ref.split("/")
+    return (
+        ".." in ref
+        or "@{" in ref
+        or ref == "@"
+        or any(not part or part.startswith(".") or part.endswith(".lock") for part in parts)
+        or ref.endswith(".")
+    )
+
+
+def task_problem(task: TaskRequest, *, allow_file: bool) -> tuple[str, str] | None:
+    """What is wrong with a task beyond its types: ``(field, message)``, or ``None``."""
+    if task.repo is not None and (problem := repo_problem(task.repo, allow_file=allow_file)):
+        return problem
+    output = task.output
+    if output is None:
+        return None
+    if task.repo is None and (output.branch or output.push):
+        return "output", "output.branch and output.push need a repo to make the branch from"
+    if output.push and not output.branch:
+        return "output.push", "output.push needs output.branch: the branch to push"
+    if output.branch and (_bad_ref(output.branch) or output.branch == "HEAD"):
+        return "output.branch", f"output.branch {output.branch!r} is not a valid branch name"
+    return None
+
+
 def repo_problem(repo: RepoRequest, *, allow_file: bool) -> tuple[str, str] | None:
     """What is wrong with ``repo`` beyond its types: ``(field, message)``, or ``None``."""
     try:
@@ -66,9 +104,8 @@ def repo_problem(repo: RepoRequest, *, allow_file: bool) -> tuple[str, str] | No
         )
     if url.query or url.fragment:
         return "repo.url", "repo.url cannot have a query or a fragment"
-    ref = repo.ref or ""
-    if ".." in ref or "//" in ref or ref.endswith(("/", ".", ".lock")) or "@{" in ref:
-        return "repo.ref", f"repo.ref {ref!r} is not a valid git ref name"
+    if repo.ref is not None and _bad_ref(repo.ref):
+        return "repo.ref", f"repo.ref {repo.ref!r} is not a valid git ref name"
     return None
 
 
@@ -84,10 +121,12 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_tokens: MaxTokens | None = None
     max_budget_usd: MaxBudgetUsd | None = None
     repo: RepoRequest | None = None
+    output: OutputRequest | None = None
 
     def spec(self) -> TaskSpec:
         return TaskSpec(
             repo=self.repo.spec() if self.repo else None,
+            output=self.output.spec() if self.output else None,
             prompt=self.prompt,
             timeout_s=self.timeout_s,
             max_turns=self.max_turns,

@@ -213,11 +213,10 @@ async def create_task(request: web.Request) -> web.Response:
     admit(request, tenant)
     key = params.idempotency_key(request)
     body = await read_json(request, models.TaskRequest)
-    if body.repo is not None:
-        allow_file = request.app[SETTINGS].allow_file_repos
-        if problem := models.repo_problem(body.repo, allow_file=allow_file):
-            field, message = problem
-            raise ApiError(422, "invalid_field", message, field=field)
+    allow_file = request.app[SETTINGS].allow_file_repos
+    if problem := models.task_problem(body, allow_file=allow_file):
+        field, message = problem
+        raise ApiError(422, "invalid_field", message, field=field)
     task_id, created = await submit(request, tenant, body, key)
     structlog.contextvars.bind_contextvars(task_id=task_id)
     # Read-your-writes: once we answer, GET /v1/tasks/{id} knows the task.

@@ -14,13 +14,14 @@ import msgspec
 from shared.events import (
     AgentOutput,
     AnyEvent,
+    BranchInfo,
     ExecutionCompleted,
     SandboxStopped,
     WorkspacePrepared,
     first_line,
 )
 from shared.outcome import decide
-from shared.results import RepoInfo, TaskResult, encode_result
+from shared.results import BranchResult, RepoInfo, TaskResult, encode_result
 
 
 class Artifacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,6 +80,15 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
         model_usage=execution.model_usage,
         error=error,
         repo=repo,
+        branch=_branch(execution.branch),
+    )
+
+
+def _branch(branch: BranchInfo | None) -> BranchResult | None:
+    if branch is None:
+        return None
+    return BranchResult(
+        name=branch.name, commit=branch.commit, base=branch.base, pushed=branch.pushed
     )
 
 

@@ -34,13 +34,15 @@ from services.executor.service import Executor, ExecutorConfig
 from services.modelproxy.proxy import Credential, ModelProxy
 from services.storage.build import build_transcript
 from shared import events as ev
+from shared.blobstore import open_store
 from shared.bus import Bus
 from shared.errors import Unavailable
 from shared.sandbox import DockerDriver, SandboxSpec, sandbox_name, share_with_sandbox
+from shared.secrets import set_secret
 from shared.settings import DEFAULT_IMAGE
 from shared.worker import Delivery
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse
-from tests.support.git import make_repo, rev
+from tests.support.git import GitHttpServer, git, make_repo, rev
 from tests.support.procs import NatsServer
 
 pytestmark = pytest.mark.docker
@@ -855,3 +857,127 @@ async def test_a_repository_that_cannot_be_fetched_fails_the_run_before_it_start
     assert "no branch, tag or commit 'no-such-branch'" in end.message
     assert not any(isinstance(e, ev.ExecutionStarted | ev.WorkspacePrepared) for e in events)
     assert not harness.fake.main_requests()
+
+
+async def test_the_agents_changes_come_back_as_a_pushed_branch_and_a_bundle(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The agent edits a file of the checked-out repository and adds one; the origin (smart
+    HTTP with authentication) gets a branch with exactly those changes, once; the bundle holds
+    the same commit; the credential reaches only git on this side."""
+    repos = tmp_path / "repos"
+    bare = make_repo(repos, "app", {"README.md": "hello\n", "src/app.py": "x = 1\n"})
+    base = rev(bare, "main")
+    password = "gitpw-" + uuid.uuid4().hex
+    config = repo_config(tmp_path)
+    set_secret(config.secrets_path, TENANT, "gh", password)
+    store = await open_store(f"file://{tmp_path / 'results'}")
+    tag = marker()
+    harness.fake.script(
+        match=tag,
+        replies=[
+            ToolUse.read("README.md"),
+            ToolUse.edit("README.md", "hello", "goodbye"),
+            ToolUse.write("docs/new.md", "new\n"),
+            Text("changed two files"),
+        ],
+    )
+    async with (
+        GitHttpServer(repos, user="x-access-token", password=password) as server,
+        harness.proxy(Credential("api_key", SECRET)) as proxy,
+    ):
+        executor = Executor(
+            bus=harness.bus, driver=harness.driver, proxy=proxy, config=config, store=store
+        )
+        task_id, started = await harness.submit(
+            f"Fix the greeting {tag}",
+            repo={"url": f"{server.url}/app.git", "ref": "main", "credential": "gh"},
+            output={"branch": "sandstream/fix", "push": True},
+        )
+        await executor.worker().run_until_idle()
+        assert not (tmp_path / "workspaces" / task_id).exists()  # this side's copy is gone
+        events = await harness.history(task_id)
+        (end,) = ends(events)
+        assert isinstance(end, ev.ExecutionCompleted), end
+        branch = end.branch
+        assert branch is not None and branch.pushed and branch.base == base
+        assert branch.commit == rev(bare, "sandstream/fix")  # on the origin
+        pushed = [e for e in events if isinstance(e, ev.BranchPushed)]
+        assert [(p.branch, p.commit) for p in pushed] == [("sandstream/fix", branch.commit)]
+
+        # A repeat (a redelivery after the push) makes the same commit and pushes nothing.
+        receive_packs = sum(s.method == "POST" and "receive-pack" in s.path for s in server.seen)
+        again, error = await executor._branch(
+            started, ev.RepoSpec(url=f"{server.url}/app.git", ref="main", credential="gh"),
+            "sandstream/fix", True, ev.TaskSpec(prompt=f"Fix the greeting {tag}"),
+        )  # fmt: skip
+        assert error is None and again is not None and again.commit == branch.commit
+        assert sum(s.method == "POST" and "receive-pack" in s.path for s in server.seen) == (
+            receive_packs
+        )
+        await store.close()
+
+    # Exactly the agent's change, one commit on top of the checked-out one, by the sandbox.
+    assert git("rev-parse", f"{branch.commit}^", cwd=bare).strip() == base
+    changed = git("diff", "--name-only", base, "sandstream/fix", cwd=bare).split()
+    assert changed == ["README.md", "docs/new.md"]
+    assert git("show", "sandstream/fix:README.md", cwd=bare) == "goodbye\n"
+    author = git("log", "-1", "--format=%an <%ae>|%s", "sandstream/fix", cwd=bare).strip()
+    assert author == "Sandstream <agent@sandstream.invalid>|Fix the greeting " + tag
+
+    # The bundle: the same commit, with the checked-out one as its prerequisite.
+    assert branch.bundle is not None and branch.bundle.key == f"tasks/{task_id}/changes.bundle"
+    bundle = tmp_path / "results" / branch.bundle.key
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(bare), str(clone))
+    git("bundle", "verify", str(bundle), cwd=clone)
+    git("fetch", "-q", str(bundle), "sandstream/fix:from-bundle", cwd=clone)
+    assert rev(clone, "from-bundle") == branch.commit
+
+    # The credential: only in the git processes of this side.
+    for raw in await harness.raw_history():
+        assert password.encode() not in raw
+    inspect = await harness.driver.inspect(sandbox_name(task_id))
+    assert password not in json.dumps(inspect)
+    grep = await harness.driver.exec(
+        sandbox_name(task_id), ["grep", "-rl", password, "/workspace", "/tmp"]
+    )
+    assert grep.output == b""
+    assert password.encode() not in bundle.read_bytes()
+
+
+async def test_a_refused_push_fails_the_task_and_keeps_the_runs_result(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The origin's branch moved on (another commit there): the push is refused, never
+    forced; the task fails with push_failed and keeps the run's diff, text and bundle."""
+    repos = tmp_path / "repos"
+    bare = make_repo(repos, "app", {"README.md": "hello\n"})
+    git("update-ref", "refs/heads/taken", rev(bare, "main"), cwd=bare)  # a branch of its own
+    store = await open_store(f"file://{tmp_path / 'results'}")
+    tag = marker()
+    harness.fake.script(match=tag, replies=[ToolUse.write("new.txt", "n\n"), Text("added")])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(
+            bus=harness.bus,
+            driver=harness.driver,
+            proxy=proxy,
+            config=repo_config(tmp_path),
+            store=store,
+        )
+        task_id, _ = await harness.submit(
+            f"add a file {tag}",
+            repo={"url": f"file://{bare}", "ref": "v1"},  # the tag: one commit behind "taken"
+            output={"branch": "taken", "push": True},
+        )
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+    await store.close()
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionFailed) and end.code == "push_failed", end
+    assert "refused the branch 'taken'" in end.message and "rejected" in end.message
+    assert end.text == "added" and "+n" in end.diff and end.files_changed == ["new.txt"]
+    assert end.branch is not None and not end.branch.pushed and end.branch.commit
+    assert end.branch.bundle is not None
+    assert rev(bare, "taken") == rev(bare, "main")  # untouched
+    assert not any(isinstance(e, ev.BranchPushed) for e in events)

@@ -190,6 +190,37 @@ BAD_REQUESTS: list[tuple[str, dict[str, str] | None, Any, int, str, str | None]]
             ("space", "a b"),
         )
     ),
+    *(
+        (f"output {why}", None, {"prompt": "x", **body}, 422, "invalid_field", field)
+        for why, body, field in (
+            ("without repo", {"output": {"branch": "fix"}}, "output"),
+            (
+                "push without branch",
+                {"repo": {"url": "https://h/a"}, "output": {"push": True}},
+                "output.push",
+            ),
+            (
+                "branch dots",
+                {"repo": {"url": "https://h/a"}, "output": {"branch": "a..b"}},
+                "output.branch",
+            ),
+            (
+                "branch option",
+                {"repo": {"url": "https://h/a"}, "output": {"branch": "-f"}},
+                "output.branch",
+            ),
+            (
+                "branch HEAD",
+                {"repo": {"url": "https://h/a"}, "output": {"branch": "HEAD"}},
+                "output.branch",
+            ),
+            (
+                "branch dot part",
+                {"repo": {"url": "https://h/a"}, "output": {"branch": "a/.b"}},
+                "output.branch",
+            ),
+        )
+    ),
     (
         "repo depth zero",
         None,

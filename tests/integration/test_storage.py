@@ -667,7 +667,7 @@ def test_result_schema_names_the_contract_fields() -> None:
     assert set(props) == {
         "task_id", "status", "text", "is_error", "exit_code", "num_turns", "total_cost_usd",
         "usage", "session_id", "permission_denials", "duration_ms", "diff", "files_changed",
-        "sandbox", "model_usage", "error",
+        "sandbox", "model_usage", "error", "repo", "branch",
     }  # fmt: skip
     assert set(props["status"]["enum"]) == {"succeeded", "failed", "cancelled", "timed_out"}
 
@@ -700,3 +700,45 @@ async def test_results_on_disk_are_private(bus: Bus, tmp_path: Path) -> None:
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
     for path in folder.iterdir():
         assert oct(path.stat().st_mode & 0o777) == "0o600", path
+
+
+async def test_a_branch_and_its_bundle_are_part_of_the_result(bus: Bus, tmp_path: Path) -> None:
+    """What the executor stored itself (a branch's bundle) is listed with the result; a
+    bundle it claims in another task's folder is not."""
+    store = await open_store(f"file://{tmp_path}/results")
+    service = service_for(bus, store)
+    task, other = ev.new_task_id(), ev.new_task_id()
+    bundle = ev.StoredObject(key=f"tasks/{task}/changes.bundle", size=10, sha256="ab" * 32)
+    branch = ev.BranchInfo(name="fix", commit="c" * 40, base="b" * 40, pushed=True, bundle=bundle)
+    prepared = ev.WorkspacePrepared(
+        event_id=ev.event_id(task, "WorkspacePrepared"),
+        task_id=task,
+        tenant="acme",
+        url="https://example.com/app.git",
+        ref="main",
+        commit="b" * 40,
+    )
+    events = succeeded_history(task)
+    events[-2] = completed(task, branch=branch)
+    await publish_all(bus, [*events[:2], prepared, *events[2:]])
+    forged = msgspec.structs.replace(
+        branch, bundle=msgspec.structs.replace(bundle, key=f"tasks/{task}/changes.bundle")
+    )
+    stray = succeeded_history(other)
+    stray[-2] = completed(other, branch=forged)
+    await publish_all(bus, stray)
+    stored = await service.store_result(events[-1])  # type: ignore[arg-type]
+    stray_stored = await service.store_result(stray[-1])  # type: ignore[arg-type]
+    await store.close()
+    assert stored is not None and stray_stored is not None
+    assert bundle in stored.objects
+    assert not any(o.key.endswith("changes.bundle") for o in stray_stored.objects)
+    result = msgspec.json.decode(
+        (tmp_path / "results" / "tasks" / task / "result.json").read_bytes()
+    )
+    assert result["repo"] == {
+        "url": "https://example.com/app.git",
+        "ref": "main",
+        "commit": "b" * 40,
+    }
+    assert result["branch"] == {"name": "fix", "commit": "c" * 40, "base": "b" * 40, "pushed": True}

@@ -76,6 +76,9 @@ class _Stream:
         for line in self._result.output.splitlines():
             yield line
 
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self._result.output
+
     async def wait(self) -> int | None:
         return self._result.exit_code
 

@@ -20,7 +20,7 @@ from services.gateway.params import (
     MAX_WAIT_S,
 )
 from shared import events as ev
-from shared.results import TaskResult
+from shared.results import CONTENT_TYPES, TaskResult
 
 REF = "#/components/schemas/{name}"
 
@@ -279,6 +279,48 @@ def openapi() -> dict[str, Any]:
                             _error("the task has no stored result yet", "result_not_ready"),
                         ),
                     ),
+                }
+            },
+            "/v1/tasks/{task_id}/artifacts/{name}": {
+                "get": {
+                    "summary": "One stored object of a finished task (ETag: its sha256)",
+                    "security": BEARER,
+                    "parameters": [
+                        TASK_ID,
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                            "description": "one of " + ", ".join(sorted(CONTENT_TYPES)),
+                        },
+                        {
+                            "name": "If-None-Match",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "the object, with its own Content-Type",
+                            "content": {
+                                kind.split(";")[0]: {
+                                    "schema": {"type": "string", "format": "binary"}
+                                }
+                                for kind in sorted(set(CONTENT_TYPES.values()))
+                            },
+                        },
+                        "304": {"description": "unchanged (If-None-Match)"},
+                        "401": UNAUTHORIZED,
+                        "404": _error(
+                            "no such task for this tenant, or no such object of it",
+                            "not_found",
+                            "artifact_not_found",
+                        ),
+                        "409": _error("the task has no stored result yet", "result_not_ready"),
+                        "503": UNAVAILABLE,
+                    },
                 }
             },
             "/execute": {

@@ -32,6 +32,16 @@ class ResultReader:
         if self._store is not None:
             await self._store.close()
 
+    async def object(self, key: str) -> bytes | None:
+        """One stored object's bytes, or ``None`` if it is not there (not cached: a bundle
+        can be large). :class:`~shared.errors.Unavailable` when the store cannot be reached."""
+        assert self._store is not None, "ResultReader.open() was not called"
+        try:
+            return await self._store.get(key)
+        except Unavailable as exc:
+            log.warning("result store unavailable", key=key, error=str(exc))
+            raise Unavailable("the result store cannot be reached; retry shortly") from None
+
     async def get(self, task_id: str) -> dict[str, Any] | None:
         """``result.json`` of a task as a JSON object, or ``None`` if it is not stored.
 

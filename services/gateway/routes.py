@@ -17,6 +17,7 @@ from services.gateway.keys import AUTH, BUS_LINK, LIMITS, METRICS, PROJECTION, R
 from services.gateway.metrics import exposition
 from shared import events as ev
 from shared.errors import Conflict, Unavailable
+from shared.results import CONTENT_TYPES, task_prefix
 from shared.state import TaskState
 
 log = structlog.get_logger("sandstream.gateway")
@@ -261,6 +262,47 @@ async def get_result(request: web.Request) -> web.Response:
             field="task_id",
         )
     return json_response(result)
+
+
+@routes.get("/v1/tasks/{task_id}/artifacts/{name}")
+async def get_artifact(request: web.Request) -> web.StreamResponse:
+    """One stored object of the task, as ``ResultStored`` lists it: its own content type,
+    its sha256 as the ``ETag`` (``If-None-Match`` answers ``304``)."""
+    tenant = authenticate(request)
+    task = await _task(request, tenant)
+    name = request.match_info["name"]
+    if name not in CONTENT_TYPES:
+        known = ", ".join(sorted(CONTENT_TYPES))
+        raise ApiError(
+            404, "artifact_not_found", f"no artifact {name!r}: one of {known}", field="name"
+        )
+    stored = await request.app[BUS_LINK].require().last(task.task_id, "ResultStored")
+    if stored is None or not isinstance(stored.event, ev.ResultStored):
+        raise ApiError(
+            409,
+            "result_not_ready",
+            f"task {task.task_id} has no stored result yet (status {task.status.value})",
+            field="task_id",
+        )
+    key = task_prefix(task.task_id) + name
+    listed = next((o for o in stored.event.objects if o.key == key), None)
+    if listed is None:
+        raise ApiError(
+            404, "artifact_not_found", f"task {task.task_id} has no {name}", field="name"
+        )
+    etag = f'"{listed.sha256}"'
+    headers = {"ETag": etag, "Content-Type": CONTENT_TYPES[name], "Cache-Control": "private"}
+    if etag in request.headers.get("If-None-Match", ""):
+        return web.Response(status=304, headers={"ETag": etag})
+    data = await request.app[RESULTS].object(key)
+    if data is None:
+        raise ApiError(
+            404,
+            "artifact_not_found",
+            f"{name} of task {task.task_id} is gone from the store",
+            field="name",
+        )
+    return web.Response(body=data, headers=headers)
 
 
 @routes.post("/execute")

@@ -24,6 +24,7 @@ from shared.bus import Bus, NatsAuth, connect
 from shared.errors import Unavailable
 from shared.identities import seed_path
 from tests.fakes.model import FakeModel, Text, ToolUse
+from tests.support.git import GitHttpServer, git, make_repo, rev
 from tests.support.procs import free_port
 from tests.support.s3 import MotoS3, fake_aws_env
 from tests.support.sandboxes import sandbox_image, wait_for_event
@@ -486,3 +487,80 @@ async def test_a_forged_request_removes_nothing(
             assert (await r.json())["status"] == "succeeded"
     assert (victim / "precious").read_text() == "keep me"
     assert "untrusted event terminated" in system.log.read_text()
+
+
+async def test_a_repository_in_and_a_pushed_branch_out(tmp_path: Path, fake: FakeModel) -> None:
+    """The whole way: a tenant secret set with the CLI, a task with a repository over smart
+    HTTP with authentication; the agent edits a checked-out file; the origin gets a branch
+    with exactly that change, the bundle is served, and the secret is nowhere."""
+    if not docker_available():
+        pytest.skip("needs a running Docker engine and the sandbox image (make image)")
+    repos = tmp_path / "repos"
+    bare = make_repo(repos, "app", {"README.md": "hello\n", "src/app.py": "x = 1\n"})
+    base = rev(bare, "main")
+    password = "gitpw-e2e-" + hashlib.sha256(os.urandom(16)).hexdigest()[:20]
+    prompt = "fix the greeting in the checked-out repository"
+    fake.script(
+        [
+            ToolUse.read("README.md"),
+            ToolUse.edit("README.md", "hello", "goodbye"),
+            Text("fixed the greeting"),
+        ],
+        match=prompt,
+    )
+    async with GitHttpServer(repos, user="x-access-token", password=password) as server:
+        up = await start_up(tmp_path, fake)
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "services.cli", "secret", "set", "--tenant", "dev", "gh"],
+                input=password.encode(),
+                env=dict(os.environ, SANDSTREAM_DATA_DIR=str(up.data_dir)),
+                capture_output=True,
+                timeout=30,
+                check=True,
+            )
+            body = {
+                "prompt": prompt,
+                "timeout_s": 120,
+                "repo": {"url": f"{server.url}/app.git", "ref": "main", "credential": "gh"},
+                "output": {"branch": "sandstream/greeting", "push": True},
+            }
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{up.url}/v1/tasks", json=body, headers=up.headers()) as r:
+                    assert r.status == 202, await r.text()
+                    task_id = (await r.json())["task_id"]
+                events = await read_sse(http, up, task_id)
+                async with http.get(
+                    f"{up.url}/v1/tasks/{task_id}/result", headers=up.headers()
+                ) as r:
+                    result = await r.json()
+                async with http.get(
+                    f"{up.url}/v1/tasks/{task_id}/artifacts/changes.bundle", headers=up.headers()
+                ) as r:
+                    assert r.status == 200
+                    bundle = await r.read()
+                    etag = r.headers["ETag"]
+        finally:
+            stop_up(up)
+    types = [name for _, name, _ in events]
+    assert types[-1] == "TaskSucceeded", (types, result)
+    assert types.index("WorkspacePrepared") < types.index("ExecutionStarted")
+    assert types.index("BranchPushed") < types.index("ExecutionCompleted")
+    assert result["repo"] == {"url": f"{server.url}/app.git", "ref": "main", "commit": base}
+    branch = result["branch"]
+    assert branch["pushed"] and branch["base"] == base
+    assert branch["commit"] == rev(bare, "sandstream/greeting")
+    assert git("diff", "--name-only", base, "sandstream/greeting", cwd=bare).split() == [
+        "README.md"
+    ]
+    assert git("show", "sandstream/greeting:README.md", cwd=bare) == "goodbye\n"
+    assert result["files_changed"] == ["README.md"] and "+goodbye" in result["diff"]
+    assert etag == f'"{hashlib.sha256(bundle).hexdigest()}"'
+    (tmp_path / "changes.bundle").write_bytes(bundle)
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(bare), str(clone))
+    git("fetch", "-q", str(tmp_path / "changes.bundle"), "sandstream/greeting:b", cwd=clone)
+    assert rev(clone, "b") == branch["commit"]
+    assert password not in up.log.read_text() and password not in json.dumps(events)
+    assert password not in json.dumps(result)
+    assert sandbox_names(task_id) == []

@@ -981,3 +981,43 @@ async def test_a_refused_push_fails_the_task_and_keeps_the_runs_result(
     assert end.branch.bundle is not None
     assert rev(bare, "taken") == rev(bare, "main")  # untouched
     assert not any(isinstance(e, ev.BranchPushed) for e in events)
+
+
+async def test_a_prepared_workspace_is_never_filled_again(harness: Harness, tmp_path: Path) -> None:
+    """Once WorkspacePrepared is in the history (the agent may have started on it), a
+    redelivered message does not fetch or copy anything again."""
+    repos = tmp_path / "repos"
+    make_repo(repos, "app", {"README.md": "hello\n"})
+    tag = marker()
+    harness.fake.script(match=tag, replies=[Text("nothing to do")])
+    async with (
+        GitHttpServer(repos) as server,
+        harness.proxy(Credential("api_key", SECRET)) as proxy,
+    ):
+        executor = Executor(
+            bus=harness.bus, driver=harness.driver, proxy=proxy, config=repo_config(tmp_path)
+        )
+        task_id, started = await harness.submit(
+            f"look {tag}",
+            repo={"url": f"{server.url}/app.git"},
+            setup="echo mine > agents-own.txt",
+            publish_started=False,
+        )
+        await harness.bus.publish(
+            ev.WorkspacePrepared(
+                event_id=ev.event_id(task_id, "WorkspacePrepared"),
+                task_id=task_id,
+                tenant=TENANT,
+                url=f"{server.url}/app.git",
+                ref="main",
+                commit="0" * 40,
+            )
+        )
+        await harness.bus.publish(started)
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+    assert server.seen == []  # not even a look at the repository
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    listing = await harness.driver.exec(sandbox_name(task_id), ["ls", "-A", "/workspace"])
+    assert listing.output.split() == [b"agents-own.txt"]

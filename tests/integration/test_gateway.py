@@ -13,6 +13,7 @@ import pytest
 
 from services.gateway.keys import LIMITS, PROJECTION
 from shared import events as ev
+from shared.blobstore import open_store
 from shared.bus import Bus, StreamSettings
 from shared.errors import Conflict
 from tests.support.gateway import Gateway
@@ -845,3 +846,56 @@ async def test_a_body_nested_too_deeply_is_a_400_not_a_crash(
         assert r.status == 400
         assert (await r.json())["error"]["code"] == "invalid_json"
     assert await bus.last_sequence() == before
+
+
+async def test_artifacts_are_served_with_their_type_and_etag(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus, tmp_path: Path
+) -> None:
+    token, other = gateway.token("acme"), gateway.token("globex")
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "a"}, headers=auth(token)) as r:
+        task_id = (await r.json())["task_id"]
+    base = f"{gateway.url}/v1/tasks/{task_id}/artifacts"
+    async with http.get(f"{base}/diff.patch", headers=auth(token)) as r:
+        assert r.status == 409 and (await r.json())["error"]["code"] == "result_not_ready"
+
+    store = await open_store(f"file://{tmp_path / 'results'}")
+    objects = [
+        await store.put(f"tasks/{task_id}/diff.patch", b"--- a\n+++ b\n", "text/x-diff"),
+        await store.put(f"tasks/{task_id}/changes.bundle", b"# v2 git bundle\n", "x"),
+    ]
+    await store.close()
+    await bus.publish(
+        ev.ResultStored(
+            event_id=ev.event_id(task_id, "ResultStored"),
+            task_id=task_id,
+            tenant="acme",
+            status="succeeded",
+            location="file:///results",
+            objects=objects,
+        )
+    )
+    await bus.publish(
+        ev.TaskSucceeded(event_id=ev.terminal_id(task_id), task_id=task_id, tenant="acme")
+    )
+    async with http.get(f"{gateway.url}/v1/tasks/{task_id}?wait=5", headers=auth(token)) as r:
+        assert (await r.json())["status"] == "succeeded"
+
+    async with http.get(f"{base}/diff.patch", headers=auth(token)) as r:
+        assert r.status == 200 and await r.read() == b"--- a\n+++ b\n"
+        assert r.headers["Content-Type"] == "text/x-diff; charset=utf-8"
+        assert r.headers["ETag"] == f'"{objects[0].sha256}"'
+    async with http.get(f"{base}/changes.bundle", headers=auth(token)) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "application/x-git-bundle"
+    etag = {"If-None-Match": f'"{objects[1].sha256}"'}
+    async with http.get(f"{base}/changes.bundle", headers={**auth(token), **etag}) as r:
+        assert r.status == 304
+    for name, code in [
+        ("transcript.jsonl", "artifact_not_found"),
+        ("..%2Fetc", "artifact_not_found"),
+    ]:
+        async with http.get(f"{base}/{name}", headers=auth(token)) as r:
+            body = await r.json()
+            assert r.status == 404 and body["error"]["code"] == code, body
+            assert body["error"]["field"] == "name"
+    async with http.get(f"{base}/diff.patch", headers=auth(other)) as r:
+        assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"

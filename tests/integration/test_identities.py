@@ -36,6 +36,7 @@ def sample(cls: type[ev.Event]) -> ev.Event:
         ev.TaskTimedOut: {"timeout_s": 1},
         ev.ExecutionStarted: {"sandbox": "s"},
         ev.SandboxStopped: {"sandbox": "s", "reason": "done"},
+        ev.BranchPushed: {"url": "u", "branch": "b", "commit": "c"},
     }
     return cls(**envelope, **extras.get(cls, {}))  # type: ignore[arg-type]
 

@@ -69,6 +69,16 @@ class RepoSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Name of a tenant secret, used as the HTTP password; only the executor reads it."""
 
 
+class FilesRef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The task's inline ``files``, as one tar the gateway stored (they can be larger than an
+    event): the executor reads it by key and checks its sha256 before unpacking it."""
+
+    key: str
+    sha256: str
+    size: int
+    count: int
+
+
 class OutputSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the task gives back besides ``result.json`` (needs a ``repo``)."""
 
@@ -92,6 +102,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_budget_usd: float | None = None
     """Cap on the run's model cost, priced by the model proxy from the upstream's usage."""
     repo: RepoSpec | None = None
+    files: FilesRef | None = None
     output: OutputSpec | None = None
 
 
@@ -189,6 +200,8 @@ class WorkspacePrepared(Event, frozen=True, kw_only=True, tag="WorkspacePrepared
     """Size of what was copied in (work tree and ``.git``)."""
     ms: int = 0
     """Time to fetch, check out and copy in."""
+    files: int = 0
+    """Inline files placed after the checkout (overriding it)."""
 
 
 class BranchPushed(Event, frozen=True, kw_only=True, tag="BranchPushed"):

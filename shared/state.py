@@ -92,8 +92,8 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     error: ErrorInfo | None = None
     seen: frozenset[str] = frozenset()
     sandbox_started: bool = False
-    workspace_commit: str | None = None
-    """The commit checked out into the workspace (``WorkspacePrepared``), once it is there."""
+    workspace_prepared: bool = False
+    """The task's repository and files are in the workspace (``WorkspacePrepared``)."""
     sandbox_stopped: bool = False
     execution_ended: bool = False
     next_line: int = 0
@@ -142,7 +142,7 @@ def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
             state = msgspec.structs.replace(state, sandbox_started=True)
             return _advance(state, Status.STARTING, event)
         case WorkspacePrepared():
-            return msgspec.structs.replace(state, workspace_commit=event.commit)
+            return msgspec.structs.replace(state, workspace_prepared=True)
         case AgentOutput():
             return _advance(_output(state, event), Status.RUNNING, event)
         case ExecutionStarted():

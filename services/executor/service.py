@@ -27,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets as secrets_mod
+import tarfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -35,12 +37,19 @@ import msgspec
 import structlog
 
 from services.executor import agent, verdict
-from services.executor.workspace import Fetcher, WorkspaceError, elapsed_ms, tar_stream
+from services.executor.workspace import (
+    Fetcher,
+    WorkspaceError,
+    elapsed_ms,
+    tar_stream,
+    through_links,
+)
 from services.modelproxy.control import ModelSockets
 from services.modelproxy.policy import Budget
 from services.modelproxy.proxy import TaskUsage
 from shared import events as ev
-from shared.blobstore import BlobStore
+from shared import inputs
+from shared.blobstore import BlobStore, sha256_hex
 from shared.bus import Bus
 from shared.errors import Retry
 from shared.results import BUNDLE_FILE, CONTENT_TYPES, task_prefix
@@ -204,10 +213,11 @@ class Executor:
             await self._fail(event, "no_credential", NO_CREDENTIAL_MESSAGE)
             log.warning("execution failed", code="no_credential")
             return
-        repo = requested.spec.repo
-        if repo is not None and history.state is not None and not history.state.workspace_commit:
+        spec = requested.spec
+        needed = spec.repo is not None or spec.files is not None
+        if needed and history.state is not None and not history.state.workspace_prepared:
             try:
-                await self._prepare(event, repo)
+                await self._prepare(event, spec)
             except WorkspaceError as exc:
                 await self._fail(event, "workspace_error", str(exc))
                 log.warning("execution failed", code="workspace_error", message=str(exc))
@@ -243,34 +253,64 @@ class Executor:
             pushed=next((e for e in events if isinstance(e, ev.BranchPushed)), None),
         )
 
-    async def _prepare(self, event: ev.SandboxStarted, repo: ev.RepoSpec) -> None:
-        """Fetch the task's repository on this side and copy it into the sandbox, then say
-        so (``WorkspacePrepared``). The agent starts only after that event, so a redelivery
-        before it fills a workspace nobody has used yet, and one after it never again."""
-        task_id = event.task_id
+    async def _prepare(self, event: ev.SandboxStarted, spec: ev.TaskSpec) -> None:
+        """Fill the workspace: the repository fetched on this side, then the task's files over
+        it; then say so (``WorkspacePrepared``). The agent starts only after that event, so a
+        redelivery before it fills a workspace nobody has used yet, and one after it never
+        again. The checkout stays on this side until the run ends when a branch is asked for."""
+        task_id, name = event.task_id, sandbox_name(event.task_id)
         began = time.perf_counter()
-        checkout = await self.fetcher.fetch(task_id, event.tenant, repo)
+        checkout = None
+        keep = spec.output is not None and spec.output.branch is not None
         try:
-            await self.driver.copy_in(sandbox_name(task_id), WORKSPACE, tar_stream(checkout.path))
-        except SandboxNotFound:
-            raise Retry("the sandbox went away while its workspace was filled") from None
-        except SandboxError as exc:
-            raise WorkspaceError(f"cannot copy {repo.url} into the sandbox: {exc}") from None
+            if spec.repo is not None:
+                checkout = await self.fetcher.fetch(task_id, event.tenant, spec.repo)
+                await self._copy_in(name, tar_stream(checkout.path), spec.repo.url)
+            if spec.files is not None:
+                archive = await self._input(spec.files)
+                if checkout is not None:
+                    through_links(checkout.path, inputs.names(archive))
+                await self._copy_in(name, _once(archive), "the task's files")
         finally:
-            self.fetcher.discard(task_id)
+            if not keep:
+                self.fetcher.discard(task_id)
         prepared = ev.WorkspacePrepared(
             event_id=ev.event_id(task_id, "WorkspacePrepared"),
             task_id=task_id,
             tenant=event.tenant,
             causation_id=event.event_id,
-            url=checkout.url,
-            ref=checkout.ref,
-            commit=checkout.commit,
-            bytes=checkout.bytes,
+            url=checkout.url if checkout else "",
+            ref=checkout.ref if checkout else "",
+            commit=checkout.commit if checkout else "",
+            bytes=(checkout.bytes if checkout else 0) + (spec.files.size if spec.files else 0),
             ms=elapsed_ms(began),
+            files=spec.files.count if spec.files else 0,
         )
         await self.bus.publish(prepared)
-        log.info("workspace prepared", commit=checkout.commit, bytes=checkout.bytes, ms=prepared.ms)
+        log.info("workspace prepared", commit=prepared.commit, bytes=prepared.bytes, ms=prepared.ms)
+
+    async def _copy_in(self, name: str, archive: AsyncIterator[bytes], what: str) -> None:
+        try:
+            await self.driver.copy_in(name, WORKSPACE, archive)
+        except SandboxNotFound:
+            raise Retry("the sandbox went away while its workspace was filled") from None
+        except SandboxError as exc:
+            raise WorkspaceError(f"cannot copy {what} into the sandbox: {exc}") from None
+
+    async def _input(self, files: ev.FilesRef) -> bytes:
+        """The task's files as the gateway stored them, checked against their sha256."""
+        if self.store is None:
+            raise WorkspaceError("the executor has no object store to read the task's files from")
+        if not files.key.startswith(inputs.INPUTS_PREFIX):
+            raise WorkspaceError(f"the task's files are not under {inputs.INPUTS_PREFIX}")
+        data = await self.store.get(files.key)
+        if data is None or sha256_hex(data) != files.sha256:
+            raise WorkspaceError("the task's files are missing from the object store or altered")
+        try:
+            inputs.names(data)
+        except (ValueError, tarfile.TarError) as exc:
+            raise WorkspaceError(f"the task's files cannot be read: {exc}") from None
+        return data
 
     async def _execute(
         self, event: ev.SandboxStarted, requested: ev.TaskRequested, history: _History
@@ -608,6 +648,7 @@ class Executor:
                 base=prepared.commit,
                 message=_commit_message(spec.prompt, task_id),
                 when=prepared.at.isoformat(),
+                files=inputs.unpack(await self._input(spec.files)) if spec.files else (),
             )
             if commit is None:
                 return info, None
@@ -705,6 +746,10 @@ class Executor:
     async def _oom_killed(self, name: str) -> bool:
         data = await self.driver.inspect(name)
         return data is not None and bool((data.get("State") or {}).get("OOMKilled"))
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def _commit_message(prompt: str, task_id: str) -> str:

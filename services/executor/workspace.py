@@ -172,14 +172,35 @@ class Fetcher:
         base: str,
         message: str,
         when: str,
+        files: Sequence[tuple[str, bytes, int]] = (),
     ) -> str | None:
-        """One commit of ``patch`` on top of ``base`` as ``refs/heads/<branch>``; ``None``
-        when the patch changes nothing. Deterministic: the same patch, message and ``when``
-        (an ISO time) make the same commit id, so a redelivery repeats it exactly. The patch
-        is applied to the index only: nothing the agent made is written to this side's disk."""
+        """One commit on top of ``base`` as ``refs/heads/<branch>``: the task's ``files``
+        placed as they were, then ``patch``; ``None`` when that changes nothing.
+
+        Deterministic: the same files, patch, message and ``when`` (an ISO time) make the same
+        commit id, so a redelivery repeats it exactly. All of it goes to git's index only:
+        nothing the agent made is written to this side's disk."""
         folder = self.folder(task_id)
         env = self._environment(tenant, repo)
         await self._git(folder, env, ["read-tree", base], "cannot read the checked-out commit")
+        if files:  # the workspace the agent started from: the checkout with the task's files
+            entries = []
+            for path, content, mode in files:
+                blob = await self._git(
+                    folder,
+                    env,
+                    ["hash-object", "-w", "--stdin"],
+                    "cannot record a file",
+                    stdin=content,
+                )
+                entries.append(f"{100755 if mode & 0o111 else 100644} {blob.strip()}\t{path}\n")
+            await self._git(
+                folder,
+                env,
+                ["update-index", "--add", "--index-info"],
+                "cannot place the task's files",
+                stdin="".join(entries).encode(),
+            )
         await self._git(
             folder,
             env,
@@ -304,7 +325,15 @@ class Fetcher:
             env["SANDSTREAM_GIT_PASSWORD"] = secret
         return env
 
-    async def _git(self, folder: Path, env: dict[str, str], args: Sequence[str], what: str) -> str:
+    async def _git(
+        self,
+        folder: Path,
+        env: dict[str, str],
+        args: Sequence[str],
+        what: str,
+        *,
+        stdin: bytes | None = None,
+    ) -> str:
         """Run one git command in ``folder``, watching the folder's size; its stdout."""
         helper = _HELPER if "SANDSTREAM_GIT_PASSWORD" in env else ""
         config = [
@@ -322,13 +351,13 @@ class Fetcher:
             *args,
             cwd=folder,
             env=env,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         watch = asyncio.create_task(self._watch(folder, proc))
         try:
-            out, err = await proc.communicate()
+            out, err = await proc.communicate(stdin)
         finally:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -375,6 +404,20 @@ def _explain(stderr: str, with_credential: bool) -> str:
         )
         return f"{cause}; git said: {detail}"
     return detail
+
+
+def through_links(checkout: Path, paths: Sequence[str]) -> None:
+    """Refuse a task file whose path goes through a link of the checkout (it would land
+    outside the workspace, or somewhere the link chooses); names the first one."""
+    for index, path in enumerate(paths):
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            prefix = "/".join(parts[:depth])
+            if (checkout / prefix).is_symlink():
+                raise WorkspaceError(
+                    f"files[{index}].path {path!r} goes through {prefix!r}, a link in the "
+                    "repository"
+                )
 
 
 def tree_bytes(folder: Path) -> int:

@@ -8,8 +8,17 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from services.gateway.http import errors_middleware
-from services.gateway.keys import AUTH, BUS_LINK, LIMITS, METRICS, PROJECTION, RESULTS, SETTINGS
+from services.gateway.http import MAX_BODY, errors_middleware
+from services.gateway.keys import (
+    AUTH,
+    BUS_LINK,
+    LIMITS,
+    METRICS,
+    PROJECTION,
+    RESULTS,
+    SETTINGS,
+    UPLOADS,
+)
 from services.gateway.limits import TenantLimits
 from services.gateway.link import BusLink
 from services.gateway.metrics import Metrics
@@ -21,7 +30,7 @@ from shared.bus import NatsAuth, StreamSettings
 from shared.settings import Settings
 from shared.tokens import TokenStore
 
-MAX_BODY = 1024 * 1024
+LARGE_BODIES_AT_ONCE = 8
 
 
 async def _event_log(app: web.Application) -> AsyncIterator[None]:
@@ -57,6 +66,7 @@ def create_app(settings: Settings) -> web.Application:
     app[PROJECTION] = Projection()
     app[RESULTS] = ResultReader(settings)
     app[METRICS] = Metrics()
+    app[UPLOADS] = asyncio.Semaphore(LARGE_BODIES_AT_ONCE)
     app[LIMITS] = TenantLimits(settings)
     app.cleanup_ctx.append(_event_log)
     app.cleanup_ctx.append(_results)

@@ -17,6 +17,9 @@ from shared.errors import Unavailable
 
 log = structlog.get_logger("sandstream.gateway")
 _encoder = msgspec.json.Encoder()
+MAX_BODY = 1024 * 1024
+MAX_TASK_BODY = 16 * 1024 * 1024
+"""``POST /v1/tasks`` only: inline files (10 MiB decoded, base64 in JSON)."""
 _PATH = re.compile(r"- at `\$((?:\.[^`\[.]+|\[[^\]]*\])*)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
 
@@ -99,8 +102,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             )
         except web.HTTPRequestEntityTooLarge:
             status = 413
+            limit = "16 MiB" if (request.method, request.path) == ("POST", "/v1/tasks") else "1 MiB"
             return error_response(
-                ApiError(413, "body_too_large", "the request body is larger than 1 MiB")
+                ApiError(413, "body_too_large", f"the request body is larger than {limit}")
             )
         except web.HTTPException as exc:
             status = exc.status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -22,5 +23,7 @@ BUS_LINK = web.AppKey("bus_link", BusLink)
 PROJECTION = web.AppKey("projection", Projection)
 RESULTS = web.AppKey("results", ResultReader)
 METRICS = web.AppKey("metrics", Metrics)
+UPLOADS = web.AppKey("uploads", asyncio.Semaphore)
+"""Submissions with a body over 1 MiB (inline files) read at once: bounds their memory."""
 # Typed without importing it here: limits.py raises http.ApiError, and http.py needs METRICS.
 LIMITS: web.AppKey[TenantLimits] = web.AppKey("limits")

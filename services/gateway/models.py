@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
 
-from shared.events import ErrorInfo, OutputSpec, RepoSpec, TaskSpec
+from shared.events import ErrorInfo, FilesRef, OutputSpec, RepoSpec, TaskSpec
+from shared.inputs import MAX_FILES
 from shared.secrets import SECRET_NAME_PATTERN
 
 # What reaches the CLI's command line: an argument cannot hold a NUL byte, and a model or tool
@@ -43,6 +44,14 @@ class RepoRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def spec(self) -> RepoSpec:
         return RepoSpec(url=self.url, ref=self.ref, depth=self.depth, credential=self.credential)
+
+
+class FileRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One of ``files``: placed in the workspace before the run, over the checkout."""
+
+    path: Annotated[str, Meta(min_length=1, max_length=1024)]
+    content_b64: str
+    mode: Literal["0644", "0755"] = "0644"
 
 
 class OutputRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -121,11 +130,14 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_tokens: MaxTokens | None = None
     max_budget_usd: MaxBudgetUsd | None = None
     repo: RepoRequest | None = None
+    files: Annotated[list[FileRequest], Meta(max_length=MAX_FILES)] | None = None
     output: OutputRequest | None = None
 
-    def spec(self) -> TaskSpec:
+    def spec(self, files: FilesRef | None = None) -> TaskSpec:
+        """The task's spec; ``files`` is where the gateway stored :attr:`files`."""
         return TaskSpec(
             repo=self.repo.spec() if self.repo else None,
+            files=files,
             output=self.output.spec() if self.output else None,
             prompt=self.prompt,
             timeout_s=self.timeout_s,

@@ -1,4 +1,5 @@
-"""Reading stored results for the gateway, with a small cache (stored results do not change)."""
+"""The gateway's object store: stored results (with a small cache: they do not change), and
+the inputs of tasks it accepts (their inline files)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from typing import Any
 import msgspec
 import structlog
 
+from shared import events as ev
 from shared import results
-from shared.blobstore import BlobStore, open_store
+from shared.blobstore import BlobStore, open_store, sha256_hex
 from shared.errors import Unavailable
+from shared.inputs import input_key
 from shared.settings import Settings
 
 log = structlog.get_logger("sandstream.gateway")
@@ -31,6 +34,16 @@ class ResultReader:
     async def close(self) -> None:
         if self._store is not None:
             await self._store.close()
+
+    async def store_input(self, data: bytes) -> ev.StoredObject:
+        """Store a task's input tar under its sha256 (the same files, the same object)."""
+        assert self._store is not None, "ResultReader.open() was not called"
+        key = input_key(sha256_hex(data))
+        try:
+            return await self._store.put(key, data, "application/x-tar")
+        except Unavailable as exc:
+            log.warning("result store unavailable", key=key, error=str(exc))
+            raise Unavailable("the object store cannot be reached; retry shortly") from None
 
     async def object(self, key: str) -> bytes | None:
         """One stored object's bytes, or ``None`` if it is not there (not cached: a bundle

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
 import functools
 import hashlib
 from typing import Any, TypeVar
@@ -12,10 +14,26 @@ import structlog
 from aiohttp import web
 
 from services.gateway import models, params
-from services.gateway.http import ApiError, json_response, validation_error
-from services.gateway.keys import AUTH, BUS_LINK, LIMITS, METRICS, PROJECTION, RESULTS, SETTINGS
+from services.gateway.http import (
+    MAX_BODY,
+    MAX_TASK_BODY,
+    ApiError,
+    json_response,
+    validation_error,
+)
+from services.gateway.keys import (
+    AUTH,
+    BUS_LINK,
+    LIMITS,
+    METRICS,
+    PROJECTION,
+    RESULTS,
+    SETTINGS,
+    UPLOADS,
+)
 from services.gateway.metrics import exposition
 from shared import events as ev
+from shared import inputs
 from shared.errors import Conflict, Unavailable
 from shared.results import CONTENT_TYPES, task_prefix
 from shared.state import TaskState
@@ -156,8 +174,54 @@ async def _task(request: web.Request, tenant: str) -> TaskState:
 # ---- submission --------------------------------------------------------------------------
 
 
+async def store_files(request: web.Request, files: list[models.FileRequest]) -> ev.FilesRef:
+    """Check the inline files, pack them into one tar and store it (they can be larger than
+    an event); ``422`` naming the file's field for the first one that is wrong."""
+    packed: list[tuple[str, bytes, int]] = []
+    seen: set[str] = set()
+    total = 0
+    for i, item in enumerate(files):
+        if problem := inputs.path_problem(item.path):
+            raise ApiError(
+                422, "invalid_field", f"files[{i}].path: {problem}", field=f"files[{i}].path"
+            )
+        if item.path in seen:
+            raise ApiError(
+                422,
+                "invalid_field",
+                f"files[{i}].path: {item.path!r} is given twice",
+                field=f"files[{i}].path",
+            )
+        seen.add(item.path)
+        try:
+            content = base64.b64decode(item.content_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(
+                422,
+                "invalid_field",
+                f"files[{i}].content_b64 is not base64",
+                field=f"files[{i}].content_b64",
+            ) from None
+        total += len(content)
+        if total > inputs.MAX_FILES_BYTES:
+            raise ApiError(
+                422,
+                "invalid_field",
+                f"files hold more than {inputs.MAX_FILES_BYTES} bytes decoded",
+                field="files",
+            )
+        packed.append((item.path, content, inputs.MODES[item.mode]))
+    archive = inputs.pack(packed)
+    stored = await request.app[RESULTS].store_input(archive)
+    return ev.FilesRef(key=stored.key, sha256=stored.sha256, size=stored.size, count=len(packed))
+
+
 async def submit(
-    request: web.Request, tenant: str, body: models.TaskRequest, key: str | None
+    request: web.Request,
+    tenant: str,
+    body: models.TaskRequest,
+    key: str | None,
+    files: ev.FilesRef | None = None,
 ) -> tuple[str, bool]:
     """Publish ``TaskRequested`` once; return ``(task_id, created)``.
 
@@ -176,7 +240,7 @@ async def submit(
         event_id=ev.event_id(task_id, "TaskRequested"),
         task_id=task_id,
         tenant=tenant,
-        spec=body.spec(),
+        spec=body.spec(files),
         idempotency_key=key,
         request_hash=digest,
     )
@@ -213,12 +277,16 @@ async def create_task(request: web.Request) -> web.Response:
     tenant = authenticate(request)
     admit(request, tenant)
     key = params.idempotency_key(request)
-    body = await read_json(request, models.TaskRequest)
+    length = request.content_length
+    large = length is None or length > MAX_BODY
+    async with request.app[UPLOADS] if large else contextlib.nullcontext():
+        body = await read_json(request.clone(client_max_size=MAX_TASK_BODY), models.TaskRequest)
     allow_file = request.app[SETTINGS].allow_file_repos
     if problem := models.task_problem(body, allow_file=allow_file):
         field, message = problem
         raise ApiError(422, "invalid_field", message, field=field)
-    task_id, created = await submit(request, tenant, body, key)
+    files = await store_files(request, body.files) if body.files else None
+    task_id, created = await submit(request, tenant, body, key, files)
     structlog.contextvars.bind_contextvars(task_id=task_id)
     # Read-your-writes: once we answer, GET /v1/tasks/{id} knows the task.
     task = await request.app[PROJECTION].wait_for_task(task_id, timeout=PUBLISH_TIMEOUT_S)

@@ -34,7 +34,8 @@ from services.executor.service import Executor, ExecutorConfig
 from services.modelproxy.proxy import Credential, ModelProxy
 from services.storage.build import build_transcript
 from shared import events as ev
-from shared.blobstore import open_store
+from shared import inputs
+from shared.blobstore import BlobStore, open_store, sha256_hex
 from shared.bus import Bus
 from shared.errors import Unavailable
 from shared.sandbox import DockerDriver, SandboxSpec, sandbox_name, share_with_sandbox
@@ -1021,3 +1022,92 @@ async def test_a_prepared_workspace_is_never_filled_again(harness: Harness, tmp_
     assert isinstance(end, ev.ExecutionCompleted), end
     listing = await harness.driver.exec(sandbox_name(task_id), ["ls", "-A", "/workspace"])
     assert listing.output.split() == [b"agents-own.txt"]
+
+
+async def stored_files(store: BlobStore, files: list[tuple[str, bytes, int]]) -> dict[str, object]:
+    """What the gateway does with a task's files: one tar in the store; the spec's reference."""
+    archive = inputs.pack(files)
+    obj = await store.put(inputs.input_key(sha256_hex(archive)), archive, "application/x-tar")
+    return {"key": obj.key, "sha256": obj.sha256, "size": obj.size, "count": len(files)}
+
+
+async def test_files_go_over_the_checkout_and_the_branch_holds_them_and_the_agents_change(
+    harness: Harness, tmp_path: Path
+) -> None:
+    bare = make_repo(tmp_path / "repos", "app", {"README.md": "hello\n", "conf.ini": "a=1\n"})
+    base = rev(bare, "main")
+    store = await open_store(f"file://{tmp_path / 'results'}")
+    files = await stored_files(
+        store, [("conf.ini", b"a=2\n", 0o644), ("tools/check.sh", b"#!/bin/sh\necho ok\n", 0o755)]
+    )
+    tag = marker()
+    harness.fake.script(
+        match=tag,
+        replies=[
+            ToolUse.bash("cat conf.ini > /tmp/seen && tools/check.sh >> /tmp/seen"),
+            ToolUse.write("added.txt", "by the agent\n"),
+            Text("done"),
+        ],
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(
+            bus=harness.bus,
+            driver=harness.driver,
+            proxy=proxy,
+            config=repo_config(tmp_path),
+            store=store,
+        )
+        task_id, _ = await harness.submit(
+            f"use the files {tag}",
+            repo={"url": f"file://{bare}"},
+            files=files,
+            output={"branch": "with-files"},
+            allowed_tools=["Bash"],
+        )
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+    await store.close()
+    prepared = next(e for e in events if isinstance(e, ev.WorkspacePrepared))
+    assert prepared.files == 2 and prepared.commit == base
+    seen = await harness.driver.exec(sandbox_name(task_id), ["cat", "/tmp/seen"])
+    assert seen.output == b"a=2\nok\n"  # the task's file over the repository's, executable
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert end.files_changed == ["added.txt"]  # the diff: what the agent did
+    assert end.branch is not None and end.branch.commit and not end.branch.pushed
+    # The branch: the workspace as the agent left it, files included, on top of the commit.
+    clone = tmp_path / "clone"
+    git("clone", "-q", str(bare), str(clone))
+    git("fetch", "-q", str(tmp_path / "results" / f"tasks/{task_id}/changes.bundle"),
+        "with-files:b", cwd=clone)  # fmt: skip
+    changed = git("diff", "--name-status", base, "b", cwd=clone).split("\n")
+    assert changed[:3] == ["A\tadded.txt", "M\tconf.ini", "A\ttools/check.sh"]
+    assert git("ls-tree", "b", "tools/check.sh", cwd=clone).startswith("100755 ")
+
+
+async def test_a_file_through_a_link_of_the_repository_is_refused(
+    harness: Harness, tmp_path: Path
+) -> None:
+    work = tmp_path / "linked"
+    git("init", "-q", "-b", "main", str(work))
+    (work / "etc").symlink_to("/etc")
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "a link out", cwd=work)
+    store = await open_store(f"file://{tmp_path / 'results'}")
+    files = await stored_files(store, [("ok.txt", b"x", 0o644), ("etc/cron.d/x", b"y", 0o644)])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(
+            bus=harness.bus,
+            driver=harness.driver,
+            proxy=proxy,
+            config=repo_config(tmp_path),
+            store=store,
+        )
+        task_id, _ = await harness.submit("never runs", repo={"url": f"file://{work}"}, files=files)
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+    await store.close()
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionFailed) and end.code == "workspace_error"
+    assert "files[1].path 'etc/cron.d/x' goes through 'etc', a link" in end.message
+    assert not any(isinstance(e, ev.ExecutionStarted) for e in events)

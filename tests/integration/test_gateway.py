@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import pytest
 
 from services.gateway.keys import LIMITS, PROJECTION
 from shared import events as ev
+from shared import inputs
 from shared.blobstore import open_store
 from shared.bus import Bus, StreamSettings
 from shared.errors import Conflict
@@ -239,7 +243,58 @@ BAD_REQUESTS: list[tuple[str, dict[str, str] | None, Any, int, str, str | None]]
         "repo.credential",
     ),
     ("model not string", None, {"prompt": "x", "model": 3}, 422, "invalid_field", "model"),
-    ("body too large", None, {"prompt": "x" * (1024 * 1024)}, 413, "body_too_large", None),
+    ("body too large", None, {"prompt": "x" * (16 * 1024 * 1024)}, 413, "body_too_large", None),
+    *(
+        (f"files {why}", None, {"prompt": "x", "files": [file]}, 422, "invalid_field", field)
+        for why, file, field in (
+            ("parent", {"path": "../x", "content_b64": ""}, "files[0].path"),
+            ("absolute", {"path": "/etc/x", "content_b64": ""}, "files[0].path"),
+            ("into .git", {"path": "a/.GIT/hooks/x", "content_b64": ""}, "files[0].path"),
+            ("empty part", {"path": "a//b", "content_b64": ""}, "files[0].path"),
+            ("dot part", {"path": "./b", "content_b64": ""}, "files[0].path"),
+            ("control char", {"path": "a\nb", "content_b64": ""}, "files[0].path"),
+            ("not base64", {"path": "a", "content_b64": "@@@"}, "files[0].content_b64"),
+            ("bad mode", {"path": "a", "content_b64": "", "mode": "0777"}, "files[0].mode"),
+        )
+    ),
+    (
+        "files unknown key",
+        None,
+        {"prompt": "x", "files": [{"path": "a", "content_b64": "", "owner": "root"}]},
+        422,
+        "unknown_field",
+        "files[0].owner",
+    ),
+    (
+        "files twice",
+        None,
+        {"prompt": "x", "files": [{"path": "a", "content_b64": ""}] * 2},
+        422,
+        "invalid_field",
+        "files[1].path",
+    ),
+    (
+        "files too many",
+        None,
+        {"prompt": "x", "files": [{"path": f"f{i}", "content_b64": ""} for i in range(1001)]},
+        422,
+        "invalid_field",
+        "files",
+    ),
+    (
+        "files too big",
+        None,
+        {
+            "prompt": "x",
+            "files": [
+                {"path": "a", "content_b64": base64.b64encode(b"a" * (6 << 20)).decode()},
+                {"path": "b", "content_b64": base64.b64encode(b"b" * (5 << 20)).decode()},
+            ],
+        },
+        422,
+        "invalid_field",
+        "files",
+    ),
     (
         "bad content type",
         {"Content-Type": "text/plain"},
@@ -899,3 +954,39 @@ async def test_artifacts_are_served_with_their_type_and_etag(
             assert body["error"]["field"] == "name"
     async with http.get(f"{base}/diff.patch", headers=auth(other)) as r:
         assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+
+
+async def test_files_are_stored_as_one_tar_and_the_task_names_it(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus, tmp_path: Path
+) -> None:
+    token = gateway.token("acme")
+    big = os.urandom(3 << 20)  # over the 1 MiB of other bodies: files may be larger
+    files = [
+        {"path": "notes/todo.md", "content_b64": base64.b64encode(b"do it\n").decode()},
+        {
+            "path": "run.sh",
+            "content_b64": base64.b64encode(b"#!/bin/sh\n").decode(),
+            "mode": "0755",
+        },
+        {"path": "data.bin", "content_b64": base64.b64encode(big).decode()},
+    ]
+    body = {"prompt": "use the files", "files": files}
+    async with http.post(f"{gateway.url}/v1/tasks", json=body, headers=auth(token)) as r:
+        assert r.status == 202, await r.text()
+        task_id = (await r.json())["task_id"]
+    stored = await bus.last(task_id, "TaskRequested")
+    assert stored is not None and isinstance(stored.event, ev.TaskRequested)
+    ref = stored.event.spec.files
+    assert ref is not None and ref.count == 3 and ref.key == f"inputs/{ref.sha256}.tar"
+    archive = (tmp_path / "results" / ref.key).read_bytes()
+    assert hashlib.sha256(archive).hexdigest() == ref.sha256 and len(archive) == ref.size
+    assert inputs.unpack(archive) == [
+        ("notes/todo.md", b"do it\n", 0o644),
+        ("run.sh", b"#!/bin/sh\n", 0o755),
+        ("data.bin", big, 0o644),
+    ]
+    # Other endpoints keep their 1 MiB.
+    async with http.post(
+        f"{gateway.url}/execute", json={"task": "x" * (2 << 20)}, headers=auth(token)
+    ) as r:
+        assert r.status == 413 and "1 MiB" in (await r.json())["error"]["message"]

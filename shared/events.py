@@ -86,6 +86,8 @@ class OutputSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """A branch made of the agent's changes: one commit on top of the checked-out commit."""
     push: bool = False
     """Push that branch to the repository's origin (with ``repo.credential``)."""
+    artifacts: list[str] = msgspec.field(default_factory=list)
+    """Shell patterns of workspace paths stored as ``artifacts.tar.gz`` after the run."""
 
 
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -136,6 +138,14 @@ class StoredObject(msgspec.Struct, frozen=True, kw_only=True):
     key: str
     size: int
     sha256: str
+
+
+class ArtifactsInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The workspace files that matched ``output.artifacts``, stored as one tar.gz."""
+
+    files: list[str]
+    """Their paths (the first 1,000); empty when nothing matched (then nothing is stored)."""
+    object: StoredObject | None = None
 
 
 class BranchInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -228,6 +238,7 @@ class ExecutionCompleted(Event, frozen=True, kw_only=True, tag="ExecutionComplet
     model_usage: ModelUsage = msgspec.field(default_factory=ModelUsage)
     attempt: int = 1
     branch: BranchInfo | None = None
+    artifacts: ArtifactsInfo | None = None
 
 
 class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
@@ -252,6 +263,7 @@ class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
     model_usage: ModelUsage = msgspec.field(default_factory=ModelUsage)
     attempt: int = 1
     branch: BranchInfo | None = None
+    artifacts: ArtifactsInfo | None = None
 
 
 class SandboxStopped(Event, frozen=True, kw_only=True, tag="SandboxStopped"):

@@ -17,13 +17,15 @@ RESULT_FILE: Final = "result.json"
 TRANSCRIPT_FILE: Final = "transcript.jsonl"
 DIFF_FILE: Final = "diff.patch"
 BUNDLE_FILE: Final = "changes.bundle"
-"""Written by the executor (``output.branch``); the others by storage."""
+ARTIFACTS_FILE: Final = "artifacts.tar.gz"
+"""These two are written by the executor (``output``); the others by storage."""
 
 CONTENT_TYPES: Final = {
     RESULT_FILE: "application/json",
     TRANSCRIPT_FILE: "application/x-ndjson",
     DIFF_FILE: "text/x-diff; charset=utf-8",
     BUNDLE_FILE: "application/x-git-bundle",
+    ARTIFACTS_FILE: "application/gzip",
 }
 
 
@@ -43,6 +45,16 @@ class BranchResult(msgspec.Struct, frozen=True, kw_only=True):
     commit: str | None
     base: str
     pushed: bool
+
+
+class ArtifactsResult(msgspec.Struct, frozen=True, kw_only=True):
+    """``output.artifacts``: ``key``/``size``/``sha256`` of ``artifacts.tar.gz`` (absent when
+    nothing matched) and the paths in it."""
+
+    files: list[str]
+    key: str | None = None
+    size: int = 0
+    sha256: str = ""
 
 
 class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,6 +82,7 @@ class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
     repo: RepoInfo | None = None
     """Set when the task had a ``repo``: ``diff`` and ``files_changed`` are against ``commit``."""
     branch: BranchResult | None = None
+    artifacts: ArtifactsResult | None = None
 
 
 def task_prefix(task_id: str) -> str:

@@ -29,7 +29,8 @@ in docs/security.md. The model usage comes from the model proxy, outside the san
    ``base``, closed by ``<nonce>.done``. The nonce is in the keeper's environment, which
    the agent cannot read, so the agent cannot end the stream early or forge the block.
 4. ``patch`` (keeper, only for a task with ``output.branch``): the changes in full, as a
-   binary diff, for the branch the executor makes outside the sandbox.
+   binary diff, for the branch the executor makes outside the sandbox; ``artifacts``
+   (keeper, for ``output.artifacts``): the matching files as a tar.gz.
 """
 
 from __future__ import annotations
@@ -189,6 +190,18 @@ patch)
     rc=$?
     rm -f "$GIT_INDEX_FILE"
     exit $rc
+    ;;
+artifacts)
+    # As the keeper, after the run: the workspace's regular files whose path (relative, as
+    # find prints it, never through a link) matches one of the patterns, as a tar.gz.
+    cd "$W" 2>/dev/null || { echo "sandstream: the workspace is unreadable" >&2; exit 5; }
+    find . -mindepth 1 -type f -printf '%P\0' 2>/dev/null | while IFS= read -r -d '' path; do
+        for pattern in "$@"; do
+            # shellcheck disable=SC2053 # a pattern, on purpose
+            if [[ $path == $pattern ]]; then printf '%s\0' "$path"; break; fi
+        done
+    done | head -z -n 100000 | tar -czf - --null --no-recursion -T - 2>"$K/artifacts.log"
+    exit "${PIPESTATUS[3]}"
     ;;
 follow)
     # As the keeper: the agent can neither trace nor signal this shell, nor write $K. The
@@ -378,6 +391,11 @@ def start_argv(script: str, spec: TaskSpec, *, port: int = DEFAULT_PORT) -> list
 def patch_argv(script: str) -> list[str]:
     """As the keeper, once the run is over: its changes as one binary diff on stdout."""
     return ["bash", "-c", script, "sandstream", "patch"]
+
+
+def artifacts_argv(script: str, patterns: Sequence[str]) -> list[str]:
+    """As the keeper, once the run is over: the files matching ``patterns`` as a tar.gz."""
+    return ["bash", "-c", script, "sandstream", "artifacts", *patterns]
 
 
 def kill_argv(script: str) -> list[str]:

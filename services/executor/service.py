@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import secrets as secrets_mod
 import tarfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -52,7 +53,7 @@ from shared import inputs
 from shared.blobstore import BlobStore, sha256_hex
 from shared.bus import Bus
 from shared.errors import Retry
-from shared.results import BUNDLE_FILE, CONTENT_TYPES, task_prefix
+from shared.results import ARTIFACTS_FILE, BUNDLE_FILE, CONTENT_TYPES, task_prefix
 from shared.sandbox import (
     WORKSPACE,
     SandboxDriver,
@@ -104,6 +105,8 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_repo_bytes: int = 1024 * 1024 * KiB
     repo_timeout_s: float = 300.0
     allow_file_repos: bool = False
+    max_artifacts_bytes: int = 100 * 1024 * KiB
+    """``artifacts.tar.gz`` at most (compressed)."""
 
     @classmethod
     def of(cls, settings: Settings) -> ExecutorConfig:
@@ -585,11 +588,16 @@ class Executor:
             )
         )
         branch: ev.BranchInfo | None = None
+        artifacts: ev.ArtifactsInfo | None = None
         output = spec.output
+        if output is not None and output.artifacts:
+            artifacts, failed = await self._artifacts(event, output.artifacts)
+            judged = judged or failed
         if judged is None and spec.repo is not None and output is not None and output.branch:
             branch, judged = await self._branch(event, spec.repo, output.branch, output.push, spec)
         common: dict[str, Any] = {
             "branch": branch,
+            "artifacts": artifacts,
             "event_id": ev.event_id(task_id, "ExecutionEnded", event.attempt),
             "task_id": task_id,
             "tenant": event.tenant,
@@ -680,6 +688,46 @@ class Executor:
             )
         return msgspec.structs.replace(info, pushed=True), None
 
+    async def _artifacts(
+        self, event: ev.SandboxStarted, patterns: Sequence[str]
+    ) -> tuple[ev.ArtifactsInfo | None, tuple[str, str] | None]:
+        """The workspace files matching ``patterns`` as ``artifacts.tar.gz`` (for failed runs
+        too: logs and reports explain them); ``artifacts_failed`` past the size cap."""
+        task_id = event.task_id
+        limit = self.config.max_artifacts_bytes
+        if self.store is None:
+            return None, ("artifacts_failed", "the executor has no object store for artifacts")
+        chunks: list[bytes] = []
+        size = 0
+        async with await self.driver.exec_stream(
+            sandbox_name(task_id),
+            agent.artifacts_argv(self._script, patterns),
+            workdir=agent.KEEPER_DIR,
+            keeper=True,
+        ) as proc:
+            async for chunk in proc.chunks():
+                size += len(chunk)
+                if size > limit:
+                    message = f"the artifacts are larger than {limit} bytes (compressed)"
+                    return None, ("artifacts_failed", message)
+                chunks.append(chunk)
+            code = await proc.wait()
+        data = b"".join(chunks)
+        try:
+            names = await asyncio.to_thread(_tar_names, data)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            detail = proc.stderr.decode(errors="replace").strip()[-300:] or str(exc)
+            return None, ("artifacts_failed", f"the artifacts could not be collected: {detail}")
+        if code != 0 and not names:
+            detail = proc.stderr.decode(errors="replace").strip()[-300:] or f"exit {code}"
+            return None, ("artifacts_failed", f"the artifacts could not be collected: {detail}")
+        if not names:
+            return ev.ArtifactsInfo(files=[]), None
+        stored = await self.store.put(
+            task_prefix(task_id) + ARTIFACTS_FILE, data, CONTENT_TYPES[ARTIFACTS_FILE]
+        )
+        return ev.ArtifactsInfo(files=names[:1000], object=stored), None
+
     async def _read_patch(self, name: str, target: Path) -> int:
         """The keeper's full diff of the run into ``target``; its size in bytes. Bounded by
         the repository limit (:class:`WorkspaceError` past it)."""
@@ -746,6 +794,11 @@ class Executor:
     async def _oom_killed(self, name: str) -> bool:
         data = await self.driver.inspect(name)
         return data is not None and bool((data.get("State") or {}).get("OOMKilled"))
+
+
+def _tar_names(data: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        return [m.name for m in tar.getmembers() if m.isfile()]
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -31,6 +31,7 @@ GitRef = Annotated[
 ]
 Depth = Annotated[int, Meta(ge=1, le=1_000_000)]
 SecretName = Annotated[str, Meta(pattern=SECRET_NAME_PATTERN)]
+ArtifactPattern = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 REPO_SCHEMES = ("https", "http", "ssh", "git", "file")
 
 
@@ -59,9 +60,12 @@ class OutputRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     branch: GitRef | None = None
     push: bool = False
+    artifacts: Annotated[list[ArtifactPattern], Meta(max_length=32)] = msgspec.field(
+        default_factory=list
+    )
 
     def spec(self) -> OutputSpec:
-        return OutputSpec(branch=self.branch, push=self.push)
+        return OutputSpec(branch=self.branch, push=self.push, artifacts=list(self.artifacts))
 
 
 def _bad_ref(ref: str) -> bool:
@@ -85,6 +89,11 @@ def task_problem(task: TaskRequest, *, allow_file: bool) -> tuple[str, str] | No
         return None
     if task.repo is None and (output.branch or output.push):
         return "output", "output.branch and output.push need a repo to make the branch from"
+    for i, pattern in enumerate(output.artifacts):
+        if pattern.startswith("/") or ".." in pattern.split("/"):
+            return f"output.artifacts[{i}]", (
+                "an artifact pattern is relative to the workspace, without '..' parts"
+            )
     if output.push and not output.branch:
         return "output.push", "output.push needs output.branch: the branch to push"
     if output.branch and (_bad_ref(output.branch) or output.branch == "HEAD"):

@@ -14,6 +14,7 @@ import msgspec
 from shared.events import (
     AgentOutput,
     AnyEvent,
+    ArtifactsInfo,
     BranchInfo,
     ExecutionCompleted,
     SandboxStopped,
@@ -21,7 +22,13 @@ from shared.events import (
     first_line,
 )
 from shared.outcome import decide
-from shared.results import BranchResult, RepoInfo, TaskResult, encode_result
+from shared.results import (
+    ArtifactsResult,
+    BranchResult,
+    RepoInfo,
+    TaskResult,
+    encode_result,
+)
 
 
 class Artifacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,6 +88,18 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
         error=error,
         repo=repo,
         branch=_branch(execution.branch),
+        artifacts=_artifacts(execution.artifacts),
+    )
+
+
+def _artifacts(artifacts: ArtifactsInfo | None) -> ArtifactsResult | None:
+    if artifacts is None:
+        return None
+    stored = artifacts.object
+    if stored is None:
+        return ArtifactsResult(files=list(artifacts.files))
+    return ArtifactsResult(
+        files=list(artifacts.files), key=stored.key, size=stored.size, sha256=stored.sha256
     )
 
 

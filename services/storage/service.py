@@ -100,7 +100,7 @@ class StorageService:
         artifacts = build(history, stopped)
         objects = await self._write(stopped.task_id, artifacts)
         # What the executor stored itself (the branch's bundle) is the task's too.
-        objects += [b for e in history if (b := _bundle_of(e)) is not None]
+        objects += [o for e in history for o in _stored_by_the_executor(e)]
         stored = ev.ResultStored(
             event_id=ev.event_id(stopped.task_id, ev.type_name(ev.ResultStored)),
             task_id=stopped.task_id,
@@ -154,11 +154,13 @@ class StorageService:
         await self.bus.publish(failed)
 
 
-def _bundle_of(event: ev.AnyEvent) -> ev.StoredObject | None:
-    """The branch bundle an execution's end names, if it lies in its own task's folder."""
-    if not isinstance(event, ev.ExecutionCompleted | ev.ExecutionFailed) or event.branch is None:
-        return None
-    bundle = event.branch.bundle
-    if bundle is None or not bundle.key.startswith(task_prefix(event.task_id)):
-        return None
-    return bundle
+def _stored_by_the_executor(event: ev.AnyEvent) -> list[ev.StoredObject]:
+    """The objects an execution's end names (bundle, artifacts), if in its task's folder."""
+    if not isinstance(event, ev.ExecutionCompleted | ev.ExecutionFailed):
+        return []
+    named = [
+        event.branch.bundle if event.branch else None,
+        event.artifacts.object if event.artifacts else None,
+    ]
+    prefix = task_prefix(event.task_id)
+    return [o for o in named if o is not None and o.key.startswith(prefix)]

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import tarfile
 import tempfile
 import time
 import uuid
@@ -1111,3 +1112,44 @@ async def test_a_file_through_a_link_of_the_repository_is_refused(
     assert isinstance(end, ev.ExecutionFailed) and end.code == "workspace_error"
     assert "files[1].path 'etc/cron.d/x' goes through 'etc', a link" in end.message
     assert not any(isinstance(e, ev.ExecutionStarted) for e in events)
+
+
+async def test_artifacts_are_the_matching_files_and_never_what_a_link_points_at(
+    harness: Harness, tmp_path: Path
+) -> None:
+    store = await open_store(f"file://{tmp_path / 'results'}")
+    tag = marker()
+    harness.fake.script(
+        match=tag,
+        replies=[
+            ToolUse.bash(
+                "mkdir -p dist/sub logs && echo js > dist/app.js && echo map > dist/sub/x.map "
+                "&& echo log > logs/run.log && echo no > keep-out.txt "
+                "&& ln -s /etc/passwd dist/passwd && ln -s /proc/self dist/self "
+                "&& ln -s /etc logs/etc"
+            ),
+            Text("built"),
+        ],
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, store=store)
+        task_id, _ = await harness.submit(
+            f"build {tag}",
+            output={"artifacts": ["dist/*", "*.log", "logs/etc/*"]},
+            allowed_tools=["Bash"],
+        )
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+    await store.close()
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert end.artifacts is not None and end.artifacts.object is not None
+    assert sorted(end.artifacts.files) == ["dist/app.js", "dist/sub/x.map", "logs/run.log"]
+    archive = tmp_path / "results" / end.artifacts.object.key
+    assert end.artifacts.object.key == f"tasks/{task_id}/artifacts.tar.gz"
+    with tarfile.open(archive, "r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert sorted(members) == ["dist/app.js", "dist/sub/x.map", "logs/run.log"]
+        assert all(m.isfile() for m in members.values())
+        extracted = tar.extractfile("dist/app.js")
+        assert extracted is not None and extracted.read() == b"js\n"

@@ -224,6 +224,9 @@ BAD_REQUESTS: list[tuple[str, dict[str, str] | None, Any, int, str, str | None]]
                 {"repo": {"url": "https://h/a"}, "output": {"branch": "a/.b"}},
                 "output.branch",
             ),
+            ("artifact absolute", {"output": {"artifacts": ["/etc/*"]}}, "output.artifacts[0]"),
+            ("artifact parent", {"output": {"artifacts": ["a", "../*"]}}, "output.artifacts[1]"),
+            ("artifact empty", {"output": {"artifacts": [""]}}, "output.artifacts[0]"),
         )
     ),
     (

@@ -667,7 +667,7 @@ def test_result_schema_names_the_contract_fields() -> None:
     assert set(props) == {
         "task_id", "status", "text", "is_error", "exit_code", "num_turns", "total_cost_usd",
         "usage", "session_id", "permission_denials", "duration_ms", "diff", "files_changed",
-        "sandbox", "model_usage", "error", "repo", "branch",
+        "sandbox", "model_usage", "error", "repo", "branch", "artifacts",
     }  # fmt: skip
     assert set(props["status"]["enum"]) == {"succeeded", "failed", "cancelled", "timed_out"}
 
@@ -718,8 +718,10 @@ async def test_a_branch_and_its_bundle_are_part_of_the_result(bus: Bus, tmp_path
         ref="main",
         commit="b" * 40,
     )
+    packed = ev.StoredObject(key=f"tasks/{task}/artifacts.tar.gz", size=20, sha256="cd" * 32)
+    artifacts = ev.ArtifactsInfo(files=["dist/app.js"], object=packed)
     events = succeeded_history(task)
-    events[-2] = completed(task, branch=branch)
+    events[-2] = completed(task, branch=branch, artifacts=artifacts)
     await publish_all(bus, [*events[:2], prepared, *events[2:]])
     forged = msgspec.structs.replace(
         branch, bundle=msgspec.structs.replace(bundle, key=f"tasks/{task}/changes.bundle")
@@ -731,7 +733,7 @@ async def test_a_branch_and_its_bundle_are_part_of_the_result(bus: Bus, tmp_path
     stray_stored = await service.store_result(stray[-1])  # type: ignore[arg-type]
     await store.close()
     assert stored is not None and stray_stored is not None
-    assert bundle in stored.objects
+    assert bundle in stored.objects and packed in stored.objects
     assert not any(o.key.endswith("changes.bundle") for o in stray_stored.objects)
     result = msgspec.json.decode(
         (tmp_path / "results" / "tasks" / task / "result.json").read_bytes()
@@ -742,3 +744,9 @@ async def test_a_branch_and_its_bundle_are_part_of_the_result(bus: Bus, tmp_path
         "commit": "b" * 40,
     }
     assert result["branch"] == {"name": "fix", "commit": "c" * 40, "base": "b" * 40, "pushed": True}
+    assert result["artifacts"] == {
+        "files": ["dist/app.js"],
+        "key": packed.key,
+        "size": 20,
+        "sha256": "cd" * 32,
+    }

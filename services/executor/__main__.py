@@ -45,6 +45,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
         executor = Executor(
             bus=bus, driver=driver, proxy=proxy, config=ExecutorConfig.of(settings), store=store
         )
+        swept = executor.fetcher.sweep(older_than_s=2 * 3600)  # tasks live an hour at most
+        if swept:
+            log.info("removed repositories left by earlier runs", count=swept)
         worker = executor.worker(
             durable=settings.consumer_prefix + DURABLE,
             concurrency=settings.max_concurrent,

@@ -263,6 +263,23 @@ class Fetcher:
         for leftover in (self.root / f"{task_id}.bundle", self.root / f"{task_id}.patch"):
             leftover.unlink(missing_ok=True)
 
+    def sweep(self, older_than_s: float) -> int:
+        """Remove what tasks left here longer ago than ``older_than_s`` (an executor that
+        died mid-task leaves its checkout; a task lives at most an hour). How many."""
+        if not self.root.is_dir():
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for entry in self.root.iterdir():
+            if entry.lstat().st_mtime >= cutoff:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def patch_path(self, task_id: str) -> Path:
         self.folder(task_id)  # validates the id
         return self.root / f"{task_id}.patch"

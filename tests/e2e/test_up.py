@@ -540,8 +540,20 @@ async def test_a_repository_in_and_a_pushed_branch_out(tmp_path: Path, fake: Fak
                     assert r.status == 200
                     bundle = await r.read()
                     etag = r.headers["ETag"]
+                # A ref the repository does not have: failed before the agent, no sandbox left.
+                body["repo"] = {**body["repo"], "ref": "no-such-branch"}  # type: ignore[dict-item]
+                async with http.post(f"{up.url}/v1/tasks", json=body, headers=up.headers()) as r:
+                    missing = (await r.json())["task_id"]
+                missing_events = await read_sse(http, up, missing)
+                async with http.get(f"{up.url}/v1/tasks/{missing}", headers=up.headers()) as r:
+                    missing_view = await r.json()
         finally:
             stop_up(up)
+    assert [n for _, n, _ in missing_events][-1] == "TaskFailed"
+    assert missing_view["error"]["code"] == "workspace_error"
+    assert "no branch, tag or commit 'no-such-branch'" in missing_view["error"]["message"]
+    assert "ExecutionStarted" not in [n for _, n, _ in missing_events]
+    assert sandbox_names(missing) == []
     types = [name for _, name, _ in events]
     assert types[-1] == "TaskSucceeded", (types, result)
     assert types.index("WorkspacePrepared") < types.index("ExecutionStarted")

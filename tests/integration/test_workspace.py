@@ -186,3 +186,16 @@ async def test_the_tar_stream_keeps_the_checkout_as_it_is(tmp_path: Path, repos:
     assert git("rev-parse", "HEAD", cwd=out).strip() == checkout.commit
     f.discard(checkout.path.name)
     assert not checkout.path.exists()
+
+
+def test_the_sweep_removes_only_what_is_old(tmp_path: Path) -> None:
+    f = fetcher(tmp_path)
+    old, new = f.folder(ev.new_task_id()), f.folder(ev.new_task_id())
+    for folder in (old, new):
+        (folder / "sub").mkdir(parents=True)
+    stale = f.root / f"{old.name}.bundle"
+    stale.write_bytes(b"x")
+    for path in (old, stale):
+        os.utime(path, (0, 0))
+    assert f.sweep(older_than_s=3600) == 2
+    assert not old.exists() and not stale.exists() and new.exists()

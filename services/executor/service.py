@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import secrets as secrets_mod
-import tarfile
 import time
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -38,24 +35,19 @@ import msgspec
 import structlog
 
 from services.executor import agent, verdict
+from services.executor.exchange import Exchange
 from services.executor.workspace import (
     Fetcher,
     WorkspaceError,
-    elapsed_ms,
-    tar_stream,
-    through_links,
 )
 from services.modelproxy.control import ModelSockets
 from services.modelproxy.policy import Budget
 from services.modelproxy.proxy import TaskUsage
 from shared import events as ev
-from shared import inputs
-from shared.blobstore import BlobStore, sha256_hex
+from shared.blobstore import BlobStore
 from shared.bus import Bus
 from shared.errors import Retry
-from shared.results import ARTIFACTS_FILE, BUNDLE_FILE, CONTENT_TYPES, task_prefix
 from shared.sandbox import (
-    WORKSPACE,
     SandboxDriver,
     SandboxError,
     SandboxNotFound,
@@ -173,6 +165,14 @@ class Executor:
             allow_file=self.config.allow_file_repos,
         )
         self._script = agent.wrapper_script(max_diff_bytes=self.config.max_diff_bytes)
+        self.exchange = Exchange(
+            bus=bus,
+            driver=driver,
+            store=store,
+            fetcher=self.fetcher,
+            script=self._script,
+            max_artifacts_bytes=self.config.max_artifacts_bytes,
+        )
 
     def worker(
         self,
@@ -220,7 +220,7 @@ class Executor:
         needed = spec.repo is not None or spec.files is not None
         if needed and history.state is not None and not history.state.workspace_prepared:
             try:
-                await self._prepare(event, spec)
+                await self.exchange.prepare(event, spec)
             except WorkspaceError as exc:
                 await self._fail(event, "workspace_error", str(exc))
                 log.warning("execution failed", code="workspace_error", message=str(exc))
@@ -255,65 +255,6 @@ class Executor:
             prepared=next((e for e in events if isinstance(e, ev.WorkspacePrepared)), None),
             pushed=next((e for e in events if isinstance(e, ev.BranchPushed)), None),
         )
-
-    async def _prepare(self, event: ev.SandboxStarted, spec: ev.TaskSpec) -> None:
-        """Fill the workspace: the repository fetched on this side, then the task's files over
-        it; then say so (``WorkspacePrepared``). The agent starts only after that event, so a
-        redelivery before it fills a workspace nobody has used yet, and one after it never
-        again. The checkout stays on this side until the run ends when a branch is asked for."""
-        task_id, name = event.task_id, sandbox_name(event.task_id)
-        began = time.perf_counter()
-        checkout = None
-        keep = spec.output is not None and spec.output.branch is not None
-        try:
-            if spec.repo is not None:
-                checkout = await self.fetcher.fetch(task_id, event.tenant, spec.repo)
-                await self._copy_in(name, tar_stream(checkout.path), spec.repo.url)
-            if spec.files is not None:
-                archive = await self._input(spec.files)
-                if checkout is not None:
-                    through_links(checkout.path, inputs.names(archive))
-                await self._copy_in(name, _once(archive), "the task's files")
-        finally:
-            if not keep:
-                self.fetcher.discard(task_id)
-        prepared = ev.WorkspacePrepared(
-            event_id=ev.event_id(task_id, "WorkspacePrepared"),
-            task_id=task_id,
-            tenant=event.tenant,
-            causation_id=event.event_id,
-            url=checkout.url if checkout else "",
-            ref=checkout.ref if checkout else "",
-            commit=checkout.commit if checkout else "",
-            bytes=(checkout.bytes if checkout else 0) + (spec.files.size if spec.files else 0),
-            ms=elapsed_ms(began),
-            files=spec.files.count if spec.files else 0,
-        )
-        await self.bus.publish(prepared)
-        log.info("workspace prepared", commit=prepared.commit, bytes=prepared.bytes, ms=prepared.ms)
-
-    async def _copy_in(self, name: str, archive: AsyncIterator[bytes], what: str) -> None:
-        try:
-            await self.driver.copy_in(name, WORKSPACE, archive)
-        except SandboxNotFound:
-            raise Retry("the sandbox went away while its workspace was filled") from None
-        except SandboxError as exc:
-            raise WorkspaceError(f"cannot copy {what} into the sandbox: {exc}") from None
-
-    async def _input(self, files: ev.FilesRef) -> bytes:
-        """The task's files as the gateway stored them, checked against their sha256."""
-        if self.store is None:
-            raise WorkspaceError("the executor has no object store to read the task's files from")
-        if not files.key.startswith(inputs.INPUTS_PREFIX):
-            raise WorkspaceError(f"the task's files are not under {inputs.INPUTS_PREFIX}")
-        data = await self.store.get(files.key)
-        if data is None or sha256_hex(data) != files.sha256:
-            raise WorkspaceError("the task's files are missing from the object store or altered")
-        try:
-            inputs.names(data)
-        except (ValueError, tarfile.TarError) as exc:
-            raise WorkspaceError(f"the task's files cannot be read: {exc}") from None
-        return data
 
     async def _execute(
         self, event: ev.SandboxStarted, requested: ev.TaskRequested, history: _History
@@ -591,10 +532,13 @@ class Executor:
         artifacts: ev.ArtifactsInfo | None = None
         output = spec.output
         if output is not None and output.artifacts:
-            artifacts, failed = await self._artifacts(event, output.artifacts)
+            artifacts, failed = await self.exchange.artifacts(event, output.artifacts)
             judged = judged or failed
         if judged is None and spec.repo is not None and output is not None and output.branch:
-            branch, judged = await self._branch(event, spec.repo, output.branch, output.push, spec)
+            history = await self._history(task_id)
+            branch, judged = await self.exchange.branch(
+                event, spec, history.prepared, history.pushed
+            )
         common: dict[str, Any] = {
             "branch": branch,
             "artifacts": artifacts,
@@ -626,130 +570,6 @@ class Executor:
         await self.proxy.remove_task(task_id)
         self.fetcher.discard(task_id)
         return judged[0] if judged else "completed"
-
-    async def _branch(
-        self, event: ev.SandboxStarted, repo: ev.RepoSpec, name: str, push: bool, spec: ev.TaskSpec
-    ) -> tuple[ev.BranchInfo | None, tuple[str, str] | None]:
-        """The agent's changes as one commit on ``name``, stored as ``changes.bundle`` and,
-        with ``push``, pushed to the origin (once: ``BranchPushed`` says it was). The branch
-        and its failure: ``branch_failed`` (it could not be made or stored) or
-        ``push_failed`` (made and stored, refused by the origin)."""
-        task_id, tenant = event.task_id, event.tenant
-        history = await self._history(task_id)
-        prepared = history.prepared
-        if prepared is None:
-            return None, ("branch_failed", "the workspace was never prepared")
-        info = ev.BranchInfo(name=name, base=prepared.commit)
-        try:
-            if self.store is None:
-                raise WorkspaceError("the executor has no object store for changes.bundle")
-            await self.fetcher.ensure(task_id, tenant, repo, prepared.commit)
-            patch = self.fetcher.patch_path(task_id)
-            if await self._read_patch(sandbox_name(task_id), patch) == 0:
-                return info, None  # no changes: no commit, nothing to push
-            commit = await self.fetcher.commit(
-                task_id,
-                tenant,
-                repo,
-                patch=patch,
-                branch=name,
-                base=prepared.commit,
-                message=_commit_message(spec.prompt, task_id),
-                when=prepared.at.isoformat(),
-                files=inputs.unpack(await self._input(spec.files)) if spec.files else (),
-            )
-            if commit is None:
-                return info, None
-            bundle = await self.fetcher.bundle(task_id, tenant, repo, name, prepared.commit)
-            data = await asyncio.to_thread(bundle.read_bytes)
-            stored = await self.store.put(
-                task_prefix(task_id) + BUNDLE_FILE, data, CONTENT_TYPES[BUNDLE_FILE]
-            )
-        except WorkspaceError as exc:
-            return info, ("branch_failed", f"the branch {name!r} could not be made: {exc}")
-        info = msgspec.structs.replace(info, commit=commit, bundle=stored)
-        if not push:
-            return info, None
-        if history.pushed is None or history.pushed.commit != commit:
-            try:
-                await self.fetcher.push(task_id, tenant, repo, name, commit)
-            except WorkspaceError as exc:
-                return info, ("push_failed", str(exc))
-            await self.bus.publish(
-                ev.BranchPushed(
-                    event_id=ev.event_id(task_id, "BranchPushed"),
-                    task_id=task_id,
-                    tenant=tenant,
-                    causation_id=event.event_id,
-                    url=repo.url,
-                    branch=name,
-                    commit=commit,
-                )
-            )
-        return msgspec.structs.replace(info, pushed=True), None
-
-    async def _artifacts(
-        self, event: ev.SandboxStarted, patterns: Sequence[str]
-    ) -> tuple[ev.ArtifactsInfo | None, tuple[str, str] | None]:
-        """The workspace files matching ``patterns`` as ``artifacts.tar.gz`` (for failed runs
-        too: logs and reports explain them); ``artifacts_failed`` past the size cap."""
-        task_id = event.task_id
-        limit = self.config.max_artifacts_bytes
-        if self.store is None:
-            return None, ("artifacts_failed", "the executor has no object store for artifacts")
-        chunks: list[bytes] = []
-        size = 0
-        async with await self.driver.exec_stream(
-            sandbox_name(task_id),
-            agent.artifacts_argv(self._script, patterns),
-            workdir=agent.KEEPER_DIR,
-            keeper=True,
-        ) as proc:
-            async for chunk in proc.chunks():
-                size += len(chunk)
-                if size > limit:
-                    message = f"the artifacts are larger than {limit} bytes (compressed)"
-                    return None, ("artifacts_failed", message)
-                chunks.append(chunk)
-            code = await proc.wait()
-        data = b"".join(chunks)
-        try:
-            names = await asyncio.to_thread(_tar_names, data)
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            detail = proc.stderr.decode(errors="replace").strip()[-300:] or str(exc)
-            return None, ("artifacts_failed", f"the artifacts could not be collected: {detail}")
-        if code != 0 and not names:
-            detail = proc.stderr.decode(errors="replace").strip()[-300:] or f"exit {code}"
-            return None, ("artifacts_failed", f"the artifacts could not be collected: {detail}")
-        if not names:
-            return ev.ArtifactsInfo(files=[]), None
-        stored = await self.store.put(
-            task_prefix(task_id) + ARTIFACTS_FILE, data, CONTENT_TYPES[ARTIFACTS_FILE]
-        )
-        return ev.ArtifactsInfo(files=names[:1000], object=stored), None
-
-    async def _read_patch(self, name: str, target: Path) -> int:
-        """The keeper's full diff of the run into ``target``; its size in bytes. Bounded by
-        the repository limit (:class:`WorkspaceError` past it)."""
-        size = 0
-        limit = self.config.max_repo_bytes
-        async with await self.driver.exec_stream(
-            name, agent.patch_argv(self._script), workdir=agent.KEEPER_DIR, keeper=True
-        ) as proc:
-            with await asyncio.to_thread(target.open, "wb") as out:
-                async for chunk in proc.chunks():
-                    size += len(chunk)
-                    if size > limit:
-                        raise WorkspaceError(
-                            f"the agent's changes are larger than {limit} bytes "
-                            "(SANDSTREAM_MAX_REPO_BYTES)"
-                        )
-                    await asyncio.to_thread(out.write, chunk)
-            code = await proc.wait()
-        if code != 0:
-            detail = proc.stderr.decode(errors="replace").strip()[-300:]
-            raise WorkspaceError(f"the agent's changes could not be read: {detail or code}")
-        return size
 
     async def _fail(
         self,
@@ -794,23 +614,6 @@ class Executor:
     async def _oom_killed(self, name: str) -> bool:
         data = await self.driver.inspect(name)
         return data is not None and bool((data.get("State") or {}).get("OOMKilled"))
-
-
-def _tar_names(data: bytes) -> list[str]:
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        return [m.name for m in tar.getmembers() if m.isfile()]
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
-def _commit_message(prompt: str, task_id: str) -> str:
-    """The branch commit's message: the task's first line, then where it came from."""
-    first = next((line.strip() for line in prompt.splitlines() if line.strip()), "changes")
-    if len(first) > 72:
-        first = first[:71] + "…"
-    return f"{first}\n\nMade by the agent of Sandstream task {task_id}.\n"
 
 
 def _model_usage(counted: TaskUsage) -> ev.ModelUsage:

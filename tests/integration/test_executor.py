@@ -909,10 +909,9 @@ async def test_the_agents_changes_come_back_as_a_pushed_branch_and_a_bundle(
 
         # A repeat (a redelivery after the push) makes the same commit and pushes nothing.
         receive_packs = sum(s.method == "POST" and "receive-pack" in s.path for s in server.seen)
-        again, error = await executor._branch(
-            started, ev.RepoSpec(url=f"{server.url}/app.git", ref="main", credential="gh"),
-            "sandstream/fix", True, ev.TaskSpec(prompt=f"Fix the greeting {tag}"),
-        )  # fmt: skip
+        requested = next(e for e in events if isinstance(e, ev.TaskRequested))
+        prepared = next(e for e in events if isinstance(e, ev.WorkspacePrepared))
+        again, error = await executor.exchange.branch(started, requested.spec, prepared, pushed[0])
         assert error is None and again is not None and again.commit == branch.commit
         assert sum(s.method == "POST" and "receive-pack" in s.path for s in server.seen) == (
             receive_packs

@@ -13,6 +13,7 @@ executor's to check (only it sees the checkout).
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from collections.abc import Sequence
 from typing import Final
@@ -27,20 +28,34 @@ MODES: Final = {"0644": 0o644, "0755": 0o755}
 INPUTS_PREFIX: Final = "inputs/"
 
 
+_CHAR = r"[^/\x00-\x1f\x7f]"
+_NO_DOT = r"[^/.\x00-\x1f\x7f]"
+_NOT_GIT = (  # a part starting with "." that is not ".", "..", or ".git" in any case
+    rf"\.[^/.gG\x00-\x1f\x7f]{_CHAR}*|\.[gG]|\.[gG][^/iI\x00-\x1f\x7f]{_CHAR}*|\.[gG][iI]"
+    rf"|\.[gG][iI][^/tT\x00-\x1f\x7f]{_CHAR}*|\.[gG][iI][tT]{_CHAR}+|\.\.{_CHAR}+"
+)
+_PART = rf"(?:{_NO_DOT}{_CHAR}*|{_NOT_GIT})"
+PATH_PATTERN: Final = rf"^{_PART}(?:/{_PART})*$"
+"""A task file's path, as the OpenAPI document gives it; :func:`path_problem` says why not."""
+_PATH_RE: Final = re.compile(PATH_PATTERN)
+
+
 def path_problem(path: str) -> str | None:
-    """Why ``path`` cannot be a task file's path, or ``None``."""
-    if not path or len(path) > MAX_PATH:
-        return f"a path has 1-{MAX_PATH} characters"
+    """Why ``path`` cannot be a task file's path (:data:`PATH_PATTERN`), or ``None``."""
+    if len(path) > MAX_PATH:
+        return f"a path has at most {MAX_PATH} characters"
+    if _PATH_RE.fullmatch(path):
+        return None
+    if not path:
+        return "a path is not empty"
     if any(ord(c) < 0x20 or c == "\x7f" for c in path):
         return "a path holds no control character"
     if path.startswith("/"):
         return "a path is relative to the workspace, not absolute"
     parts = path.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        return "a path has no empty, '.' or '..' part (it stays inside the workspace)"
     if any(part.lower() == ".git" for part in parts):
         return "a path cannot reach into .git"
-    return None
+    return "a path has no empty, '.' or '..' part (it stays inside the workspace)"
 
 
 def pack(files: Sequence[tuple[str, bytes, int]]) -> bytes:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Any, Literal
+import re
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
 
 from shared.events import ErrorInfo, FilesRef, OutputSpec, RepoSpec, TaskSpec
-from shared.inputs import MAX_FILES
+from shared.inputs import MAX_FILES, MAX_PATH, PATH_PATTERN, path_problem
 from shared.secrets import SECRET_NAME_PATTERN
 
 # What reaches the CLI's command line: an argument cannot hold a NUL byte, and a model or tool
@@ -25,14 +26,47 @@ MetaValue = Annotated[str, Meta(max_length=1024)]
 Metadata = Annotated[dict[MetaKey, MetaValue], Meta(max_length=32)]
 MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000_000)]
 MaxBudgetUsd = Annotated[float, Meta(gt=0, le=100_000)]
-RepoUrl = Annotated[str, Meta(min_length=1, max_length=2048, pattern=r"^[^\x00-\x20\x7f]+$")]
+# What the next fields accept is one regular expression each, used twice: in the OpenAPI
+# document (so a client, or the fuzzer, knows exactly what passes) and by the checks below,
+# which run it and, when it fails, say why in words.
+_HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+_PORT = (
+    r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
+    r"|[1-9][0-9]{0,3}))?"
+)
+_URL_PATH = r"(?:/[A-Za-z0-9._~!$&'()*+,;=:%/-]*)?"
+REPO_URL_PATTERN = (
+    rf"^(?:https?://{_HOST}{_PORT}|git://{_HOST}{_PORT}|ssh://(?:[A-Za-z0-9._-]+@)?{_HOST}{_PORT})"
+    rf"{_URL_PATH}$"
+)
+FILE_URL_PATTERN = r"^file:///[A-Za-z0-9._~!$&'()*+,;=:%/-]*$"
+_REF_PART = r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*"
+GIT_REF_PATTERN = rf"^[A-Za-z0-9_](?:[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*)(?:/{_REF_PART})*$"
+_CHAR = r"[^/\x00-\x1f\x7f]"
+_NO_DOT = r"[^/.\x00-\x1f\x7f]"
+_PART = (  # a path part that is not "." or ".."
+    rf"(?:{_NO_DOT}{_CHAR}*|\.{_NO_DOT}{_CHAR}*|\.\.{_CHAR}+)"
+)
+ARTIFACT_PATTERN = rf"^{_PART}(?:/{_PART})*$"
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+RepoUrl = Annotated[
+    str, Meta(min_length=1, max_length=2048, extra_json_schema={"pattern": REPO_URL_PATTERN})
+]
 GitRef = Annotated[
-    str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/+@-]*$")
+    str, Meta(min_length=1, max_length=255, extra_json_schema={"pattern": GIT_REF_PATTERN})
 ]
 Depth = Annotated[int, Meta(ge=1, le=1_000_000)]
 SecretName = Annotated[str, Meta(pattern=SECRET_NAME_PATTERN)]
-ArtifactPattern = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
-REPO_SCHEMES = ("https", "http", "ssh", "git", "file")
+ArtifactPattern = Annotated[
+    str, Meta(min_length=1, max_length=256, extra_json_schema={"pattern": ARTIFACT_PATTERN})
+]
+FilePath = Annotated[
+    str, Meta(min_length=1, max_length=MAX_PATH, extra_json_schema={"pattern": PATH_PATTERN})
+]
+Base64 = Annotated[
+    str, Meta(extra_json_schema={"pattern": BASE64_PATTERN, "contentEncoding": "base64"})
+]
 
 
 class RepoRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -50,12 +84,16 @@ class RepoRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class FileRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One of ``files``: placed in the workspace before the run, over the checkout."""
 
-    path: Annotated[str, Meta(min_length=1, max_length=1024)]
-    content_b64: str
+    path: FilePath
+    content_b64: Base64
     mode: Literal["0644", "0755"] = "0644"
 
 
-class OutputRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class OutputRequest(
+    msgspec.Struct,
+    kw_only=True,
+    forbid_unknown_fields=True,
+):
     """``output`` of ``POST /v1/tasks``: what comes back besides ``result.json``."""
 
     branch: GitRef | None = None
@@ -68,63 +106,98 @@ class OutputRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return OutputSpec(branch=self.branch, push=self.push, artifacts=list(self.artifacts))
 
 
-def _bad_ref(ref: str) -> bool:
-    """What ``git check-ref-format`` refuses beyond the pattern of :data:`GitRef`."""
-    parts = ref.split("/")
-    return (
-        ".." in ref
-        or "@{" in ref
-        or ref == "@"
-        or any(not part or part.startswith(".") or part.endswith(".lock") for part in parts)
-        or ref.endswith(".")
-    )
+CROSS_FIELD_RULES: Final = [
+    {  # output.branch needs a repo
+        "if": {
+            "required": ["output"],
+            "properties": {
+                "output": {
+                    "type": "object",
+                    "required": ["branch"],
+                    "properties": {"branch": {"type": "string"}},
+                }
+            },
+        },
+        "then": {"required": ["repo"], "properties": {"repo": {"type": "object"}}},
+    },
+    {  # output.push needs output.branch
+        "if": {
+            "required": ["output"],
+            "properties": {
+                "output": {
+                    "type": "object",
+                    "required": ["push"],
+                    "properties": {"push": {"const": True}},
+                }
+            },
+        },
+        "then": {
+            "properties": {
+                "output": {"required": ["branch"], "properties": {"branch": {"type": "string"}}}
+            }
+        },
+    },
+]
+"""The rules between fields, for the OpenAPI document (``task_problem`` checks them)."""
 
 
 def task_problem(task: TaskRequest, *, allow_file: bool) -> tuple[str, str] | None:
     """What is wrong with a task beyond its types: ``(field, message)``, or ``None``."""
     if task.repo is not None and (problem := repo_problem(task.repo, allow_file=allow_file)):
         return problem
+    for i, item in enumerate(task.files or ()):
+        if why := path_problem(item.path):
+            return f"files[{i}].path", f"files[{i}].path: {why}"
+        if not re.fullmatch(BASE64_PATTERN, item.content_b64):
+            return f"files[{i}].content_b64", f"files[{i}].content_b64 is not base64"
     output = task.output
     if output is None:
         return None
-    if task.repo is None and (output.branch or output.push):
-        return "output", "output.branch and output.push need a repo to make the branch from"
-    for i, pattern in enumerate(output.artifacts):
-        if pattern.startswith("/") or ".." in pattern.split("/"):
-            return f"output.artifacts[{i}]", (
-                "an artifact pattern is relative to the workspace, without '..' parts"
-            )
-    if output.push and not output.branch:
+    if output.branch is not None and not re.fullmatch(GIT_REF_PATTERN, output.branch):
+        return "output.branch", f"output.branch {output.branch!r} is not a branch name git takes"
+    if output.push and output.branch is None:
         return "output.push", "output.push needs output.branch: the branch to push"
-    if output.branch and (_bad_ref(output.branch) or output.branch == "HEAD"):
-        return "output.branch", f"output.branch {output.branch!r} is not a valid branch name"
+    if output.branch is not None and task.repo is None:
+        return "output.branch", "output.branch needs a repo to make the branch from"
+    for i, pattern in enumerate(output.artifacts):
+        if not re.fullmatch(ARTIFACT_PATTERN, pattern):
+            return f"output.artifacts[{i}]", (
+                "an artifact pattern is relative to the workspace, without empty, '.' or '..' "
+                "parts or control characters"
+            )
     return None
 
 
 def repo_problem(repo: RepoRequest, *, allow_file: bool) -> tuple[str, str] | None:
     """What is wrong with ``repo`` beyond its types: ``(field, message)``, or ``None``."""
-    try:
-        url = urlsplit(repo.url)
-        url.port  # noqa: B018 (a malformed port raises here)
-    except ValueError as exc:
-        return "repo.url", f"repo.url is not a URL: {exc}"
-    scheme = url.scheme.lower()
-    if scheme not in REPO_SCHEMES:
-        return "repo.url", f"repo.url must be an {', '.join(REPO_SCHEMES[:-1])} URL"
-    if scheme == "file" and not allow_file:
-        return "repo.url", "file:// repositories are off here (SANDSTREAM_ALLOW_FILE_REPOS=1)"
-    if scheme != "file" and not url.hostname:
-        return "repo.url", "repo.url names no host"
-    if url.password is not None or (url.username and scheme in ("http", "https")):
-        return (
-            "repo.url",
-            "repo.url carries credentials: store them as a secret, name it in repo.credential",
-        )
-    if url.query or url.fragment:
-        return "repo.url", "repo.url cannot have a query or a fragment"
-    if repo.ref is not None and _bad_ref(repo.ref):
-        return "repo.ref", f"repo.ref {repo.ref!r} is not a valid git ref name"
+    url = repo.url
+    if url.startswith("file:"):
+        if not allow_file:
+            return "repo.url", "file:// repositories are off here (SANDSTREAM_ALLOW_FILE_REPOS=1)"
+        if not re.fullmatch(FILE_URL_PATTERN, url):
+            return "repo.url", "repo.url must be file:///absolute/path"
+    elif not re.fullmatch(REPO_URL_PATTERN, url):
+        return "repo.url", _url_problem(url)
+    if repo.ref is not None and not re.fullmatch(GIT_REF_PATTERN, repo.ref):
+        return "repo.ref", f"repo.ref {repo.ref!r} is not a branch, tag or commit name git takes"
     return None
+
+
+def _url_problem(url: str) -> str:
+    """Why a URL does not match :data:`REPO_URL_PATTERN`, in words."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        return f"repo.url is not a URL: {exc}"
+    if parts.scheme.lower() not in ("https", "http", "git", "ssh"):
+        return "repo.url must be an https, http, git or ssh URL"
+    if ("@" in parts.netloc and parts.scheme != "ssh") or parts.password is not None:
+        return "repo.url carries credentials: store them as a secret and name it in repo.credential"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return "repo.url cannot have a query or a fragment"
+    if not parts.hostname:
+        return "repo.url names no host"
+    return "repo.url is not a URL git takes here (host name, port 1-65535, plain path characters)"
 
 
 class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

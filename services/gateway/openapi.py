@@ -155,6 +155,7 @@ def openapi() -> dict[str, Any]:
         ],
         ref_template=REF,
     )
+    components["TaskRequest"]["allOf"] = models.CROSS_FIELD_RULES
     return {
         "openapi": "3.1.0",
         "info": {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import functools
 import hashlib
@@ -175,41 +174,17 @@ async def _task(request: web.Request, tenant: str) -> TaskState:
 
 
 async def store_files(request: web.Request, files: list[models.FileRequest]) -> ev.FilesRef:
-    """Check the inline files, pack them into one tar and store it (they can be larger than
-    an event); ``422`` naming the file's field for the first one that is wrong."""
+    """Pack the task's files (checked by ``task_problem``; a path given twice: the last one
+    counts) into one tar and store it: they can be larger than an event."""
+    latest = {item.path: item for item in files}
     packed: list[tuple[str, bytes, int]] = []
-    seen: set[str] = set()
     total = 0
-    for i, item in enumerate(files):
-        if problem := inputs.path_problem(item.path):
-            raise ApiError(
-                422, "invalid_field", f"files[{i}].path: {problem}", field=f"files[{i}].path"
-            )
-        if item.path in seen:
-            raise ApiError(
-                422,
-                "invalid_field",
-                f"files[{i}].path: {item.path!r} is given twice",
-                field=f"files[{i}].path",
-            )
-        seen.add(item.path)
-        try:
-            content = base64.b64decode(item.content_b64, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(
-                422,
-                "invalid_field",
-                f"files[{i}].content_b64 is not base64",
-                field=f"files[{i}].content_b64",
-            ) from None
+    for item in latest.values():
+        content = base64.b64decode(item.content_b64, validate=True)
         total += len(content)
         if total > inputs.MAX_FILES_BYTES:
-            raise ApiError(
-                422,
-                "invalid_field",
-                f"files hold more than {inputs.MAX_FILES_BYTES} bytes decoded",
-                field="files",
-            )
+            message = f"files hold more than {inputs.MAX_FILES_BYTES} bytes decoded"
+            raise ApiError(422, "invalid_field", message, field="files")
         packed.append((item.path, content, inputs.MODES[item.mode]))
     archive = inputs.pack(packed)
     stored = await request.app[RESULTS].store_input(archive)

@@ -1,0 +1,141 @@
+"""The egress proxy against real servers on loopback, through its Unix socket (no Docker).
+
+Names are pinned to 127.0.0.1 (``SANDSTREAM_EGRESS_HOSTS``), as in every test here: nothing
+leaves this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from services.modelproxy.egress import EgressLimits, EgressProxy
+from shared import events as ev
+
+PINS = {"allowed.test": "127.0.0.1", "other.test": "127.0.0.1"}
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[int]:
+    """An HTTP server: /hello, /big (1 MiB), /redirect (to other.test)."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"hello from {request.host}")
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * (1 << 20))
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://other.test:{request.url.port}/hello")
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    app.router.add_get("/big", big)
+    app.router.add_get("/redirect", redirect)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    await runner.cleanup()
+
+
+async def ask(path: Path, head: str, then: bytes = b"") -> bytes:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    writer.write(head.encode() + then)
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+async def test_allowed_names_pass_and_everything_else_is_refused_and_counted(
+    tmp_path: Path, origin: int
+) -> None:
+    proxy = EgressProxy(socket_dir=tmp_path, pins=PINS)
+    task = ev.new_task_id()
+    sock = await proxy.add_task(task, [f"allowed.test:{origin}", f"localhost:{origin}"])
+    try:
+        ok = await ask(sock, f"GET http://allowed.test:{origin}/hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"hello from x")
+        cases = {
+            f"GET http://other.test:{origin}/hello HTTP/1.1\r\n\r\n": b"not in network.allow",
+            f"GET http://127.0.0.1:{origin}/hello HTTP/1.1\r\n\r\n": b"not in network.allow",
+            # allowed by name, but not pinned: it resolves to this machine, which is refused
+            f"GET http://localhost:{origin}/hello HTTP/1.1\r\n\r\n": b"no public address",
+            f"CONNECT other.test:{origin} HTTP/1.1\r\n\r\n": b"not in network.allow",
+            "GET https://allowed.test/ HTTP/1.1\r\n\r\n": b"through CONNECT",
+            "NONSENSE\r\n\r\n": b"not an HTTP/1.x proxy request",
+        }
+        for head, why in cases.items():
+            answer = await ask(sock, head)
+            assert answer.split(b" ")[1] in (b"403", b"400") and why in answer, (head, answer)
+        # A tunnel to an allowed name carries whatever the client speaks.
+        tunnel = await ask(
+            sock,
+            f"CONNECT allowed.test:{origin} HTTP/1.1\r\n\r\n",
+            b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        assert tunnel.startswith(b"HTTP/1.1 200 Connection Established\r\n\r\nHTTP/1.1 200")
+        # The proxy does not follow redirects: the client's next request is decided again.
+        moved = await ask(sock, f"GET http://allowed.test:{origin}/redirect HTTP/1.1\r\n\r\n")
+        assert moved.startswith(b"HTTP/1.1 302") and b"other.test" in moved
+        counts = proxy.counts(task)
+    finally:
+        await proxy.close()
+    (allowed,) = counts.allowed
+    assert allowed.host == "allowed.test" and allowed.requests == 3 and allowed.bytes > 0
+    blocked = {(b.host, b.port): b.count for b in counts.blocked}
+    assert blocked == {
+        ("other.test", origin): 2,
+        ("127.0.0.1", origin): 1,
+        ("localhost", origin): 1,
+    }
+
+
+async def test_a_task_cannot_use_more_than_its_bytes_and_connections(
+    tmp_path: Path, origin: int
+) -> None:
+    limits = EgressLimits(max_connections=2, max_bytes=256 * 1024)
+    proxy = EgressProxy(socket_dir=tmp_path, pins=PINS, limits=limits)
+    task = ev.new_task_id()
+    sock = await proxy.add_task(task, [f"allowed.test:{origin}"])
+    try:
+        cut = await ask(sock, f"GET http://allowed.test:{origin}/big HTTP/1.1\r\n\r\n")
+        assert len(cut) < 512 * 1024  # cut near the cap, not the whole MiB
+        after = await ask(sock, f"GET http://allowed.test:{origin}/hello HTTP/1.1\r\n\r\n")
+        assert after.startswith(b"HTTP/1.1 403") and b"bytes of egress" in after
+        held = [await asyncio.open_unix_connection(str(sock)) for _ in range(2)]
+        async with asyncio.timeout(5):
+            while proxy.open_connections(task) < 2:  # until the proxy has taken both
+                await asyncio.sleep(0.01)
+        third = await ask(sock, "GET http://allowed.test/ HTTP/1.1\r\n\r\n")
+        assert third.startswith(b"HTTP/1.1 429")
+        for _, writer in held:
+            writer.close()
+    finally:
+        await proxy.close()
+
+
+async def test_a_restarted_proxy_keeps_the_policy_and_the_counts(
+    tmp_path: Path, origin: int
+) -> None:
+    task = ev.new_task_id()
+    first = EgressProxy(socket_dir=tmp_path, pins=PINS)
+    sock = await first.add_task(task, [f"allowed.test:{origin}"])
+    await ask(sock, f"GET http://other.test:{origin}/ HTTP/1.1\r\n\r\n")
+    await first.close()
+    second = EgressProxy(socket_dir=tmp_path, pins=PINS)
+    assert await second.adopt_existing() == [task]
+    try:
+        ok = await ask(sock, f"GET http://allowed.test:{origin}/hello HTTP/1.1\r\n\r\n")
+        assert ok.startswith(b"HTTP/1.1 200")
+        assert [(b.host, b.count) for b in second.counts(task).blocked] == [("other.test", 1)]
+    finally:
+        await second.remove_task(task)
+        await second.close()
+    assert not sock.exists()

@@ -79,6 +79,12 @@ class FilesRef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     count: int
 
 
+class NetworkSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The hosts the agent may reach through the egress proxy (``shared.egress``)."""
+
+    allow: list[str]
+
+
 class OutputSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the task gives back besides ``result.json`` (needs a ``repo``)."""
 
@@ -106,6 +112,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     repo: RepoSpec | None = None
     files: FilesRef | None = None
     output: OutputSpec | None = None
+    network: NetworkSpec | None = None
 
 
 class ModelUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -146,6 +153,25 @@ class ArtifactsInfo(msgspec.Struct, frozen=True, kw_only=True):
     files: list[str]
     """Their paths (the first 1,000); empty when nothing matched (then nothing is stored)."""
     object: StoredObject | None = None
+
+
+class HostTraffic(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    requests: int = 0
+    bytes: int = 0
+
+
+class HostRefusals(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    port: int
+    count: int = 0
+
+
+class NetworkInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What the egress proxy let through and refused for the run (its counts)."""
+
+    allowed: list[HostTraffic] = msgspec.field(default_factory=list)
+    blocked: list[HostRefusals] = msgspec.field(default_factory=list)
 
 
 class BranchInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -214,6 +240,16 @@ class WorkspacePrepared(Event, frozen=True, kw_only=True, tag="WorkspacePrepared
     """Inline files placed after the checkout (overriding it)."""
 
 
+class EgressBlocked(Event, frozen=True, kw_only=True, tag="EgressBlocked"):
+    """The egress proxy refused the agent a host (one event per host, port and task)."""
+
+    host: str
+    port: int
+    reason: str
+    count: int = 1
+    """Refusals counted when this was published."""
+
+
 class BranchPushed(Event, frozen=True, kw_only=True, tag="BranchPushed"):
     """The branch of the agent's changes is on the origin (published once it is): a
     redelivery never pushes again."""
@@ -239,6 +275,7 @@ class ExecutionCompleted(Event, frozen=True, kw_only=True, tag="ExecutionComplet
     attempt: int = 1
     branch: BranchInfo | None = None
     artifacts: ArtifactsInfo | None = None
+    network: NetworkInfo | None = None
 
 
 class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
@@ -264,6 +301,7 @@ class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
     attempt: int = 1
     branch: BranchInfo | None = None
     artifacts: ArtifactsInfo | None = None
+    network: NetworkInfo | None = None
 
 
 class SandboxStopped(Event, frozen=True, kw_only=True, tag="SandboxStopped"):
@@ -317,6 +355,7 @@ AnyEvent: TypeAlias = (
     | WorkspacePrepared
     | ExecutionStarted
     | AgentOutput
+    | EgressBlocked
     | BranchPushed
     | ExecutionCompleted
     | ExecutionFailed
@@ -336,6 +375,7 @@ EVENT_TYPES: Final[tuple[type[Event], ...]] = (
     WorkspacePrepared,
     ExecutionStarted,
     AgentOutput,
+    EgressBlocked,
     BranchPushed,
     ExecutionCompleted,
     ExecutionFailed,

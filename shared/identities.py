@@ -39,6 +39,7 @@ PUBLISHES: Final[dict[str, tuple[type[ev.Event], ...]]] = {
         ev.WorkspacePrepared,
         ev.ExecutionStarted,
         ev.AgentOutput,
+        ev.EgressBlocked,
         ev.BranchPushed,
         ev.ExecutionCompleted,
         ev.ExecutionFailed,

@@ -57,6 +57,9 @@ SOCKET_MOUNT: Final = "/run/sandstream"
 SOCKET_NAME: Final = "model.sock"
 MODEL_SOCKET: Final = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
 """The model socket as the agent sees it."""
+EGRESS_SOCKET_NAME: Final = "egress.sock"
+EGRESS_SOCKET: Final = f"{SOCKET_MOUNT}/{EGRESS_SOCKET_NAME}"
+"""The egress proxy's socket of a task with ``network``, in the same folder."""
 SAFE_SEGMENT: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 SANDBOX_USER: Final = "agent"  # uid 1000 in the image: the user of every exec but the keeper's
 SANDBOX_UID: Final = 1000

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import msgspec
 
+from shared import egress
+
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_IMAGE = "sandstream/sandbox:latest"
 DEFAULT_UPSTREAM = "https://api.anthropic.com"
@@ -56,6 +58,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     allow_file_repos: bool = False  # repo.url may be file:// (tests, single-machine set-ups)
     max_repo_bytes: int = 1024 * 1024 * 1024  # a fetched repository with its checkout
     repo_timeout_s: float = 300.0  # fetch and check out
+    egress_presets: str = ""  # JSON: preset name -> allow entries ("preset:<name>")
+    egress_hosts: str = ""  # name=ip,... pinned for the egress proxy (mirrors, tests)
+    egress_max_bytes: int = 1024 * 1024 * 1024  # per task, both ways
+    egress_max_connections: int = 32  # open at once, per task
 
     @property
     def tokens_path(self) -> Path:
@@ -120,6 +126,15 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     _at_least("SANDSTREAM_MAX_MODEL_CONNECTIONS", settings.max_model_connections, 1)
     _at_least("SANDSTREAM_MAX_REPO_BYTES", settings.max_repo_bytes, 1024 * 1024)
     _at_least("SANDSTREAM_REPO_TIMEOUT_S", settings.repo_timeout_s, 1)
+    _at_least("SANDSTREAM_EGRESS_MAX_CONNECTIONS", settings.egress_max_connections, 1)
+    for name, parse in (
+        ("SANDSTREAM_EGRESS_PRESETS", egress.parse_presets),
+        ("SANDSTREAM_EGRESS_HOSTS", egress.parse_pins),
+    ):
+        try:
+            parse(getattr(settings, name.removeprefix("SANDSTREAM_").lower()))
+        except ValueError as exc:
+            raise SystemExit(f"{name}: {exc}") from None
     if not settings.allowed_models:
         raise SystemExit("SANDSTREAM_ALLOWED_MODELS names no model glob")
     return settings
@@ -179,4 +194,8 @@ def _read(env: Mapping[str, str]) -> Settings:
         allow_file_repos=env.get("SANDSTREAM_ALLOW_FILE_REPOS", "") == "1",
         max_repo_bytes=_int(env, "SANDSTREAM_MAX_REPO_BYTES", 1024 * 1024 * 1024),
         repo_timeout_s=_float(env, "SANDSTREAM_REPO_TIMEOUT_S", 300.0),
+        egress_presets=env.get("SANDSTREAM_EGRESS_PRESETS") or "",
+        egress_hosts=env.get("SANDSTREAM_EGRESS_HOSTS") or "",
+        egress_max_bytes=_int(env, "SANDSTREAM_EGRESS_MAX_BYTES", 1024 * 1024 * 1024),
+        egress_max_connections=_int(env, "SANDSTREAM_EGRESS_MAX_CONNECTIONS", 32),
     )

@@ -52,6 +52,9 @@ SANDBOX_UID: Final = sandbox.SANDBOX_UID
 HOME_DIR: Final = "/tmp/.sandstream-home"
 WORKSPACE: Final = "/workspace"
 MODEL_SOCKET: Final = sandbox.MODEL_SOCKET
+EGRESS_SOCKET: Final = sandbox.EGRESS_SOCKET
+EGRESS_PORT: Final = 3128
+"""Where the agent finds the egress proxy (``HTTP_PROXY``), for a task with ``network``."""
 DEFAULT_PORT: Final = 4000
 PLACEHOLDER_KEY: Final = "sandstream-placeholder"
 CLI: Final = "claude"
@@ -96,10 +99,14 @@ def command(spec: TaskSpec) -> list[str]:
 
 
 def environment(
-    *, port: int = DEFAULT_PORT, max_retries: int = DEFAULT_MAX_RETRIES
+    *,
+    port: int = DEFAULT_PORT,
+    max_retries: int = DEFAULT_MAX_RETRIES,
+    egress_port: int | None = None,
 ) -> dict[str, str]:
-    """The agent's environment inside the sandbox: a placeholder key, never the real one."""
-    return {
+    """The agent's environment inside the sandbox: a placeholder key, never the real one;
+    with ``egress_port``, the egress proxy for everything but the model (``NO_PROXY``)."""
+    env = {
         "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
         "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
@@ -107,6 +114,12 @@ def environment(
         "HOME": HOME_DIR,
         "LANG": "C.UTF-8",
     }
+    if egress_port is not None:
+        proxy = f"http://127.0.0.1:{egress_port}"
+        for name in ("HTTP_PROXY", "HTTPS_PROXY"):
+            env[name] = env[name.lower()] = proxy
+        env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
 
 
 def prompt_chunks(prompt: str, size: int = PROMPT_CHUNK) -> list[str]:
@@ -124,6 +137,7 @@ R=__RUN_DIR__
 K=__KEEPER_DIR__
 W=__WORKSPACE__
 S=__SOCKET__
+E=__EGRESS__
 mode=$1; shift
 case "$mode" in
 run)
@@ -155,16 +169,21 @@ kill)
     ;;
 start)
     # As the agent. mkdir is the lock: one run per sandbox, however often this is repeated.
-    port=$1; ncmd=$2; shift 2
+    port=$1; eport=$2; ncmd=$3; shift 3
     cmd=("${@:1:$ncmd}"); shift "$ncmd"
     if mkdir "$R" 2>/dev/null; then
         [ -d "${HOME:-/nonexistent}" ] || mkdir -p "${HOME:-/tmp/.sandstream-home}"
         printf '%s' "$@" >"$R/prompt"
         : >"$R/out.jsonl"
-        socat "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$S" \
-            </dev/null >"$R/socat.log" 2>&1 &
-        printf -v hex ':%04X 00000000:0000 0A' "$port"
-        for ((i = 0; i < 200; i++)); do grep -q "$hex" /proc/net/tcp && break; sleep 0.005; done
+        bridge() {  # 127.0.0.1:$1 to the Unix socket $2, fully detached; wait until it listens
+            socat "TCP-LISTEN:$1,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$2" \
+                </dev/null >>"$R/socat.log" 2>&1 &
+            printf -v hex ':%04X 00000000:0000 0A' "$1"
+            for ((i = 0; i < 200; i++)); do grep -q "$hex" /proc/net/tcp && break; sleep 0.005; done
+        }
+        bridge "$port" "$S"
+        # The egress proxy, for a task with network.allow (0: none, no way out at all).
+        [ "$eport" != 0 ] && bridge "$eport" "$E"
         setsid bash -c "$BASH_EXECUTION_STRING" sandstream run "${cmd[@]}" \
             </dev/null >/dev/null 2>&1 &
         echo $! >"$R/pid.tmp" && mv "$R/pid.tmp" "$R/pid"
@@ -352,6 +371,7 @@ def wrapper_script(
         .replace("__KEEPER_DIR__", shlex.quote(keeper_dir))
         .replace("__WORKSPACE__", shlex.quote(workspace))
         .replace("__SOCKET__", shlex.quote(socket))
+        .replace("__EGRESS__", shlex.quote(EGRESS_SOCKET))
         .replace("__UID__", str(SANDBOX_UID))
         .replace("__MAX_DIFF__", str(max_diff_bytes + 1))
         .replace("__STARTED__", MARK_STARTED)
@@ -372,7 +392,9 @@ def keeper_environment(nonce: str) -> dict[str, str]:
     return {NONCE_VAR: nonce, "HOME": KEEPER_DIR, "LANG": "C.UTF-8"}
 
 
-def start_argv(script: str, spec: TaskSpec, *, port: int = DEFAULT_PORT) -> list[str]:
+def start_argv(
+    script: str, spec: TaskSpec, *, port: int = DEFAULT_PORT, egress_port: int | None = None
+) -> list[str]:
     """As the agent: start the run unless it was started (prints which, see MARK_*)."""
     cmd = command(spec)
     return [
@@ -382,6 +404,7 @@ def start_argv(script: str, spec: TaskSpec, *, port: int = DEFAULT_PORT) -> list
         "sandstream",
         "start",
         str(port),
+        str(egress_port or 0),
         str(len(cmd)),
         *cmd,
         *prompt_chunks(spec.prompt),

@@ -105,18 +105,23 @@ async def read_json(request: web.Request, kind: type[T]) -> T:
         raise ApiError(400, "invalid_body", "the request body must be a JSON object")
     try:
         return msgspec.convert(_integral_floats_as_ints(data), kind)
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the request body is nested too deeply") from None
     except msgspec.ValidationError as exc:
         raise validation_error(exc) from None
 
 
-def _integral_floats_as_ints(body: dict[str, Any]) -> dict[str, Any]:
-    """``342.0`` → ``342`` in the body's fields: JSON (and JSON Schema's ``integer``) do not
-    tell them apart, so an integer field must accept it. Number fields take either. Only
-    top-level fields are integers, so nothing deeper is walked."""
-    return {
-        key: int(value) if isinstance(value, float) and value.is_integer() else value
-        for key, value in body.items()
-    }
+def _integral_floats_as_ints(body: Any) -> Any:
+    """``342.0`` → ``342`` everywhere in the body: JSON (and JSON Schema's ``integer``) do not
+    tell them apart, so an integer field must accept it (``timeout_s``, ``repo.depth``). Number
+    fields take either. The body is at most 16 MiB of parsed JSON: the walk is bounded by it."""
+    if isinstance(body, float) and body.is_integer():
+        return int(body)
+    if isinstance(body, dict):
+        return {key: _integral_floats_as_ints(value) for key, value in body.items()}
+    if isinstance(body, list):
+        return [_integral_floats_as_ints(value) for value in body]
+    return body
 
 
 def view(task: TaskState) -> models.TaskView:

@@ -1,4 +1,5 @@
-"""``python -m services.modelproxy`` (and ``sandstream modelproxy``): the model proxy service.
+"""``python -m services.modelproxy`` (and ``sandstream modelproxy``): the model proxy service,
+with the tasks' egress proxy (``egress.py``) in the same unprivileged process.
 
 The only process with the model credential (``ANTHROPIC_API_KEY`` or
 ``CLAUDE_CODE_OAUTH_TOKEN``), and the only one that parses HTTP written by agents. It has no
@@ -19,9 +20,10 @@ from pathlib import Path
 import structlog
 
 from services.modelproxy.control import serve_control
+from services.modelproxy.egress import EgressLimits, EgressProxy
 from services.modelproxy.policy import Prices, ProxyPolicy
 from services.modelproxy.proxy import Credential, ModelProxy
-from shared import service
+from shared import egress, service
 from shared.sandbox import SANDBOX_UID
 from shared.settings import Settings
 
@@ -80,6 +82,15 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
             upstream=settings.model_upstream,
             credential=credential,
             policy=policy(settings),
+            egress=EgressProxy(
+                socket_dir=Path("."),
+                presets=egress.parse_presets(settings.egress_presets),
+                pins=egress.parse_pins(settings.egress_hosts),
+                limits=EgressLimits(
+                    max_connections=settings.egress_max_connections,
+                    max_bytes=settings.egress_max_bytes,
+                ),
+            ),
         )
         control = await serve_control(proxy, control_path)
         life.closing(control.cleanup)

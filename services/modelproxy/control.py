@@ -5,6 +5,9 @@ private Unix socket (``SANDSTREAM_PROXY_SOCKET``, mode 0600, never mounted into 
 - ``PUT /tasks/{task_id}``: listen on the task's model socket (idempotent), ``204``; the
   body, if any, is the task's :class:`~.policy.Budget`;
 - ``GET /tasks/{task_id}/usage``: the task's requests and tokens so far;
+- ``PUT /tasks/{task_id}/egress``: open the task's egress socket; the body is its
+  ``network.allow`` (a JSON list), ``204``, ``400`` naming a bad entry;
+- ``GET /tasks/{task_id}/egress``: what the egress proxy let through and refused;
 - ``DELETE /tasks/{task_id}``: stop listening, forget the task, ``204``.
 
 Task ids are checked against the task id format before anything touches a path: ``400``
@@ -23,6 +26,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from services.modelproxy.egress import EgressCounts
 from services.modelproxy.policy import Budget
 from services.modelproxy.proxy import ModelProxy, TaskUsage
 from shared import events as ev
@@ -44,6 +48,10 @@ class ModelSockets(Protocol):
     async def remove_task(self, task_id: str) -> None: ...
 
     async def usage(self, task_id: str) -> TaskUsage: ...
+
+    async def add_egress(self, task_id: str, allow: list[str]) -> None: ...
+
+    async def egress_counts(self, task_id: str) -> EgressCounts: ...
 
 
 def _task_id(request: web.Request) -> str:
@@ -76,17 +84,36 @@ async def _usage(request: web.Request) -> web.Response:
     return web.json_response(usage.as_dict())
 
 
+async def _add_egress(request: web.Request) -> web.Response:
+    task_id = _task_id(request)
+    try:
+        allow = msgspec.json.decode(await request.read(), type=list[str])
+        await request.app[PROXY_KEY].add_egress(task_id, allow)
+    except ValueError as exc:  # msgspec.DecodeError is one
+        raise web.HTTPBadRequest(text=str(exc), content_type="text/plain") from None
+    except OSError as exc:
+        return web.json_response({"error": str(exc)}, status=500)
+    return web.Response(status=204)
+
+
+async def _egress(request: web.Request) -> web.Response:
+    counts = await request.app[PROXY_KEY].egress_counts(_task_id(request))
+    return web.Response(body=msgspec.json.encode(counts), content_type="application/json")
+
+
 async def _remove(request: web.Request) -> web.Response:
     await request.app[PROXY_KEY].remove_task(_task_id(request))
     return web.Response(status=204)
 
 
 def control_app(proxy: ModelProxy) -> web.Application:
-    app = web.Application(client_max_size=1024)
+    app = web.Application(client_max_size=64 * 1024)
     app[PROXY_KEY] = proxy
     app.router.add_get("/health", _health)
     app.router.add_put("/tasks/{task_id}", _add)
     app.router.add_get("/tasks/{task_id}/usage", _usage)
+    app.router.add_put("/tasks/{task_id}/egress", _add_egress)
+    app.router.add_get("/tasks/{task_id}/egress", _egress)
     app.router.add_delete("/tasks/{task_id}", _remove)
     return app
 
@@ -172,3 +199,10 @@ class ProxyClient:
         resp = await self._call("GET", f"/tasks/{task_id}/usage")
         data = await resp.json()
         return TaskUsage.from_dict(data) if isinstance(data, dict) else TaskUsage()
+
+    async def add_egress(self, task_id: str, allow: list[str]) -> None:
+        await self._call("PUT", f"/tasks/{task_id}/egress", msgspec.json.encode(allow))
+
+    async def egress_counts(self, task_id: str) -> EgressCounts:
+        resp = await self._call("GET", f"/tasks/{task_id}/egress")
+        return msgspec.json.decode(await resp.read(), type=EgressCounts)

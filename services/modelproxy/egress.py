@@ -27,11 +27,11 @@ import msgspec
 import structlog
 
 from shared import egress
+from shared.sandbox import EGRESS_SOCKET_NAME as EGRESS_SOCKET
 from shared.sandbox import SAFE_SEGMENT, share_with_sandbox, socket_folder
 
 log = structlog.get_logger("sandstream.egress")
 
-EGRESS_SOCKET: Final = "egress.sock"
 POLICY_FILE: Final = "egress-policy.json"
 COUNTS_FILE: Final = "egress.json"
 MAX_HEAD: Final = 16 * 1024

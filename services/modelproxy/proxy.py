@@ -46,6 +46,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from services.modelproxy.egress import EgressCounts, EgressProxy
 from services.modelproxy.policy import Budget, Prices, ProxyPolicy, Refused, screen
 from shared.sandbox import SAFE_SEGMENT, SOCKET_NAME, share_with_sandbox, socket_folder
 
@@ -275,8 +276,11 @@ class ModelProxy:
         session: aiohttp.ClientSession | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 600.0,
+        egress: EgressProxy | None = None,
     ) -> None:
         self.socket_dir = Path(socket_dir)
+        self.egress = egress or EgressProxy(socket_dir=self.socket_dir)
+        """The tasks' egress sockets, next to their model sockets (``modelproxy/egress.py``)."""
         self.upstream = upstream.rstrip("/")
         self.credential = credential
         self.policy = policy or ProxyPolicy()
@@ -306,6 +310,7 @@ class ModelProxy:
         """
         for task_id in list(self._sites):
             await self._stop_site(task_id, unlink=False)
+        await self.egress.close()
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None
@@ -396,6 +401,7 @@ class ModelProxy:
         adopted: list[str] = []
         if not self.socket_dir.is_dir():
             return adopted
+        await self.egress.adopt_existing()
         for entry in sorted(self.socket_dir.iterdir()):
             if entry.is_dir() and (
                 (entry / SOCKET_NAME).is_socket() or (entry / USAGE_FILE).is_file()
@@ -408,8 +414,17 @@ class ModelProxy:
                 adopted.append(entry.name)
         return adopted
 
+    async def add_egress(self, task_id: str, allow: list[str]) -> None:
+        """Open the task's egress socket with its ``network.allow`` (``ValueError`` for an
+        entry the policy does not take)."""
+        await self.egress.add_task(task_id, allow)
+
+    async def egress_counts(self, task_id: str) -> EgressCounts:
+        return self.egress.counts(task_id)
+
     async def remove_task(self, task_id: str) -> None:
         """Stop listening for the task; remove its socket and usage files (absent is fine)."""
+        await self.egress.remove_task(task_id)
         await self._stop_site(task_id, unlink=True)
         self._usage.pop(task_id, None)
         self._budgets.pop(task_id, None)

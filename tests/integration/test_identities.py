@@ -37,6 +37,7 @@ def sample(cls: type[ev.Event]) -> ev.Event:
         ev.ExecutionStarted: {"sandbox": "s"},
         ev.SandboxStopped: {"sandbox": "s", "reason": "done"},
         ev.BranchPushed: {"url": "u", "branch": "b", "commit": "c"},
+        ev.EgressBlocked: {"host": "h", "port": 443, "reason": "r"},
     }
     return cls(**envelope, **extras.get(cls, {}))  # type: ignore[arg-type]
 

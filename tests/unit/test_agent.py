@@ -55,12 +55,21 @@ def test_start_argv_passes_command_and_prompt_chunks() -> None:
     spec = TaskSpec(prompt=prompt, allowed_tools=["Bash"])
     argv = agent.start_argv("SCRIPT", spec, port=4001)
     cmd = agent.command(spec)
-    assert argv[:8] == ["bash", "-c", "SCRIPT", "sandstream", "start", "4001",
+    assert argv[:9] == ["bash", "-c", "SCRIPT", "sandstream", "start", "4001", "0",
                         str(len(cmd)), cmd[0]]  # fmt: skip
-    chunks = argv[7 + len(cmd) :]
+    chunks = argv[8 + len(cmd) :]
     assert "".join(chunks) == prompt and len(chunks) == 3
     assert all(len(c.encode()) < 128 * 1024 for c in chunks)
     assert agent.prompt_chunks("") == [""]
+
+
+def test_the_egress_proxy_is_for_everything_but_the_model() -> None:
+    spec = TaskSpec(prompt="p")
+    assert agent.start_argv("S", spec, port=4001, egress_port=3128)[5:7] == ["4001", "3128"]
+    env = agent.environment(port=4001, egress_port=3128)
+    assert env["HTTPS_PROXY"] == env["http_proxy"] == "http://127.0.0.1:3128"
+    assert "127.0.0.1" in env["NO_PROXY"].split(",")  # the model stays direct
+    assert "HTTP_PROXY" not in agent.environment(port=4001)  # no network: no proxy at all
 
 
 def test_the_nonce_is_never_in_argv() -> None:
@@ -77,7 +86,7 @@ def test_wrapper_script_has_the_lock_forwarder_and_paths() -> None:
     script = agent.wrapper_script(run_dir="/tmp/r x", keeper_dir="/k y", max_diff_bytes=10)
     assert "R='/tmp/r x'" in script and "K='/k y'" in script
     assert 'mkdir "$R"' in script  # the atomic lock
-    assert "TCP-LISTEN:$port,bind=127.0.0.1,fork,reuseaddr" in script
+    assert "TCP-LISTEN:$1,bind=127.0.0.1,fork,reuseaddr" in script  # the bridge to a socket
     assert "UNIX-CONNECT:$S" in script and agent.MODEL_SOCKET in agent.wrapper_script()
     assert '</dev/null >"$R/socat.log" 2>&1 &' in script  # detached: exec does not wait
     assert "head -c 11" in script

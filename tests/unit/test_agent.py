@@ -87,8 +87,9 @@ def test_wrapper_script_has_the_lock_forwarder_and_paths() -> None:
     assert "R='/tmp/r x'" in script and "K='/k y'" in script
     assert 'mkdir "$R"' in script  # the atomic lock
     assert "TCP-LISTEN:$1,bind=127.0.0.1,fork,reuseaddr" in script  # the bridge to a socket
-    assert "UNIX-CONNECT:$S" in script and agent.MODEL_SOCKET in agent.wrapper_script()
-    assert '</dev/null >"$R/socat.log" 2>&1 &' in script  # detached: exec does not wait
+    assert '"UNIX-CONNECT:$2"' in script and 'bridge "$port" "$S"' in script
+    assert agent.MODEL_SOCKET in agent.wrapper_script()
+    assert '</dev/null >>"$R/socat.log" 2>&1 &' in script  # detached: exec does not wait
     assert "head -c 11" in script
     assert "__" not in script.replace("$((", "")  # every placeholder was filled in
 

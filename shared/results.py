@@ -11,7 +11,7 @@ from typing import Any, Final
 
 import msgspec
 
-from shared.events import ErrorInfo, ModelUsage, ResultStatus, Usage
+from shared.events import ErrorInfo, ModelUsage, NetworkInfo, ResultStatus, Usage
 
 RESULT_FILE: Final = "result.json"
 TRANSCRIPT_FILE: Final = "transcript.jsonl"
@@ -83,6 +83,8 @@ class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
     """Set when the task had a ``repo``: ``diff`` and ``files_changed`` are against ``commit``."""
     branch: BranchResult | None = None
     artifacts: ArtifactsResult | None = None
+    network: NetworkInfo | None = None
+    """For a task with ``network``: hosts reached (requests, bytes) and refused (count)."""
 
 
 def task_prefix(task_id: str) -> str:

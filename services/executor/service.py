@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets as secrets_mod
 import time
 from pathlib import Path
@@ -60,6 +61,8 @@ from shared.worker import Delivery, Worker
 log = structlog.get_logger("sandstream.executor")
 
 DURABLE: Final = "executor"
+MAX_HOSTS: Final = 256
+"""Hosts listed in a run's ``network`` (and ``EgressBlocked`` events) at most."""
 KiB: Final = 1024
 
 NO_CREDENTIAL_MESSAGE: Final = (
@@ -286,6 +289,8 @@ class Executor:
         await self.proxy.add_task(
             task_id, Budget(max_tokens=spec.max_tokens, max_budget_usd=spec.max_budget_usd)
         )
+        if spec.network is not None:
+            await self.proxy.add_egress(task_id, spec.network.allow)
         log.info("following the agent", from_line=next_line)
         nonce = "sandstream-end-" + secrets_mod.token_hex(16)
         deadline = requested.at.timestamp() + spec.timeout_s + cfg.deadline_grace_s
@@ -463,10 +468,13 @@ class Executor:
     async def _start(self, name: str, spec: ev.TaskSpec) -> None:
         """Start the agent's run (a no-op for a run already started: it re-attaches)."""
         cfg = self.config
+        egress = agent.EGRESS_PORT if spec.network is not None else None
         started = await self.driver.exec(
             name,
-            agent.start_argv(self._script, spec, port=cfg.model_port),
-            env=agent.environment(port=cfg.model_port, max_retries=cfg.cli_max_retries),
+            agent.start_argv(self._script, spec, port=cfg.model_port, egress_port=egress),
+            env=agent.environment(
+                port=cfg.model_port, max_retries=cfg.cli_max_retries, egress_port=egress
+            ),
             workdir=agent.WORKSPACE,
         )
         said = started.output.decode("utf-8", errors="replace").strip()
@@ -530,6 +538,7 @@ class Executor:
         )
         branch: ev.BranchInfo | None = None
         artifacts: ev.ArtifactsInfo | None = None
+        network = await self._network(event) if spec.network is not None else None
         output = spec.output
         if output is not None and output.artifacts:
             artifacts, failed = await self.exchange.artifacts(event, output.artifacts)
@@ -542,6 +551,7 @@ class Executor:
         common: dict[str, Any] = {
             "branch": branch,
             "artifacts": artifacts,
+            "network": network,
             "event_id": ev.event_id(task_id, "ExecutionEnded", event.attempt),
             "task_id": task_id,
             "tenant": event.tenant,
@@ -570,6 +580,37 @@ class Executor:
         await self.proxy.remove_task(task_id)
         self.fetcher.discard(task_id)
         return judged[0] if judged else "completed"
+
+    async def _network(self, event: ev.SandboxStarted) -> ev.NetworkInfo:
+        """What the egress proxy let through and refused; one ``EgressBlocked`` per refused
+        host and port (its id is derived from them: a repeat publishes nothing new)."""
+        task_id = event.task_id
+        counts = await self.proxy.egress_counts(task_id)
+        for refused in counts.blocked[:MAX_HOSTS]:
+            where = f"{refused.host}:{refused.port}"
+            digest = hashlib.sha256(where.encode()).hexdigest()[:16]
+            await self.bus.publish(
+                ev.EgressBlocked(
+                    event_id=ev.event_id(task_id, "EgressBlocked", digest),
+                    task_id=task_id,
+                    tenant=event.tenant,
+                    causation_id=event.event_id,
+                    host=refused.host[:253],
+                    port=refused.port,
+                    reason=refused.reason[:200],
+                    count=refused.count,
+                )
+            )
+        return ev.NetworkInfo(
+            allowed=[
+                ev.HostTraffic(host=a.host[:253], requests=a.requests, bytes=a.bytes)
+                for a in counts.allowed[:MAX_HOSTS]
+            ],
+            blocked=[
+                ev.HostRefusals(host=b.host[:253], port=b.port, count=b.count)
+                for b in counts.blocked[:MAX_HOSTS]
+            ],
+        )
 
     async def _fail(
         self,

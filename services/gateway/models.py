@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
 
-from shared.events import ErrorInfo, FilesRef, OutputSpec, RepoSpec, TaskSpec
+from shared import egress
+from shared.events import ErrorInfo, FilesRef, NetworkSpec, OutputSpec, RepoSpec, TaskSpec
 from shared.inputs import MAX_FILES, MAX_PATH, PATH_PATTERN, path_problem
 from shared.secrets import SECRET_NAME_PATTERN
 
@@ -48,6 +50,10 @@ _PART = (  # a path part that is not "." or ".."
     rf"(?:{_NO_DOT}{_CHAR}*|\.{_NO_DOT}{_CHAR}*|\.\.{_CHAR}+)"
 )
 ARTIFACT_PATTERN = rf"^{_PART}(?:/{_PART})*$"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+ALLOW_ENTRY_PATTERN = rf"^(?:\*\.)?{_LABEL}(?:\.{_LABEL})*{_PORT}$"
+"""A ``network.allow`` entry: a host name, ``*.domain`` or IPv4 address, maybe ``:port``
+(``preset:<name>`` entries are the installation's, checked against its presets)."""
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 
 RepoUrl = Annotated[
@@ -63,6 +69,9 @@ ArtifactPattern = Annotated[
 ]
 FilePath = Annotated[
     str, Meta(min_length=1, max_length=MAX_PATH, extra_json_schema={"pattern": PATH_PATTERN})
+]
+AllowEntry = Annotated[
+    str, Meta(min_length=1, max_length=253, extra_json_schema={"pattern": ALLOW_ENTRY_PATTERN})
 ]
 Base64 = Annotated[
     str, Meta(extra_json_schema={"pattern": BASE64_PATTERN, "contentEncoding": "base64"})
@@ -87,6 +96,15 @@ class FileRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     path: FilePath
     content_b64: Base64
     mode: Literal["0644", "0755"] = "0644"
+
+
+class NetworkRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``network`` of ``POST /v1/tasks``: the hosts the agent may reach (default: none)."""
+
+    allow: Annotated[list[AllowEntry], Meta(max_length=64)]
+
+    def spec(self) -> NetworkSpec:
+        return NetworkSpec(allow=list(self.allow))
 
 
 class OutputRequest(
@@ -141,9 +159,13 @@ CROSS_FIELD_RULES: Final = [
 """The rules between fields, for the OpenAPI document (``task_problem`` checks them)."""
 
 
-def task_problem(task: TaskRequest, *, allow_file: bool) -> tuple[str, str] | None:
+def task_problem(
+    task: TaskRequest, *, allow_file: bool, presets: Mapping[str, Sequence[str]]
+) -> tuple[str, str] | None:
     """What is wrong with a task beyond its types: ``(field, message)``, or ``None``."""
     if task.repo is not None and (problem := repo_problem(task.repo, allow_file=allow_file)):
+        return problem
+    if task.network is not None and (problem := network_problem(task.network, presets)):
         return problem
     for i, item in enumerate(task.files or ()):
         if why := path_problem(item.path):
@@ -165,6 +187,25 @@ def task_problem(task: TaskRequest, *, allow_file: bool) -> tuple[str, str] | No
                 "an artifact pattern is relative to the workspace, without empty, '.' or '..' "
                 "parts or control characters"
             )
+    return None
+
+
+def network_problem(
+    network: NetworkRequest, presets: Mapping[str, Sequence[str]]
+) -> tuple[str, str] | None:
+    """The first ``network.allow`` entry that is neither :data:`ALLOW_ENTRY_PATTERN` nor a
+    preset of this installation."""
+    for i, entry in enumerate(network.allow):
+        if entry.startswith(egress.PRESET_PREFIX):
+            if entry.removeprefix(egress.PRESET_PREFIX) in presets:
+                continue
+            known = ", ".join(sorted(presets)) or "none are set here"
+            why = f"no such preset (SANDSTREAM_EGRESS_PRESETS: {known})"
+        elif re.fullmatch(ALLOW_ENTRY_PATTERN, entry):
+            continue
+        else:
+            why = "a host name, *.domain or IPv4 address, maybe with :port (1-65535)"
+        return f"network.allow[{i}]", f"network.allow[{i}] {entry!r}: {why}"
     return None
 
 
@@ -214,6 +255,7 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     repo: RepoRequest | None = None
     files: Annotated[list[FileRequest], Meta(max_length=MAX_FILES)] | None = None
     output: OutputRequest | None = None
+    network: NetworkRequest | None = None
 
     def spec(self, files: FilesRef | None = None) -> TaskSpec:
         """The task's spec; ``files`` is where the gateway stored :attr:`files`."""
@@ -221,6 +263,7 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             repo=self.repo.spec() if self.repo else None,
             files=files,
             output=self.output.spec() if self.output else None,
+            network=self.network.spec() if self.network else None,
             prompt=self.prompt,
             timeout_s=self.timeout_s,
             max_turns=self.max_turns,

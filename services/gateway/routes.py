@@ -31,8 +31,8 @@ from services.gateway.keys import (
     UPLOADS,
 )
 from services.gateway.metrics import exposition
+from shared import egress, inputs
 from shared import events as ev
-from shared import inputs
 from shared.errors import Conflict, Unavailable
 from shared.results import CONTENT_TYPES, task_prefix
 from shared.state import TaskState
@@ -261,8 +261,9 @@ async def create_task(request: web.Request) -> web.Response:
     large = length is None or length > MAX_BODY
     async with request.app[UPLOADS] if large else contextlib.nullcontext():
         body = await read_json(request.clone(client_max_size=MAX_TASK_BODY), models.TaskRequest)
-    allow_file = request.app[SETTINGS].allow_file_repos
-    if problem := models.task_problem(body, allow_file=allow_file):
+    settings = request.app[SETTINGS]
+    presets = egress.parse_presets(settings.egress_presets)
+    if problem := models.task_problem(body, allow_file=settings.allow_file_repos, presets=presets):
         field, message = problem
         raise ApiError(422, "invalid_field", message, field=field)
     files = await store_files(request, body.files) if body.files else None

@@ -39,6 +39,8 @@ HEAD_TIMEOUT_S: Final = 10.0
 CONNECT_TIMEOUT_S: Final = 10.0
 IDLE_TIMEOUT_S: Final = 300.0
 CHUNK: Final = 64 * 1024
+MAX_HOSTS: Final = 256
+"""Hosts counted per task, allowed and refused each: past it, new ones are not listed."""
 
 
 class EgressLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,7 +82,8 @@ class _Task:
             if entry.host == host:
                 return entry
         entry = HostCount(host=host)
-        self.counts.allowed.append(entry)
+        if len(self.counts.allowed) < MAX_HOSTS:
+            self.counts.allowed.append(entry)
         return entry
 
     def block(self, host: str, port: int, reason: str) -> None:
@@ -88,7 +91,8 @@ class _Task:
             if (entry.host, entry.port) == (host, port):
                 entry.count += 1
                 return
-        self.counts.blocked.append(Blocked(host=host, port=port, count=1, reason=reason))
+        if len(self.counts.blocked) < MAX_HOSTS:
+            self.counts.blocked.append(Blocked(host=host, port=port, count=1, reason=reason))
 
 
 class _Refused(Exception):

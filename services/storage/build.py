@@ -89,6 +89,7 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
         repo=repo,
         branch=_branch(execution.branch),
         artifacts=_artifacts(execution.artifacts),
+        network=execution.network,
     )
 
 

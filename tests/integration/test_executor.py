@@ -29,9 +29,11 @@ import pytest
 import pytest_asyncio
 import structlog
 import structlog.testing
+from aiohttp import web
 
 from services.executor import agent
 from services.executor.service import Executor, ExecutorConfig
+from services.modelproxy.egress import EgressProxy
 from services.modelproxy.proxy import Credential, ModelProxy
 from services.storage.build import build_transcript
 from shared import events as ev
@@ -91,8 +93,13 @@ class Harness:
     socket_dir: Path
     sandboxes: list[str]
 
-    def proxy(self, credential: Credential | None = None) -> ModelProxy:
-        return ModelProxy(socket_dir=self.socket_dir, upstream=self.fake.url, credential=credential)
+    def proxy(
+        self, credential: Credential | None = None, *, pins: dict[str, str] | None = None
+    ) -> ModelProxy:
+        egress = EgressProxy(socket_dir=self.socket_dir, pins=pins)
+        return ModelProxy(
+            socket_dir=self.socket_dir, upstream=self.fake.url, credential=credential, egress=egress
+        )
 
     async def sandbox(self, task_id: str, **options: Any) -> str:
         """A hardened sandbox exactly as the lifecycle makes it, started."""
@@ -1152,3 +1159,75 @@ async def test_artifacts_are_the_matching_files_and_never_what_a_link_points_at(
         assert all(m.isfile() for m in members.values())
         extracted = tar.extractfile("dist/app.js")
         assert extracted is not None and extracted.read() == b"js\n"
+
+
+# ---- egress --------------------------------------------------------------------------------
+
+
+async def test_the_agent_reaches_allowed_hosts_through_the_proxy_and_nothing_else(
+    harness: Harness,
+) -> None:
+    """From inside the sandbox (network none), curl through HTTP_PROXY: the allowed name
+    (pinned to a server on this machine's loopback) answers, plain and through a CONNECT
+    tunnel; another name, a redirect to it, and the raw address are refused; the refusals are
+    events and the result's network lists both."""
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"hello from {request.host}")
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://other.test:{request.url.port}/hello")
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    app.router.add_get("/redirect", redirect)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    code = "curl -s -o /dev/null -w '%{http_code}\\n'"
+    script = (
+        f"curl -s http://allowed.test:{port}/hello > /tmp/seen; echo >> /tmp/seen; "
+        f"{code} -p http://allowed.test:{port}/hello >> /tmp/seen; "
+        f"{code} http://other.test:{port}/hello >> /tmp/seen; "
+        f"{code} -L http://allowed.test:{port}/redirect >> /tmp/seen; "
+        f"{code} http://127.0.0.1:{port}/hello --noproxy '' >> /tmp/seen; "
+        f"curl -s -m 5 http://127.0.0.1:{port}/hello --noproxy '*' >> /tmp/seen; "
+        "echo $? >> /tmp/seen"
+    )
+    tag = marker()
+    harness.fake.script(match=tag, replies=[ToolUse.bash(script), Text("fetched")])
+    pins = {"allowed.test": "127.0.0.1", "other.test": "127.0.0.1"}
+    try:
+        async with harness.proxy(Credential("api_key", SECRET), pins=pins) as proxy:
+            executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+            task_id, _ = await harness.submit(
+                f"fetch {tag}",
+                network={"allow": [f"allowed.test:{port}"]},
+                allowed_tools=["Bash"],
+            )
+            await executor.worker().run_until_idle()
+            events = await harness.history(task_id)
+    finally:
+        await runner.cleanup()
+    seen = await harness.driver.exec(sandbox_name(task_id), ["cat", "/tmp/seen"])
+    assert seen.output.decode().splitlines() == [
+        f"hello from allowed.test:{port}",
+        "200",  # through a CONNECT tunnel (-p)
+        "403",  # another name
+        "403",  # the redirect to it: followed by curl, refused by the proxy
+        "403",  # the raw address, through the proxy
+        "7",  # and straight, bypassing the proxy: no network at all (curl: cannot connect)
+    ]
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert end.network is not None
+    assert [(a.host, a.requests) for a in end.network.allowed] == [("allowed.test", 3)]
+    blocked = {(b.host, b.port): b.count for b in end.network.blocked}
+    assert blocked == {("other.test", port): 2, ("127.0.0.1", port): 1}
+    events_blocked = [e for e in events if isinstance(e, ev.EgressBlocked)]
+    assert sorted((e.host, e.count) for e in events_blocked) == [
+        ("127.0.0.1", 1),
+        ("other.test", 2),
+    ]

@@ -76,6 +76,7 @@ class _Task:
         self.counts = counts
         self.connections = 0
         self.server: asyncio.AbstractServer | None = None
+        self.handlers: set[asyncio.Task[None]] = set()
 
     def allowed_host(self, host: str) -> HostCount:
         for entry in self.counts.allowed:
@@ -193,8 +194,11 @@ class EgressProxy:
         task = self._tasks.pop(task_id, None)
         if task is None or task.server is None:
             return
-        self._save_counts(task)
         task.server.close()
+        for handler in list(task.handlers):  # open tunnels end with their task's socket
+            handler.cancel()
+        await asyncio.gather(*task.handlers, return_exceptions=True)
+        self._save_counts(task)
         if unlink:
             with contextlib.suppress(OSError):
                 self.socket_path(task_id).unlink()
@@ -215,6 +219,9 @@ class EgressProxy:
         self, task: _Task, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         task.connections += 1  # from the accept: an idle connection holds a place too
+        handler = asyncio.current_task()
+        if handler is not None:
+            task.handlers.add(handler)
         try:
             head = await _read_head(reader)  # read before any answer: no reset for the client
             if task.connections > self.limits.max_connections:
@@ -224,8 +231,14 @@ class EgressProxy:
             await _answer(writer, refused.status, refused.reason)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # The task's socket is closing: this connection ends here. Returning (rather
+            # than re-raising) keeps asyncio's stream callback from logging it as an error.
+            pass
         finally:
             task.connections -= 1
+            if handler is not None:
+                task.handlers.discard(handler)
             with contextlib.suppress(Exception):
                 writer.close()
 

@@ -223,6 +223,23 @@ BAD_REQUESTS: list[tuple[str, dict[str, str] | None, Any, int, str, str | None]]
             ("artifact empty", {"output": {"artifacts": [""]}}, "output.artifacts[0]"),
         )
     ),
+    *(
+        (f"network {why}", None, {"prompt": "x", "network": network}, 422, code, field)
+        for why, network, code, field in (
+            ("no allow", {}, "missing_field", "network.allow"),
+            ("url", {"allow": ["https://pypi.org"]}, "invalid_field", "network.allow[0]"),
+            ("bad port", {"allow": ["a.org", "b.org:70000"]}, "invalid_field", "network.allow[1]"),
+            ("bare star", {"allow": ["*"]}, "invalid_field", "network.allow[0]"),
+            ("ipv6", {"allow": ["[::1]:80"]}, "invalid_field", "network.allow[0]"),
+            ("unknown preset", {"allow": ["preset:nope"]}, "invalid_field", "network.allow[0]"),
+            (
+                "too many",
+                {"allow": [f"h{i}.org" for i in range(65)]},
+                "invalid_field",
+                "network.allow",
+            ),
+        )
+    ),
     (
         "repo depth zero",
         None,

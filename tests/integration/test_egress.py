@@ -7,6 +7,7 @@ leaves this machine.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -139,3 +140,75 @@ async def test_a_restarted_proxy_keeps_the_policy_and_the_counts(
         await second.remove_task(task)
         await second.close()
     assert not sock.exists()
+
+
+def self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for ``name`` and its key (cryptography comes with moto)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_tls_goes_through_a_tunnel_untouched(tmp_path: Path) -> None:
+    """CONNECT, then a TLS handshake with the origin itself: the client verifies the
+    origin's certificate for the name it asked for; the proxy only carries bytes."""
+    cert, key = self_signed(tmp_path, "secure.test")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"secret hello over {request.scheme}")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    proxy = EgressProxy(socket_dir=tmp_path / "sockets", pins={"secure.test": "127.0.0.1"})
+    task = ev.new_task_id()
+    sock = await proxy.add_task(task, [f"secure.test:{port}"])
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        writer.write(f"CONNECT secure.test:{port} HTTP/1.1\r\n\r\n".encode())
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 200 Connection Established\r\n\r\n"
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+        await writer.start_tls(client_ctx, server_hostname="secure.test")
+        writer.write(b"GET / HTTP/1.1\r\nHost: secure.test\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"secret hello over https")
+        assert [(a.host, a.requests) for a in proxy.counts(task).allowed] == [("secure.test", 1)]
+    finally:
+        await proxy.close()
+        await runner.cleanup()

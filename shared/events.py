@@ -96,6 +96,32 @@ class OutputSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Shell patterns of workspace paths stored as ``artifacts.tar.gz`` after the run."""
 
 
+class McpServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A stdio MCP server: a command the CLI starts inside the sandbox."""
+
+    command: str
+    args: list[str] = msgspec.field(default_factory=list)
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The task's configuration of the CLI (each reaches it as its documented flag or file)."""
+
+    append_system_prompt: str | None = None
+    claude_md: str | None = None
+    settings: dict[str, Any] | None = None
+    mcp_servers: dict[str, McpServer] | None = None
+    json_schema: dict[str, Any] | None = None
+    disallowed_tools: list[str] | None = None
+    fail_on_permission_denial: bool = False
+    stall_timeout_s: int = 300
+
+    @property
+    def files(self) -> bool:
+        """Whether the run needs files written before it starts."""
+        return any((self.append_system_prompt, self.claude_md, self.settings, self.mcp_servers))
+
+
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the user asked for (the validated body of ``POST /v1/tasks``)."""
 
@@ -113,6 +139,8 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     files: FilesRef | None = None
     output: OutputSpec | None = None
     network: NetworkSpec | None = None
+    agent: AgentConfig | None = None
+    """How the CLI is configured for the run, beyond its prompt (``agent.py``)."""
 
 
 class ModelUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -276,6 +304,10 @@ class ExecutionCompleted(Event, frozen=True, kw_only=True, tag="ExecutionComplet
     branch: BranchInfo | None = None
     artifacts: ArtifactsInfo | None = None
     network: NetworkInfo | None = None
+    warnings: list[str] = msgspec.field(default_factory=list)
+    """What did not go as asked though the run may have succeeded: ``permission_denied``,
+    ``empty_result``, ``max_turns_reached``, ``stopped_after_result``."""
+    structured_output: Any = None
 
 
 class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
@@ -302,6 +334,10 @@ class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
     branch: BranchInfo | None = None
     artifacts: ArtifactsInfo | None = None
     network: NetworkInfo | None = None
+    warnings: list[str] = msgspec.field(default_factory=list)
+    """What did not go as asked though the run may have succeeded: ``permission_denied``,
+    ``empty_result``, ``max_turns_reached``, ``stopped_after_result``."""
+    structured_output: Any = None
 
 
 class SandboxStopped(Event, frozen=True, kw_only=True, tag="SandboxStopped"):

@@ -85,6 +85,9 @@ class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
     artifacts: ArtifactsResult | None = None
     network: NetworkInfo | None = None
     """For a task with ``network``: hosts reached (requests, bytes) and refused (count)."""
+    warnings: list[str] = msgspec.field(default_factory=list)
+    structured_output: Any = None
+    """With ``json_schema``: the object the CLI validated against it."""
 
 
 def task_prefix(task_id: str) -> str:

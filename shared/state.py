@@ -96,6 +96,8 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     """The task's repository and files are in the workspace (``WorkspacePrepared``)."""
     sandbox_stopped: bool = False
     execution_ended: bool = False
+    warnings: tuple[str, ...] = ()
+    """What the run's end said did not go as asked (``result.json`` ``warnings``)."""
     next_line: int = 0
     """Index of the next output line of the run (after every ``AgentOutput`` folded in)."""
     next_batch: int = 0
@@ -148,7 +150,8 @@ def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
         case ExecutionStarted():
             return _advance(state, Status.RUNNING, event)
         case ExecutionCompleted() | ExecutionFailed():
-            state = msgspec.structs.replace(state, execution_ended=True)
+            warnings = tuple(event.warnings[:16])
+            state = msgspec.structs.replace(state, execution_ended=True, warnings=warnings)
             return _advance(state, Status.STORING, event)
         case SandboxStopped():
             state = msgspec.structs.replace(state, sandbox_stopped=True)

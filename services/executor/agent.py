@@ -50,6 +50,11 @@ KEEPER_DIR: Final = sandbox.KEEPER_DIR
 NONCE_VAR: Final = "SANDSTREAM_NONCE"
 SANDBOX_UID: Final = sandbox.SANDBOX_UID
 HOME_DIR: Final = "/tmp/.sandstream-home"
+CONFIG_DIR: Final = "/tmp/.sandstream-config"
+"""The run's configuration files (settings, MCP servers, appended system prompt)."""
+APPEND_FILE: Final = "append-system-prompt.md"
+SETTINGS_FILE: Final = "settings.json"
+MCP_FILE: Final = "mcp.json"
 WORKSPACE: Final = "/workspace"
 MODEL_SOCKET: Final = sandbox.MODEL_SOCKET
 EGRESS_SOCKET: Final = sandbox.EGRESS_SOCKET
@@ -78,7 +83,8 @@ MARK_ATTACHED: Final = "sandstream: attached"
 
 
 def command(spec: TaskSpec) -> list[str]:
-    """The CLI's argv for a task (the prompt goes in through stdin, see module docs)."""
+    """The CLI's argv for a task (the prompt goes in through stdin, see module docs); the
+    task's configuration as the CLI's own flags, pointing at the files of :func:`config_files`."""
     argv = [
         CLI,
         "-p",
@@ -92,10 +98,46 @@ def command(spec: TaskSpec) -> list[str]:
         argv += ["--max-turns", str(spec.max_turns)]
     if spec.model:
         argv += ["--model", spec.model]
+    config = spec.agent
+    if config is not None:
+        if config.append_system_prompt:
+            argv += ["--append-system-prompt-file", f"{CONFIG_DIR}/{APPEND_FILE}"]
+        if config.settings is not None:
+            argv += ["--settings", f"{CONFIG_DIR}/{SETTINGS_FILE}"]
+        if config.mcp_servers:
+            argv += ["--mcp-config", f"{CONFIG_DIR}/{MCP_FILE}", "--strict-mcp-config"]
+        if config.json_schema is not None:
+            argv += ["--json-schema", msgspec.json.encode(config.json_schema).decode()]
+    # Variadic options: they come last, so nothing after them is taken for a tool.
     if spec.allowed_tools:
-        # Variadic option: it must come last, so nothing after it is taken for a tool.
         argv += ["--allowedTools", *spec.allowed_tools]
+    if config is not None and config.disallowed_tools:
+        argv += ["--disallowedTools", *config.disallowed_tools]
     return argv
+
+
+def config_files(spec: TaskSpec) -> dict[str, bytes]:
+    """The files the task's configuration needs before the run, by path under ``/tmp`` (the
+    executor copies them in as the agent's, with the workspace). ``CLAUDE.md`` is the user's
+    memory file, outside ``/workspace``: it is no part of the diff or the branch."""
+    config = spec.agent
+    if config is None:
+        return {}
+    files: dict[str, bytes] = {}
+    config_dir = CONFIG_DIR.removeprefix("/tmp/")
+    if config.append_system_prompt:
+        files[f"{config_dir}/{APPEND_FILE}"] = config.append_system_prompt.encode()
+    if config.settings is not None:
+        files[f"{config_dir}/{SETTINGS_FILE}"] = msgspec.json.encode(config.settings)
+    if config.mcp_servers:
+        servers = {
+            name: {"type": "stdio", **msgspec.to_builtins(server)}
+            for name, server in config.mcp_servers.items()
+        }
+        files[f"{config_dir}/{MCP_FILE}"] = msgspec.json.encode({"mcpServers": servers})
+    if config.claude_md:
+        files[f"{HOME_DIR.removeprefix('/tmp/')}/.claude/CLAUDE.md"] = config.claude_md.encode()
+    return files
 
 
 def environment(
@@ -584,6 +626,8 @@ class AgentResult(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str = ""
     permission_denials: list[dict[str, Any]] = msgspec.field(default_factory=list)
     duration_ms: int = 0
+    structured_output: Any = None
+    """With ``--json-schema``: the object the CLI validated against it."""
 
 
 _json = msgspec.json.Decoder()
@@ -637,6 +681,10 @@ class Transcript:
             self.feed(line)
         return self
 
+    @property
+    def has_result(self) -> bool:
+        return self._result is not None
+
     def result(self) -> AgentResult:
         r = self._result
         if r is None:
@@ -661,6 +709,7 @@ class Transcript:
             if isinstance(denials, list)
             else [],
             duration_ms=_as_int(r.get("duration_ms")),
+            structured_output=r.get("structured_output"),
         )
 
 

@@ -75,6 +75,9 @@ class Exchange:
                 if checkout is not None:
                     through_links(checkout.path, inputs.names(archive))
                 await self._copy_in(name, _once(archive), "the task's files")
+            if config := agent.config_files(spec):
+                packed = inputs.pack([(path, data, 0o600) for path, data in config.items()])
+                await self._copy_in(name, _once(packed), "the run's configuration", to="/tmp")
         finally:
             if not keep:
                 self.fetcher.discard(task_id)
@@ -93,9 +96,11 @@ class Exchange:
         await self.bus.publish(prepared)
         log.info("workspace prepared", commit=prepared.commit, bytes=prepared.bytes, ms=prepared.ms)
 
-    async def _copy_in(self, name: str, archive: AsyncIterator[bytes], what: str) -> None:
+    async def _copy_in(
+        self, name: str, archive: AsyncIterator[bytes], what: str, *, to: str = WORKSPACE
+    ) -> None:
         try:
-            await self.driver.copy_in(name, WORKSPACE, archive)
+            await self.driver.copy_in(name, to, archive)
         except SandboxNotFound:
             raise Retry("the sandbox went away while its workspace was filled") from None
         except SandboxError as exc:

@@ -61,6 +61,8 @@ from shared.worker import Delivery, Worker
 log = structlog.get_logger("sandstream.executor")
 
 DURABLE: Final = "executor"
+WATCH_S: Final = 1.0
+"""How often the run's clocks (stall, exit after the result) are looked at."""
 MAX_HOSTS: Final = 256
 """Hosts listed in a run's ``network`` (and ``EgressBlocked`` events) at most."""
 KiB: Final = 1024
@@ -93,6 +95,9 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
     deadline_grace_s: float = 5.0
     """The executor stops the agent this long after the task's deadline (the lifecycle's
     deadline normally ends the task first)."""
+    result_exit_grace_s: float = 10.0
+    """A CLI that printed its result and has not exited this long after is stopped (its
+    result is kept)."""
 
     workspaces_dir: Path = Path(".sandstream/workspaces")
     """Scratch space for repositories while they are fetched (one 0700 folder per task)."""
@@ -136,6 +141,8 @@ class _Outcome(msgspec.Struct, kw_only=True):
     """``None``: the follow stream ended without the closing block (sandbox gone?)."""
     timed_out: bool = False
     output_limited: bool = False
+    stalled: bool = False
+    stopped_after_result: bool = False
     stderr: str = ""
 
 
@@ -220,7 +227,7 @@ class Executor:
             log.warning("execution failed", code="no_credential")
             return
         spec = requested.spec
-        needed = spec.repo is not None or spec.files is not None
+        needed = spec.repo is not None or spec.files is not None or agent.config_files(spec)
         if needed and history.state is not None and not history.state.workspace_prepared:
             try:
                 await self.exchange.prepare(event, spec)
@@ -359,6 +366,10 @@ class Executor:
         ready, ended, done = nonce + ".ready", nonce + ".ended", nonce + ".done"
         complete = False
         killer: asyncio.Task[Any] | None = None
+        config = spec.agent or ev.AgentConfig()
+        last_line_at = time.monotonic()  # the stall watchdog's clock (with the model's bytes)
+        result_at: float | None = None  # when the CLI printed its result (it should exit)
+        started = False
 
         async def flush() -> None:
             nonlocal pending, pending_bytes, batch_no
@@ -387,8 +398,24 @@ class Executor:
                 asyncio.wait_for(self.driver.exec(name, agent.kill_argv(self._script)), 15.0)
             )
 
+        async def watch() -> None:
+            """The run's two clocks: a result and no exit, or nothing at all for too long."""
+            nonlocal killer
+            now = time.monotonic()
+            if result_at is not None and now - result_at > cfg.result_exit_grace_s:
+                outcome.stopped_after_result = True
+                killer = stop("no exit after its result")
+            elif now - last_line_at > config.stall_timeout_s:
+                usage = await self.proxy.usage(event.task_id)
+                model_idle = time.time() - usage.last_activity
+                if model_idle > config.stall_timeout_s:
+                    outcome.stalled = True
+                    killer = stop("stalled")
+
         async def add(line: str) -> None:
-            nonlocal pending_bytes, first_at, line_no, output_bytes, killer
+            nonlocal pending_bytes, first_at, line_no, output_bytes, killer, last_line_at
+            nonlocal result_at
+            last_line_at = time.monotonic()
             if outcome.output_limited:
                 return  # past the cap: read (to reach the end) but keep nothing
             kept = agent.truncate_line(line, cfg.max_line_bytes)
@@ -401,6 +428,8 @@ class Executor:
                 return
             output_bytes += size
             transcript.feed(line)  # whole: the result line must parse even when kept cut
+            if result_at is None and transcript.has_result:
+                result_at = time.monotonic()
             line = kept
             if pending and pending_bytes + size > cfg.max_event_bytes - 1024:
                 await flush()
@@ -416,7 +445,7 @@ class Executor:
         try:
             async with stream:
                 while True:
-                    waits = [deadline - time.time()] if killer is None else []
+                    waits = [deadline - time.time(), WATCH_S] if killer is None else []
                     if pending:
                         waits.append(first_at + cfg.batch_interval_s - time.monotonic())
                     timeout = max(0.0, min(waits)) if waits else None
@@ -428,6 +457,8 @@ class Executor:
                         if killer is None and time.time() >= deadline:
                             outcome.timed_out = True
                             killer = stop("past its deadline")
+                        elif killer is None and tail is None and started:
+                            await watch()
                         continue
                     if item is _END:
                         break
@@ -436,6 +467,7 @@ class Executor:
                     assert isinstance(item, str)
                     if item == ready and tail is None:
                         await self._start(name, spec)
+                        started, last_line_at = True, time.monotonic()
                     elif item == ended and tail is None:
                         await self._stop_all(name)
                     elif tail is not None:
@@ -520,22 +552,32 @@ class Executor:
         counted = await self.proxy.usage(task_id)
         exit_code = collected.exit_code
         oom = pids = 0
-        if not verdict.succeeded(collected, result):  # what only a failure needs to know
+        stopped_after_result = outcome.stopped_after_result
+        if not verdict.succeeded(collected, result, stopped_after_result=stopped_after_result):
             oom = collected.oom_kills or (exit_code in (137, None) and await self._oom_killed(name))
             pids = collected.pids_limit_hits or await self.driver.pids_limit_hits(name)
-        judged = verdict.judge(
-            verdict.Facts(
-                collected=collected,
-                result=result,
-                budget_exceeded=counted.budget_exceeded or "",
-                output_limited=outcome.output_limited,
-                timed_out=outcome.timed_out,
-                oom_killed=bool(oom),
-                pids_limit_hits=pids,
-                timeout_s=spec.timeout_s,
-                max_output_bytes=cfg.max_output_bytes,
-            )
+        facts = verdict.Facts(
+            collected=collected,
+            result=result,
+            budget_exceeded=counted.budget_exceeded or "",
+            output_limited=outcome.output_limited,
+            timed_out=outcome.timed_out,
+            oom_killed=bool(oom),
+            pids_limit_hits=pids,
+            timeout_s=spec.timeout_s,
+            max_output_bytes=cfg.max_output_bytes,
+            stalled=outcome.stalled,
+            stall_timeout_s=(spec.agent or ev.AgentConfig()).stall_timeout_s,
+            stopped_after_result=outcome.stopped_after_result,
+            fail_on_permission_denial=spec.agent is not None
+            and spec.agent.fail_on_permission_denial,
         )
+        judged = verdict.judge(facts)
+        warnings = verdict.warnings(facts)
+        structured = result.structured_output
+        if structured is not None and len(msgspec.json.encode(structured)) > cfg.max_text_bytes:
+            structured = None  # the agent's to size: never larger than an event may be
+            warnings.append("structured_output_too_large")
         branch: ev.BranchInfo | None = None
         artifacts: ev.ArtifactsInfo | None = None
         network = await self._network(event) if spec.network is not None else None
@@ -552,6 +594,8 @@ class Executor:
             "branch": branch,
             "artifacts": artifacts,
             "network": network,
+            "warnings": warnings,
+            "structured_output": structured,
             "event_id": ev.event_id(task_id, "ExecutionEnded", event.attempt),
             "task_id": task_id,
             "tenant": event.tenant,

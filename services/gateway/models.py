@@ -12,7 +12,16 @@ import msgspec
 from msgspec import Meta
 
 from shared import egress
-from shared.events import ErrorInfo, FilesRef, NetworkSpec, OutputSpec, RepoSpec, TaskSpec
+from shared.events import (
+    AgentConfig,
+    ErrorInfo,
+    FilesRef,
+    McpServer,
+    NetworkSpec,
+    OutputSpec,
+    RepoSpec,
+    TaskSpec,
+)
 from shared.inputs import MAX_FILES, MAX_PATH, PATH_PATTERN, path_problem
 from shared.secrets import SECRET_NAME_PATTERN
 
@@ -98,6 +107,26 @@ class FileRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     mode: Literal["0644", "0755"] = "0644"
 
 
+LongText = Annotated[str, Meta(max_length=100_000, pattern=r"^[^\x00]*$")]
+McpName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Arg = Annotated[str, Meta(max_length=256, pattern=r"^[^\x00]*$")]
+EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+MAX_JSON_OPTION_BYTES: Final = 64 * 1024
+"""``settings`` and ``json_schema`` each, encoded."""
+
+
+class McpServerRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A stdio MCP server (it runs inside the sandbox, as the agent)."""
+
+    type: Literal["stdio"] = "stdio"
+    command: Annotated[str, Meta(min_length=1, max_length=1024, pattern=r"^[^\x00]*$")]
+    args: Annotated[list[Arg], Meta(max_length=16)] = msgspec.field(default_factory=list)
+    env: Annotated[dict[EnvName, Arg], Meta(max_length=16)] = msgspec.field(default_factory=dict)
+
+    def spec(self) -> McpServer:
+        return McpServer(command=self.command, args=list(self.args), env=dict(self.env))
+
+
 class NetworkRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``network`` of ``POST /v1/tasks``: the hosts the agent may reach (default: none)."""
 
@@ -167,6 +196,10 @@ def task_problem(
         return problem
     if task.network is not None and (problem := network_problem(task.network, presets)):
         return problem
+    for name in ("settings", "json_schema"):
+        value = getattr(task, name)
+        if value is not None and len(msgspec.json.encode(value)) > MAX_JSON_OPTION_BYTES:
+            return name, f"{name} holds more than {MAX_JSON_OPTION_BYTES} bytes of JSON"
     for i, item in enumerate(task.files or ()):
         if why := path_problem(item.path):
             return f"files[{i}].path", f"files[{i}].path: {why}"
@@ -256,6 +289,14 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     files: Annotated[list[FileRequest], Meta(max_length=MAX_FILES)] | None = None
     output: OutputRequest | None = None
     network: NetworkRequest | None = None
+    append_system_prompt: LongText | None = None
+    claude_md: LongText | None = None
+    settings: Annotated[dict[str, Any], Meta(max_length=256)] | None = None
+    mcp_servers: Annotated[dict[McpName, McpServerRequest], Meta(max_length=8)] | None = None
+    json_schema: Annotated[dict[str, Any], Meta(max_length=256)] | None = None
+    disallowed_tools: Annotated[list[ToolName], Meta(max_length=64)] | None = None
+    stall_timeout_s: Annotated[int, Meta(ge=10, le=3600)] = 300
+    fail_on_permission_denial: bool = False
 
     def spec(self, files: FilesRef | None = None) -> TaskSpec:
         """The task's spec; ``files`` is where the gateway stored :attr:`files`."""
@@ -264,6 +305,7 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             files=files,
             output=self.output.spec() if self.output else None,
             network=self.network.spec() if self.network else None,
+            agent=self._agent(),
             prompt=self.prompt,
             timeout_s=self.timeout_s,
             max_turns=self.max_turns,
@@ -273,6 +315,21 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             max_tokens=self.max_tokens,
             max_budget_usd=self.max_budget_usd,
         )
+
+    def _agent(self) -> AgentConfig | None:
+        config = AgentConfig(
+            append_system_prompt=self.append_system_prompt,
+            claude_md=self.claude_md,
+            settings=self.settings,
+            mcp_servers={k: v.spec() for k, v in self.mcp_servers.items()}
+            if self.mcp_servers
+            else None,
+            json_schema=self.json_schema,
+            disallowed_tools=self.disallowed_tools,
+            fail_on_permission_denial=self.fail_on_permission_denial,
+            stall_timeout_s=self.stall_timeout_s,
+        )
+        return None if config == AgentConfig() else config
 
 
 class ExecuteRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -321,6 +378,7 @@ class TaskView(msgspec.Struct, omit_defaults=True):
     metadata: dict[str, str]
     result: dict[str, Any] | None = None
     error: ErrorInfo | None = None
+    warnings: list[str] | None = None
 
 
 class TaskPage(msgspec.Struct):

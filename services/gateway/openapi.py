@@ -64,7 +64,13 @@ UNAVAILABLE = _error("the event log is unreachable or still loading; retry", "un
 BAD_BODY = _error("the body is not a JSON object", "invalid_json", "invalid_body")
 BODY_TOO_LARGE = _error("the body is larger than 1 MiB", "body_too_large")
 MEDIA_TYPE = _error("the body is not JSON", "unsupported_media_type")
-INVALID_FIELD = _error("a field is invalid", "invalid_field", "unknown_field", "missing_field")
+INVALID_FIELD = _error(
+    "a field is invalid, or the task's texts together are too large for one event",
+    "invalid_field",
+    "unknown_field",
+    "missing_field",
+    "task_too_large",
+)
 TOO_MANY_SUBMISSIONS = _error(
     "over the tenant's submission rate or queued-task quota; see Retry-After",
     "rate_limited",

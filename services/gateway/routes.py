@@ -33,6 +33,7 @@ from services.gateway.keys import (
 from services.gateway.metrics import exposition
 from shared import egress, inputs
 from shared import events as ev
+from shared.bus import MAX_EVENT_BYTES
 from shared.errors import Conflict, Unavailable
 from shared.results import CONTENT_TYPES, task_prefix
 from shared.state import TaskState
@@ -132,6 +133,7 @@ def view(task: TaskState) -> models.TaskView:
         updated_at=task.updated_at.isoformat().replace("+00:00", "Z"),
         metadata=task.metadata,
         error=task.error,
+        warnings=list(task.warnings) or None,
     )
 
 
@@ -176,6 +178,10 @@ async def _task(request: web.Request, tenant: str) -> TaskState:
 
 
 # ---- submission --------------------------------------------------------------------------
+
+
+MAX_TASK_EVENT_BYTES = MAX_EVENT_BYTES - 64 * 1024
+"""A task's ``TaskRequested`` at most (room under the bus's cap for the envelope)."""
 
 
 async def store_files(request: web.Request, files: list[models.FileRequest]) -> ev.FilesRef:
@@ -224,6 +230,14 @@ async def submit(
         idempotency_key=key,
         request_hash=digest,
     )
+    size = len(ev.encode(event))
+    if size > MAX_TASK_EVENT_BYTES:
+        raise ApiError(
+            422,
+            "task_too_large",
+            f"the task's texts (prompt, append_system_prompt, claude_md, settings, ...) make "
+            f"{size} bytes as an event; at most {MAX_TASK_EVENT_BYTES}: move content into files",
+        )
     try:
         # Only a keyed id can be asked for twice; a random one (100 bits) cannot collide, and
         # its retries inside the duplicate window are dropped by the message id.

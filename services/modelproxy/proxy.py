@@ -141,6 +141,9 @@ class TaskUsage:
     """Calls the policy refused (size, fields, model, budget)."""
     budget_exceeded: str = ""
     """Why the task's budget refused a call (``""``: it never did)."""
+    last_activity: float = 0.0
+    """When bytes last came from the model for the task (epoch seconds; 0: never): the
+    executor's stall watchdog reads it (a long answer streams without output lines)."""
 
     @property
     def tokens(self) -> int:
@@ -549,6 +552,7 @@ class ModelProxy:
             try:
                 await out.prepare(request)
                 async for chunk in upstream.content.iter_any():
+                    usage.last_activity = time.time()
                     if sse is not None:
                         sse.feed(chunk)
                     elif keep_json and len(json_body) < MAX_JSON_USAGE_BODY:

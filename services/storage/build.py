@@ -90,6 +90,8 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
         branch=_branch(execution.branch),
         artifacts=_artifacts(execution.artifacts),
         network=execution.network,
+        warnings=list(execution.warnings),
+        structured_output=execution.structured_output,
     )
 
 

@@ -113,6 +113,7 @@ class Reply:
     ``delay`` seconds pass (for streaming: after ``message_start``, with ``ping`` events)
     before the content is sent; when ``hold`` is given, the reply also waits until the
     event is set, so a test can keep the "model" thinking for exactly as long as it needs.
+    Without ``pings``, it is silent meanwhile: a stalled model.
     ``input_tokens``/``output_tokens`` override the deterministic usage defaults.
     """
 
@@ -121,6 +122,7 @@ class Reply:
     hold: asyncio.Event | None
     input_tokens: int
     output_tokens: int
+    pings: bool
 
     def __init__(
         self,
@@ -129,6 +131,7 @@ class Reply:
         hold: asyncio.Event | None = None,
         input_tokens: int = DEFAULT_INPUT_TOKENS,
         output_tokens: int = DEFAULT_OUTPUT_TOKENS,
+        pings: bool = True,
     ) -> None:
         if not blocks:
             raise ValueError("Reply needs at least one Text or ToolUse block")
@@ -140,6 +143,7 @@ class Reply:
         object.__setattr__(self, "hold", hold)
         object.__setattr__(self, "input_tokens", input_tokens)
         object.__setattr__(self, "output_tokens", output_tokens)
+        object.__setattr__(self, "pings", pings)
 
     @property
     def stop_reason(self) -> str:
@@ -601,7 +605,7 @@ class FakeModel:
         start = dict(message, content=[], stop_reason=None, usage=dict(usage, output_tokens=1))
         await send("message_start", {"type": "message_start", "message": start})
         await send("ping", {"type": "ping"})
-        await self._wait(reply, lambda: send("ping", {"type": "ping"}))
+        await self._wait(reply, (lambda: send("ping", {"type": "ping"})) if reply.pings else None)
         for index, block in enumerate(message["content"]):
             if block["type"] == "text":
                 await send(

@@ -1231,3 +1231,143 @@ async def test_the_agent_reaches_allowed_hosts_through_the_proxy_and_nothing_els
         ("127.0.0.1", 1),
         ("other.test", 2),
     ]
+
+
+# ---- agent configuration and honest outcomes -------------------------------------------------
+
+
+def requests_of(fake: FakeModel, tag: str) -> list[str]:
+    """The bodies of the main model requests of the conversation with ``tag``, as JSON text."""
+    return [json.dumps(r.body) for r in fake.main_requests() if tag in (r.prompt or "")]
+
+
+async def test_each_option_reaches_the_cli_where_it_belongs(harness: Harness) -> None:
+    tag, appended, memory = marker(), "ALWAYS-ANSWER-IN-HAIKU " + marker(), "MEMO " + marker()
+    harness.fake.script(match=tag, replies=[ToolUse.bash("echo allowed > /tmp/ran"), Text("ok")])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(
+            f"configured {tag}",
+            agent={
+                "append_system_prompt": appended,
+                "claude_md": memory,
+                # Bash allowed by the run's settings file, not by allowed_tools
+                "settings": {"permissions": {"allow": ["Bash"]}},
+                "mcp_servers": {"local": {"command": "/bin/true", "args": ["x"]}},
+            },
+        )
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    bodies = requests_of(harness.fake, tag)
+    assert bodies and all(appended in b for b in bodies)  # the system prompt, every turn
+    assert any(memory in b for b in bodies)  # CLAUDE.md as the user's memory
+    name = sandbox_name(task_id)
+    ran = await harness.driver.exec(name, ["cat", "/tmp/ran"])
+    assert ran.output == b"allowed\n"
+    mcp = await harness.driver.exec(name, ["cat", f"{agent.CONFIG_DIR}/{agent.MCP_FILE}"])
+    assert json.loads(mcp.output) == {
+        "mcpServers": {"local": {"type": "stdio", "command": "/bin/true", "args": ["x"], "env": {}}}
+    }
+    assert end.files_changed == []  # none of it is in the workspace
+    assert end.warnings == []
+
+
+async def test_a_disallowed_tool_is_not_offered_to_the_model(harness: Harness) -> None:
+    tag = marker()
+    harness.fake.script(match=tag, replies=[Text("fine")])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(f"tools {tag}", agent={"disallowed_tools": ["Write"]})
+        await executor.worker().run_until_idle()
+        (end,) = ends(await harness.history(task_id))
+    assert isinstance(end, ev.ExecutionCompleted), end
+    offered = [
+        {t.get("name") for t in r.body.get("tools") or []}
+        for r in harness.fake.main_requests()
+        if tag in (r.prompt or "")
+    ]
+    assert offered and all("Write" not in names and "Read" in names for names in offered)
+
+
+async def test_a_denied_call_is_a_warning_or_with_fail_on_permission_denial_a_failure(
+    harness: Harness,
+) -> None:
+    outcomes = []
+    for strict in (False, True):
+        tag = marker()
+        # Bash is not allowed under acceptEdits: the call is denied, the run goes on.
+        harness.fake.script(
+            match=tag, replies=[ToolUse.bash("python3 -c 'print(1)'"), Text("could not")]
+        )
+        async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+            executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+            agent_config = {"fail_on_permission_denial": True} if strict else None
+            task_id, _ = await harness.submit(f"run {tag}", agent=agent_config)
+            await executor.worker().run_until_idle()
+            (end,) = ends(await harness.history(task_id))
+        outcomes.append(end)
+    lenient, strict_end = outcomes
+    assert isinstance(lenient, ev.ExecutionCompleted) and lenient.warnings == ["permission_denied"]
+    assert isinstance(strict_end, ev.ExecutionFailed) and strict_end.code == "permission_denied"
+    assert "Bash" in strict_end.message and strict_end.warnings == ["permission_denied"]
+
+
+async def test_a_stalled_model_ends_the_run_as_stalled(harness: Harness) -> None:
+    tag = marker()
+    never = asyncio.Event()
+    harness.fake.script(match=tag, replies=[Reply(Text("too late"), hold=never, pings=False)])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, started = await harness.submit(f"stall {tag}", agent={"stall_timeout_s": 10})
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+    never.set()
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionFailed) and end.code == "stalled", end
+    elapsed = (end.at - started.at).total_seconds()
+    assert 10 <= elapsed < 30, elapsed
+    print(f"\nstalled after {elapsed:.1f} s (stall_timeout_s 10)")
+
+
+async def test_a_cli_that_does_not_exit_after_its_result_is_stopped_and_its_result_kept(
+    harness: Harness,
+) -> None:
+    tag = marker()
+    harness.fake.script(match=tag, replies=[Text("the answer")])
+    # A SessionEnd hook that never ends: the CLI has printed its result and does not exit.
+    hang = {
+        "hooks": {"SessionEnd": [{"hooks": [{"type": "command", "command": "sleep 600"}]}]},
+        # SessionEnd hooks get 1.5 s unless told otherwise: this one may take its time.
+        "env": {"CLAUDE_CODE_SESSIONEND_HOOKS_TIMEOUT_MS": "600000"},
+    }
+    config = ExecutorConfig(result_exit_grace_s=3.0)
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, config=config)
+        task_id, _ = await harness.submit(f"answer {tag}", agent={"settings": hang})
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert end.text == "the answer" and "stopped_after_result" in end.warnings
+
+
+async def test_a_json_schema_gives_structured_output(harness: Harness) -> None:
+    tag = marker()
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    harness.fake.script(
+        match=tag, replies=[ToolUse("StructuredOutput", {"answer": 42}), Text("done")]
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(f"answer {tag}", agent={"json_schema": schema})
+        await executor.worker().run_until_idle()
+        (end,) = ends(await harness.history(task_id))
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert end.structured_output == {"answer": 42}

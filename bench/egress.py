@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from services.modelproxy.egress import EgressLimits, EgressProxy  # noqa: E402
 from shared import events as ev  # noqa: E402
+from shared.egress import parse_pins  # noqa: E402
 
 CHUNK = 1 << 20
 
@@ -63,7 +64,7 @@ async def main_async(mb: int, runs: int, requests: int) -> None:
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         proxy = EgressProxy(
             socket_dir=Path(tmp),
-            pins={"mirror.test": "127.0.0.1"},
+            pins=parse_pins(f"mirror.test=127.0.0.1:{port}"),
             limits=EgressLimits(max_bytes=1 << 40, max_connections=64),
         )
         task = ev.new_task_id()

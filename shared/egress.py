@@ -103,15 +103,31 @@ def parse_presets(raw: str) -> dict[str, list[str]]:
     return {str(k): list(v) for k, v in data.items()}
 
 
-def parse_pins(raw: str) -> dict[str, str]:
-    """``SANDSTREAM_EGRESS_HOSTS``: ``name=ip,…``; ``ValueError`` naming a bad one."""
-    pins: dict[str, str] = {}
+class Pin(msgspec.Struct, frozen=True):
+    """A name the proxy sends to a fixed address, on ``port`` only (without one: 80, 443)."""
+
+    address: str
+    port: int | None = None
+
+    def covers(self, port: int) -> bool:
+        return port == self.port if self.port is not None else port in DEFAULT_PORTS
+
+
+def parse_pins(raw: str) -> dict[str, Pin]:
+    """``SANDSTREAM_EGRESS_HOSTS``: ``name=ip`` or ``name=ip:port``, comma-separated;
+    ``ValueError`` naming a bad one. A pin opens its address on its port(s) only: a task
+    cannot name another port of a pinned address (this machine's NATS, say)."""
+    pins: dict[str, Pin] = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
-        name, _, address = item.partition("=")
+        name, _, target = item.partition("=")
         name = name.strip().lower()
-        if not HOST_RE.fullmatch(name) or name.startswith("*.") or as_ip(address.strip()) is None:
-            raise ValueError(f"{item!r} is not name=ip")
-        pins[name] = str(as_ip(address.strip()))
+        address, port = target.strip(), None
+        if address.count(":") == 1:  # ip:port (an IPv6 pin has no port)
+            address, raw_port = address.split(":")
+            port = _port(item, raw_port)
+        if not HOST_RE.fullmatch(name) or name.startswith("*.") or as_ip(address) is None:
+            raise ValueError(f"{item!r} is not name=ip or name=ip:port")
+        pins[name] = Pin(str(as_ip(address)), port)
     return pins
 
 
@@ -141,9 +157,21 @@ def allowed(rules: Sequence[Rule], host: str, port: int) -> bool:
     return any(as_ip(r.host) is None and r.allows(host, port) for r in rules)
 
 
+_GLOBAL_UNICAST: Final = ipaddress.ip_network("2000::/3")
+_NOT_PLAIN_V6: Final = (
+    ipaddress.ip_network("2001::/23"),  # IETF protocol assignments (Teredo, ORCHID, ...)
+    ipaddress.ip_network("2002::/16"),  # 6to4: an IPv4 address inside
+)
+
+
 def public(ip: IpAddress) -> bool:
     """Whether an address may be reached without a pin: not this machine's, not a private
-    network's, not link-local, multicast, reserved or unspecified."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    network's, not link-local, multicast, reserved or unspecified. IPv6 only as global
+    unicast (2000::/3) that does not carry an IPv4 address (6to4, Teredo, NAT64 and the
+    IPv4-compatible forms are refused: they can lead to a private IPv4 address)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return public(ip.ipv4_mapped)
+        if ip not in _GLOBAL_UNICAST or any(ip in net for net in _NOT_PLAIN_V6):
+            return False
     return ip.is_global and not ip.is_multicast

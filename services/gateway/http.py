@@ -20,7 +20,7 @@ _encoder = msgspec.json.Encoder()
 MAX_BODY = 1024 * 1024
 MAX_TASK_BODY = 16 * 1024 * 1024
 """``POST /v1/tasks`` only: inline files (10 MiB decoded, base64 in JSON)."""
-_PATH = re.compile(r"- at `\$((?:\.[^`\[.]+|\[[^\]]*\])*)`")
+_PATH = re.compile(r"- at (?:`key` in )?`\$((?:\.[^`\[.]+|\[[^\]]*\])*)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
 
 

@@ -111,7 +111,7 @@ class EgressProxy:
         *,
         socket_dir: Path,
         presets: Mapping[str, Sequence[str]] | None = None,
-        pins: Mapping[str, str] | None = None,
+        pins: Mapping[str, egress.Pin] | None = None,
         limits: EgressLimits | None = None,
     ) -> None:
         self.socket_dir = Path(socket_dir)
@@ -286,16 +286,20 @@ class EgressProxy:
         """The address to connect to: a pin, or a public address of the name (or the
         allowed IP itself, if public)."""
         name = host.lower().rstrip(".")
-        if name in self.pins:
-            return self.pins[name]
+        if (pin := self.pins.get(name)) is not None:
+            if not pin.covers(port):
+                self._refuse(task, host, port, "the pinned name is not pinned for this port")
+            return pin.address
         ip = egress.as_ip(name)
         if ip is not None:
             if not egress.public(ip):
                 self._refuse(task, host, port, "not a public address")
             return str(ip)
+        if not egress.HOST_RE.fullmatch(name):
+            raise _Refused(400, f"{host!r} is not a host name")
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=1)
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:
             raise _Refused(502, f"cannot resolve {host}: {exc}") from None
         for info in infos:
             address = egress.as_ip(str(info[4][0]))
@@ -360,13 +364,12 @@ def _parse(head: bytes) -> tuple[str, str, int, bytes]:
     rest = target[len("http://") :]
     authority, slash, path = rest.partition("/")
     host, port = _authority(authority, default=80)
-    headers = [
-        line
-        for line in lines[1:]
-        if line and not line.lower().startswith(("proxy-", "connection:", "keep-alive:"))
+    # Host is the URL's authority, whatever the client sent: the request goes to the host
+    # that was decided on, never to another virtual host behind the same address.
+    dropped = ("proxy-", "connection:", "keep-alive:", "host:")
+    headers = [f"Host: {authority}"] + [
+        line for line in lines[1:] if line and not line.lower().startswith(dropped)
     ]
-    if not any(line.lower().startswith("host:") for line in headers):
-        headers.insert(0, f"Host: {authority}")
     request = [f"{method} /{path if slash else ''} {version}", *headers, "Connection: close"]
     return method, host, port, ("\r\n".join(request) + "\r\n\r\n").encode("latin-1")
 
@@ -383,7 +386,7 @@ def _authority(text: str, default: int | None = None) -> tuple[str, int]:
         if default is None:
             raise _Refused(400, "CONNECT names host:port")
         return host.lower(), default
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise _Refused(400, f"bad port {port_text!r}")
     return host.lower(), int(port_text)
 

@@ -15,9 +15,17 @@ import pytest
 from aiohttp import web
 
 from services.modelproxy.egress import EgressLimits, EgressProxy
+from shared import egress
 from shared import events as ev
+from shared.egress import parse_pins
 
-PINS = {"allowed.test": "127.0.0.1", "other.test": "127.0.0.1"}
+
+def pins(port: int, *names: str) -> dict[str, egress.Pin]:
+    """Names pinned to this machine, on ``port`` only."""
+    return parse_pins(",".join(f"{name}=127.0.0.1:{port}" for name in names))
+
+
+PINNED = ("allowed.test", "other.test")
 
 
 @pytest.fixture
@@ -57,18 +65,25 @@ async def ask(path: Path, head: str, then: bytes = b"") -> bytes:
 async def test_allowed_names_pass_and_everything_else_is_refused_and_counted(
     tmp_path: Path, origin: int
 ) -> None:
-    proxy = EgressProxy(socket_dir=tmp_path, pins=PINS)
+    proxy = EgressProxy(socket_dir=tmp_path, pins=pins(origin, *PINNED))
     task = ev.new_task_id()
-    sock = await proxy.add_task(task, [f"allowed.test:{origin}", f"localhost:{origin}"])
+    allow = [f"allowed.test:{origin}", f"localhost:{origin}", "allowed.test:4222"]
+    sock = await proxy.add_task(task, allow)
     try:
         ok = await ask(sock, f"GET http://allowed.test:{origin}/hello HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"hello from x")
+        # The Host header is the URL's, not the client's: no other virtual host behind it.
+        assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(
+            f"hello from allowed.test:{origin}".encode()
+        )
         cases = {
             f"GET http://other.test:{origin}/hello HTTP/1.1\r\n\r\n": b"not in network.allow",
             f"GET http://127.0.0.1:{origin}/hello HTTP/1.1\r\n\r\n": b"not in network.allow",
             # allowed by name, but not pinned: it resolves to this machine, which is refused
             f"GET http://localhost:{origin}/hello HTTP/1.1\r\n\r\n": b"no public address",
             f"CONNECT other.test:{origin} HTTP/1.1\r\n\r\n": b"not in network.allow",
+            # allowed by the task, but the pin opens its address on one port only
+            "CONNECT allowed.test:4222 HTTP/1.1\r\n\r\n": b"not pinned for this port",
+            "CONNECT allowed.test:\u00b2 HTTP/1.1\r\n\r\n": b"bad port",
             "GET https://allowed.test/ HTTP/1.1\r\n\r\n": b"through CONNECT",
             "NONSENSE\r\n\r\n": b"not an HTTP/1.x proxy request",
         }
@@ -95,6 +110,7 @@ async def test_allowed_names_pass_and_everything_else_is_refused_and_counted(
         ("other.test", origin): 2,
         ("127.0.0.1", origin): 1,
         ("localhost", origin): 1,
+        ("allowed.test", 4222): 1,
     }
 
 
@@ -102,7 +118,7 @@ async def test_a_task_cannot_use_more_than_its_bytes_and_connections(
     tmp_path: Path, origin: int
 ) -> None:
     limits = EgressLimits(max_connections=2, max_bytes=256 * 1024)
-    proxy = EgressProxy(socket_dir=tmp_path, pins=PINS, limits=limits)
+    proxy = EgressProxy(socket_dir=tmp_path, pins=pins(origin, *PINNED), limits=limits)
     task = ev.new_task_id()
     sock = await proxy.add_task(task, [f"allowed.test:{origin}"])
     try:
@@ -126,11 +142,11 @@ async def test_a_restarted_proxy_keeps_the_policy_and_the_counts(
     tmp_path: Path, origin: int
 ) -> None:
     task = ev.new_task_id()
-    first = EgressProxy(socket_dir=tmp_path, pins=PINS)
+    first = EgressProxy(socket_dir=tmp_path, pins=pins(origin, *PINNED))
     sock = await first.add_task(task, [f"allowed.test:{origin}"])
     await ask(sock, f"GET http://other.test:{origin}/ HTTP/1.1\r\n\r\n")
     await first.close()
-    second = EgressProxy(socket_dir=tmp_path, pins=PINS)
+    second = EgressProxy(socket_dir=tmp_path, pins=pins(origin, *PINNED))
     assert await second.adopt_existing() == [task]
     try:
         ok = await ask(sock, f"GET http://allowed.test:{origin}/hello HTTP/1.1\r\n\r\n")
@@ -195,7 +211,7 @@ async def test_tls_goes_through_a_tunnel_untouched(tmp_path: Path) -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    proxy = EgressProxy(socket_dir=tmp_path / "sockets", pins={"secure.test": "127.0.0.1"})
+    proxy = EgressProxy(socket_dir=tmp_path / "sockets", pins=pins(port, "secure.test"))
     task = ev.new_task_id()
     sock = await proxy.add_task(task, [f"secure.test:{port}"])
     try:

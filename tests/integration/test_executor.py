@@ -40,6 +40,7 @@ from shared import events as ev
 from shared import inputs
 from shared.blobstore import BlobStore, open_store, sha256_hex
 from shared.bus import Bus
+from shared.egress import Pin, parse_pins
 from shared.errors import Unavailable
 from shared.sandbox import DockerDriver, SandboxSpec, sandbox_name, share_with_sandbox
 from shared.secrets import set_secret
@@ -94,7 +95,7 @@ class Harness:
     sandboxes: list[str]
 
     def proxy(
-        self, credential: Credential | None = None, *, pins: dict[str, str] | None = None
+        self, credential: Credential | None = None, *, pins: dict[str, Pin] | None = None
     ) -> ModelProxy:
         egress = EgressProxy(socket_dir=self.socket_dir, pins=pins)
         return ModelProxy(
@@ -1198,7 +1199,7 @@ async def test_the_agent_reaches_allowed_hosts_through_the_proxy_and_nothing_els
     )
     tag = marker()
     harness.fake.script(match=tag, replies=[ToolUse.bash(script), Text("fetched")])
-    pins = {"allowed.test": "127.0.0.1", "other.test": "127.0.0.1"}
+    pins = parse_pins(f"allowed.test=127.0.0.1:{port},other.test=127.0.0.1:{port}")
     try:
         async with harness.proxy(Credential("api_key", SECRET), pins=pins) as proxy:
             executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)

@@ -240,6 +240,65 @@ BAD_REQUESTS: list[tuple[str, dict[str, str] | None, Any, int, str, str | None]]
             ),
         )
     ),
+    *(
+        (f"agent {why}", None, {"prompt": "x", **body}, 422, code, field)
+        for why, body, code, field in (
+            ("stall too short", {"stall_timeout_s": 5}, "invalid_field", "stall_timeout_s"),
+            ("stall too long", {"stall_timeout_s": 3601}, "invalid_field", "stall_timeout_s"),
+            (
+                "append NUL",
+                {"append_system_prompt": "a\x00b"},
+                "invalid_field",
+                "append_system_prompt",
+            ),
+            ("claude_md long", {"claude_md": "x" * 100_001}, "invalid_field", "claude_md"),
+            ("settings list", {"settings": ["x"]}, "invalid_field", "settings"),
+            ("settings large", {"settings": {"k": "x" * 70_000}}, "invalid_field", "settings"),
+            ("schema large", {"json_schema": {"k": "x" * 70_000}}, "invalid_field", "json_schema"),
+            (
+                "mcp http",
+                {"mcp_servers": {"a": {"type": "http", "command": "c"}}},
+                "invalid_field",
+                "mcp_servers.type",
+            ),
+            (
+                "mcp no command",
+                {"mcp_servers": {"a": {}}},
+                "missing_field",
+                "mcp_servers.command",
+            ),
+            (
+                "mcp bad name",
+                {"mcp_servers": {"a b": {"command": "c"}}},
+                "invalid_field",
+                "mcp_servers",
+            ),
+            (
+                "disallowed not list",
+                {"disallowed_tools": "Write"},
+                "invalid_field",
+                "disallowed_tools",
+            ),
+            (
+                "fail not bool",
+                {"fail_on_permission_denial": "yes"},
+                "invalid_field",
+                "fail_on_permission_denial",
+            ),
+        )
+    ),
+    (
+        "task too large",
+        None,
+        {
+            "prompt": "\U0001f600" * 100_000,
+            "append_system_prompt": "\U0001f600" * 100_000,
+            "claude_md": "\U0001f600" * 100_000,
+        },
+        422,
+        "task_too_large",
+        None,
+    ),
     (
         "repo depth zero",
         None,

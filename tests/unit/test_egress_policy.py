@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from shared.egress import allowed, parse_entry, parse_pins, parse_presets, public, rules
+from shared.egress import Pin, allowed, parse_entry, parse_pins, parse_presets, public, rules
 
 PRESETS = {"python": ["pypi.org", "files.pythonhosted.org"], "git": ["github.com:443"]}
 
@@ -56,11 +56,15 @@ def test_presets_and_pins_parse() -> None:
     for bad in ('{"a": "x.org"}', "[1]", "{", '{"a": ["http://x"]}'):
         with pytest.raises(ValueError):
             parse_presets(bad)
-    assert parse_pins("mirror.test=127.0.0.1, v6.test=::1") == {
-        "mirror.test": "127.0.0.1",
-        "v6.test": "::1",
+    pinned = parse_pins("mirror.test=127.0.0.1, nats.test=127.0.0.1:4222, v6.test=::1")
+    assert pinned == {
+        "mirror.test": Pin("127.0.0.1"),
+        "nats.test": Pin("127.0.0.1", 4222),
+        "v6.test": Pin("::1"),
     }
-    for bad in ("x", "x=notanip", "*.x=1.2.3.4"):
+    assert pinned["mirror.test"].covers(443) and not pinned["mirror.test"].covers(4222)
+    assert pinned["nats.test"].covers(4222) and not pinned["nats.test"].covers(443)
+    for bad in ("x", "x=notanip", "*.x=1.2.3.4", "x=1.2.3.4:0", "x=1.2.3.4:y"):
         with pytest.raises(ValueError):
             parse_pins(bad)
 
@@ -82,6 +86,11 @@ def test_presets_and_pins_parse() -> None:
         ("fd00::1", False),
         ("::ffff:127.0.0.1", False),
         ("2606:4700::1111", True),
+        ("64:ff9b::a00:5", False),  # NAT64 of 10.0.0.5
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 of the metadata address
+        ("::7f00:1", False),  # IPv4-compatible 127.0.0.1
+        ("2002:a00:5::1", False),  # 6to4 of 10.0.0.5
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
     ],
 )
 def test_only_public_addresses_without_a_pin(address: str, ok: bool) -> None:

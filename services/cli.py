@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     secret_set.add_argument("name")
     secret_set.add_argument("--tenant", required=True)
     secret_set.add_argument("--secrets-file", type=Path)
+    secret_set.add_argument("--host", default="", help="the only host it is sent to (https)")
 
     nats_config = sub.add_parser(
         "nats-config",
@@ -167,7 +168,7 @@ def _secret_set(args: argparse.Namespace) -> None:
     path = args.secrets_file or settings_mod.load().secrets_path
     value = sys.stdin.read().removesuffix("\n")
     try:
-        set_secret(path, args.tenant, args.name, value)
+        set_secret(path, args.tenant, args.name, value, host=args.host)
     except ValueError as exc:
         print(f"sandstream: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -246,7 +246,11 @@ patch)
     fi
     cd "$W" 2>/dev/null || { echo "sandstream: the workspace is unreadable" >&2; exit 5; }
     git read-tree "$base" || exit 6
-    git -c core.quotePath=false add -A -f --ignore-errors >/dev/null 2>&1
+    git -c core.quotePath=false add -A -f --ignore-errors >/dev/null 2>"$K/patch.log"
+    if [ $? -ge 128 ]; then  # not recorded (the keeper's tmpfs full): never a partial branch
+        echo "sandstream: the changes could not be recorded: $(tail -n 1 "$K/patch.log")" >&2
+        exit 7
+    fi
     git -c core.quotePath=false diff --cached --binary --no-renames --full-index "$base"
     rc=$?
     rm -f "$GIT_INDEX_FILE"

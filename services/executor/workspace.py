@@ -29,6 +29,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
 import msgspec
 import structlog
@@ -44,9 +45,16 @@ AUTHOR: Final = ("Sandstream", "agent@sandstream.invalid")
 CREDENTIAL_USER: Final = "x-access-token"
 """The HTTP user name sent with a tenant's secret (hosts that take tokens ignore it)."""
 _HELPER: Final = (
-    '!f() { test "$1" = get && printf "username=%s\\npassword=%s\\n" '
-    '"$SANDSTREAM_GIT_USER" "$SANDSTREAM_GIT_PASSWORD"; }; f'
+    # Answers only for the repository's own protocol and host (never for a host a redirect
+    # or a submodule names), from the environment of this one git process.
+    '!f() { test "$1" = get || return 0; p=; h=; '
+    'while IFS="=" read -r k v; do case "$k" in protocol) p=$v;; host) h=$v;; esac; done; '
+    'test "$p" = "$SANDSTREAM_GIT_PROTOCOL" && test "$h" = "$SANDSTREAM_GIT_HOST" && '
+    'printf "username=%s\\npassword=%s\\n" "$SANDSTREAM_GIT_USER" "$SANDSTREAM_GIT_PASSWORD"; }; f'
 )
+LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "[::1]")
+"""Where a credential may go over plain http (a mirror or a test on this machine)."""
+MAX_GIT_STDOUT: Final = 64 * 1024 * 1024
 _ERROR_TAIL: Final = 600
 _CHUNK: Final = 256 * 1024
 
@@ -108,7 +116,7 @@ class Fetcher:
         except _TooLarge as exc:
             raise WorkspaceError(
                 f"{repo.url} is larger than SANDSTREAM_MAX_REPO_BYTES ({self.max_bytes} bytes): "
-                f"{exc.size} bytes were fetched and checked out when it was stopped"
+                f"{exc.size} bytes (fetched and checked out, or listed) when it was stopped"
             ) from None
 
     async def _fetch(self, folder: Path, repo: ev.RepoSpec, env: dict[str, str]) -> Checkout:
@@ -118,30 +126,27 @@ class Fetcher:
         ref = repo.ref or await self._remote_head(folder, env, repo.url)
         if FULL_COMMIT.match(ref):
             await self._fetch_ref(folder, env, depth, ref, repo.url, ref)
-            await self._git(folder, env, ["checkout", "-q", "--detach", ref], "cannot check out")
+            target, how = ref, ["--detach", ref]
         elif ref.startswith("refs/"):
             await self._fetch_ref(folder, env, depth, ref, repo.url, ref)
-            await self._git(
-                folder, env, ["checkout", "-q", "--detach", "FETCH_HEAD"], "cannot check out"
-            )
+            target, how = "FETCH_HEAD", ["--detach", "FETCH_HEAD"]
+        elif await self._try_fetch(
+            folder, env, depth, f"+refs/heads/{ref}:refs/remotes/origin/{ref}"
+        ):
+            target, how = f"origin/{ref}", ["-b", ref, "--track", f"origin/{ref}"]
         else:
-            branch = f"+refs/heads/{ref}:refs/remotes/origin/{ref}"
-            if await self._try_fetch(folder, env, depth, branch):
-                await self._git(
-                    folder,
-                    env,
-                    ["checkout", "-q", "-b", ref, "--track", f"origin/{ref}"],
-                    "cannot check out",
-                )
-            else:
-                tag = f"+refs/tags/{ref}:refs/tags/{ref}"
-                await self._fetch_ref(folder, env, depth, tag, repo.url, ref)
-                await self._git(
-                    folder,
-                    env,
-                    ["checkout", "-q", "--detach", f"refs/tags/{ref}"],
-                    "cannot check out",
-                )
+            tag = f"+refs/tags/{ref}:refs/tags/{ref}"
+            await self._fetch_ref(folder, env, depth, tag, repo.url, ref)
+            target, how = f"refs/tags/{ref}", ["--detach", f"refs/tags/{ref}"]
+        # The work tree's size before it is written: a small pack can hold huge files.
+        listing = await self._git(folder, env, ["ls-tree", "-r", "-l", target], "cannot list")
+        tree_size = sum(
+            int(fields[3]) for line in listing.splitlines()
+            if len(fields := line.split(None, 4)) == 5 and fields[3].isdigit()
+        )  # fmt: skip
+        if tree_size > self.max_bytes:
+            raise _TooLarge(tree_size)
+        await self._git(folder, env, ["checkout", "-q", *how], "cannot check out")
         commit = (await self._git(folder, env, ["rev-parse", "HEAD"], "no commit")).strip()
         size = await asyncio.to_thread(tree_bytes, folder)
         if size > self.max_bytes:
@@ -200,6 +205,12 @@ class Fetcher:
                 ["update-index", "--add", "--index-info"],
                 "cannot place the task's files",
                 stdin="".join(entries).encode(),
+            )
+        expands = await asyncio.to_thread(patch_expands_to, patch)
+        if expands > self.max_bytes:
+            raise WorkspaceError(
+                f"the agent's changes hold {expands} bytes of binary files, more than "
+                f"SANDSTREAM_MAX_REPO_BYTES ({self.max_bytes})"
             )
         await self._git(
             folder,
@@ -328,18 +339,33 @@ class Fetcher:
             "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_CONFIG_GLOBAL": os.devnull,
             "GIT_TERMINAL_PROMPT": "0",
-            "GIT_SSH_COMMAND": "ssh -o BatchMode=yes",
+            # No keys, agent or configuration of this host's user: a tenant's ssh:// URL
+            # must not log in with what the executor's machine holds.
+            "GIT_SSH_COMMAND": (
+                "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes "
+                "-o IdentityFile=none -o IdentityAgent=none"
+            ),
             "GIT_ALLOW_PROTOCOL": protocols,
         }
         if repo.credential is not None:
-            secret = get_secret(self.secrets_path, tenant, repo.credential)
-            if secret is None:
+            entry = get_secret(self.secrets_path, tenant, repo.credential)
+            if entry is None:
                 raise WorkspaceError(
                     f"tenant {tenant!r} has no secret named {repo.credential!r} "
                     "(sandstream secret set)"
                 )
+            url = urlsplit(repo.url)
+            host = url.netloc.rpartition("@")[2]
+            if entry.host and url.hostname != entry.host:
+                raise WorkspaceError(
+                    f"secret {repo.credential!r} is for {entry.host}, not {url.hostname}"
+                )
+            if url.scheme != "https" and url.hostname not in LOOPBACK_HOSTS:
+                raise WorkspaceError("a credential is sent over https only (repo.url)")
+            env["SANDSTREAM_GIT_PROTOCOL"] = url.scheme
+            env["SANDSTREAM_GIT_HOST"] = host
             env["SANDSTREAM_GIT_USER"] = CREDENTIAL_USER
-            env["SANDSTREAM_GIT_PASSWORD"] = secret
+            env["SANDSTREAM_GIT_PASSWORD"] = entry.value
         return env
 
     async def _git(
@@ -363,6 +389,12 @@ class Fetcher:
             "-c", f"protocol.file.allow={'always' if self.allow_file else 'never'}",
         ]  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
+            # Bounded by the kernel too: no file larger than the repository may be, and a
+            # bounded address space (a small patch or pack can expand to gigabytes).
+            "prlimit",
+            f"--fsize={self.max_bytes}",
+            f"--as={max(2 << 30, 3 * self.max_bytes)}",
+            "--",
             "git",
             *config,
             *args,
@@ -374,7 +406,7 @@ class Fetcher:
         )
         watch = asyncio.create_task(self._watch(folder, proc))
         try:
-            out, err = await proc.communicate(stdin)
+            out, err = await _bounded_output(proc, stdin)
         finally:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -386,6 +418,8 @@ class Fetcher:
         size = watch.result() if watch.done() and not watch.cancelled() else None
         if size is not None:
             raise _TooLarge(size)
+        if proc.returncode != 0 and (b"signal 25" in err or proc.returncode == -25):
+            raise _TooLarge(await asyncio.to_thread(tree_bytes, folder))  # SIGXFSZ: the fsize cap
         if proc.returncode != 0:
             detail = _explain(err.decode(errors="replace"), "SANDSTREAM_GIT_PASSWORD" in env)
             raise WorkspaceError(f"{what}: {detail}" if what else detail)
@@ -421,6 +455,52 @@ def _explain(stderr: str, with_credential: bool) -> str:
         )
         return f"{cause}; git said: {detail}"
     return detail
+
+
+async def _bounded_output(
+    proc: asyncio.subprocess.Process, stdin: bytes | None
+) -> tuple[bytes, bytes]:
+    """stdout (at most :data:`MAX_GIT_STDOUT`, else :class:`WorkspaceError`) and the tail of
+    stderr of a git process: a hostile server's chatter or refs cannot fill this memory."""
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def feed() -> None:
+        if stdin is not None and proc.stdin is not None:
+            proc.stdin.write(stdin)
+            with contextlib.suppress(ConnectionError):
+                await proc.stdin.drain()
+            proc.stdin.close()
+
+    async def tail(stream: asyncio.StreamReader) -> bytes:
+        kept = b""
+        while chunk := await stream.read(65536):
+            kept = (kept + chunk)[-_ERROR_TAIL * 4 :]
+        return kept
+
+    async def head(stream: asyncio.StreamReader) -> bytes:
+        out = bytearray()
+        while chunk := await stream.read(65536):
+            out += chunk
+            if len(out) > MAX_GIT_STDOUT:
+                proc.kill()
+                raise WorkspaceError(f"git printed more than {MAX_GIT_STDOUT} bytes")
+        return bytes(out)
+
+    _, out, err = await asyncio.gather(feed(), head(proc.stdout), tail(proc.stderr))
+    await proc.wait()
+    return out, err
+
+
+def patch_expands_to(patch: Path) -> int:
+    """What the binary parts of a git patch expand to (``literal N``/``delta N`` lines):
+    checked before ``git apply`` holds them all in memory."""
+    total = 0
+    with patch.open("rb") as lines:
+        for line in lines:
+            if line.startswith((b"literal ", b"delta ")):
+                size = line.split()[1]
+                total += int(size) if size.isdigit() else 0
+    return total
 
 
 def through_links(checkout: Path, paths: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from services.executor.workspace import Fetcher, WorkspaceError, tar_stream
+from services.executor.workspace import Fetcher, WorkspaceError, patch_expands_to, tar_stream
 from shared import events as ev
 from shared.secrets import get_secret, set_secret
 from tests.support.git import GitHttpServer, git, make_repo, rev
@@ -130,7 +131,8 @@ async def test_a_tenant_secret_authenticates_and_never_shows(
 
     set_secret(f.secrets_path, TENANT, "gh", PASSWORD)
     assert (f.secrets_path.stat().st_mode & 0o777) == 0o600
-    assert get_secret(f.secrets_path, TENANT, "gh") == PASSWORD
+    stored = get_secret(f.secrets_path, TENANT, "gh")
+    assert stored is not None and stored.value == PASSWORD
     checkout = await f.fetch(task, TENANT, repo(url, credential="gh"))
     assert (checkout.path / "README.md").read_text() == "hello\n"
     assert any(s.password_sent and s.user == "x-access-token" for s in server.seen)
@@ -199,3 +201,39 @@ def test_the_sweep_removes_only_what_is_old(tmp_path: Path) -> None:
         os.utime(path, (0, 0))
     assert f.sweep(older_than_s=3600) == 2
     assert not old.exists() and not stale.exists() and new.exists()
+
+
+async def test_a_secret_goes_to_its_host_over_https_only(tmp_path: Path) -> None:
+    f = fetcher(tmp_path, allow_file=False)
+    task = ev.new_task_id()
+    set_secret(f.secrets_path, TENANT, "gh", PASSWORD, host="github.com")
+    with pytest.raises(WorkspaceError, match=re.escape("'gh' is for github.com, not 127.0.0.1")):
+        await f.fetch(task, TENANT, repo("http://127.0.0.1:9/app.git", credential="gh"))
+    set_secret(f.secrets_path, TENANT, "any", PASSWORD)
+    with pytest.raises(WorkspaceError, match="over https only"):
+        await f.fetch(task, TENANT, repo("http://example.com/app.git", credential="any"))
+
+
+async def test_a_small_pack_of_a_huge_tree_is_refused_before_checkout(tmp_path: Path) -> None:
+    """A file of zeros packs to almost nothing: the tree's size is checked before any of it
+    is written, and git itself may write no file larger than the limit."""
+    work = tmp_path / "zeros"
+    git("init", "-q", "-b", "main", str(work))
+    with open(work / "zeros.bin", "wb") as out:
+        out.truncate(64 * 1024 * 1024)
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "zeros", cwd=work)
+    f = fetcher(tmp_path, max_bytes=8 * 1024 * 1024)
+    task = ev.new_task_id()
+    with pytest.raises(WorkspaceError, match="67108864 bytes"):
+        await f.fetch(task, TENANT, repo(f"file://{work}"))
+    assert not (f.folder(task) / "zeros.bin").exists()
+
+
+def test_a_patch_says_what_its_binary_parts_expand_to(tmp_path: Path) -> None:
+    patch = tmp_path / "p.diff"
+    patch.write_bytes(
+        b"diff --git a/x b/x\nGIT binary patch\nliteral 734003200\nzcmeAS@N?(olHy`uVBq!ia0\n\n"
+        b"literal 0\nHcmV?d00001\n\ndiff --git a/y b/y\ndelta 12\nabc\n"
+    )
+    assert patch_expands_to(patch) == 734003212

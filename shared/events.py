@@ -141,6 +141,9 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     network: NetworkSpec | None = None
     agent: AgentConfig | None = None
     """How the CLI is configured for the run, beyond its prompt (``agent.py``)."""
+    follow_up: str | None = None
+    """The earlier task (same tenant, ended) whose workspace and session this one goes on
+    from."""
 
 
 class ModelUsage(msgspec.Struct, frozen=True, kw_only=True):
@@ -266,6 +269,8 @@ class WorkspacePrepared(Event, frozen=True, kw_only=True, tag="WorkspacePrepared
     """Time to fetch, check out and copy in."""
     files: int = 0
     """Inline files placed after the checkout (overriding it)."""
+    resume: str = ""
+    """A follow-up's: the CLI session it continues (``--resume``)."""
 
 
 class EgressBlocked(Event, frozen=True, kw_only=True, tag="EgressBlocked"):
@@ -308,6 +313,8 @@ class ExecutionCompleted(Event, frozen=True, kw_only=True, tag="ExecutionComplet
     """What did not go as asked though the run may have succeeded: ``permission_denied``,
     ``empty_result``, ``max_turns_reached``, ``stopped_after_result``."""
     structured_output: Any = None
+    kept: list[StoredObject] = msgspec.field(default_factory=list)
+    """``workspace.tar.gz`` and ``session.tar.gz``: what a follow-up goes on from."""
 
 
 class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
@@ -338,6 +345,8 @@ class ExecutionFailed(Event, frozen=True, kw_only=True, tag="ExecutionFailed"):
     """What did not go as asked though the run may have succeeded: ``permission_denied``,
     ``empty_result``, ``max_turns_reached``, ``stopped_after_result``."""
     structured_output: Any = None
+    kept: list[StoredObject] = msgspec.field(default_factory=list)
+    """``workspace.tar.gz`` and ``session.tar.gz``: what a follow-up goes on from."""
 
 
 class SandboxStopped(Event, frozen=True, kw_only=True, tag="SandboxStopped"):

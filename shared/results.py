@@ -18,7 +18,9 @@ TRANSCRIPT_FILE: Final = "transcript.jsonl"
 DIFF_FILE: Final = "diff.patch"
 BUNDLE_FILE: Final = "changes.bundle"
 ARTIFACTS_FILE: Final = "artifacts.tar.gz"
-"""These two are written by the executor (``output``); the others by storage."""
+WORKSPACE_FILE: Final = "workspace.tar.gz"
+SESSION_FILE: Final = "session.tar.gz"
+"""These four are written by the executor; the others by storage."""
 
 CONTENT_TYPES: Final = {
     RESULT_FILE: "application/json",
@@ -26,6 +28,8 @@ CONTENT_TYPES: Final = {
     DIFF_FILE: "text/x-diff; charset=utf-8",
     BUNDLE_FILE: "application/x-git-bundle",
     ARTIFACTS_FILE: "application/gzip",
+    WORKSPACE_FILE: "application/gzip",
+    SESSION_FILE: "application/gzip",
 }
 
 
@@ -87,6 +91,8 @@ class TaskResult(msgspec.Struct, frozen=True, kw_only=True):
     """For a task with ``network``: hosts reached (requests, bytes) and refused (count)."""
     warnings: list[str] = msgspec.field(default_factory=list)
     structured_output: Any = None
+    parent_task_id: str | None = None
+    """A follow-up's: the task it went on from."""
     """With ``json_schema``: the object the CLI validated against it."""
 
 

@@ -245,9 +245,12 @@ class SandboxDriver(Protocol):
         read its stdout as it comes."""
         ...
 
-    async def copy_in(self, name: str, path: str, archive: AsyncIterator[bytes]) -> None:
-        """Unpack a tar stream into ``path`` as the sandbox's user (what lands there is the
-        agent's); :class:`SandboxError` naming the cause when it cannot (a full workspace)."""
+    async def copy_in(
+        self, name: str, path: str, archive: AsyncIterator[bytes], *, gzip: bool = False
+    ) -> None:
+        """Unpack a tar stream (``gzip``: a tar.gz) into ``path`` as the sandbox's user (what
+        lands there is the agent's); :class:`SandboxError` naming the cause when it cannot
+        (a full workspace)."""
         ...
 
     async def kill(self, name: str) -> None:
@@ -721,14 +724,16 @@ class DockerDriver:
             await stream._init()  # attach now, so the command is running when we return
         return DockerExecStream(self.docker, exe, stream)
 
-    async def copy_in(self, name: str, path: str, archive: AsyncIterator[bytes]) -> None:
+    async def copy_in(
+        self, name: str, path: str, archive: AsyncIterator[bytes], *, gzip: bool = False
+    ) -> None:
         # ``tar -x`` inside the sandbox, fed on stdin (an existing folder keeps its owner and
         # mode: /workspace stays readable to the keeper). Docker's archive upload would write
         # under a tmpfs mount rather than into it, and as root.
         try:
             with _engine("exec"):
                 exe = await self.docker.containers.container(name).exec(
-                    ["tar", "-x", "--no-overwrite-dir", "-C", path],
+                    ["tar", "-xz" if gzip else "-x", "--no-overwrite-dir", "-C", path],
                     stdin=True,
                     stdout=True,
                     stderr=True,

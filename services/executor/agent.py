@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -82,7 +82,7 @@ MARK_STARTED: Final = "sandstream: started"
 MARK_ATTACHED: Final = "sandstream: attached"
 
 
-def command(spec: TaskSpec) -> list[str]:
+def command(spec: TaskSpec, *, resume: str | None = None) -> list[str]:
     """The CLI's argv for a task (the prompt goes in through stdin, see module docs); the
     task's configuration as the CLI's own flags, pointing at the files of :func:`config_files`."""
     argv = [
@@ -94,6 +94,8 @@ def command(spec: TaskSpec) -> list[str]:
         "--permission-mode",
         "acceptEdits",
     ]
+    if resume:
+        argv += ["--resume", resume]  # a follow-up: the earlier task's session goes on
     if spec.max_turns is not None:
         argv += ["--max-turns", str(spec.max_turns)]
     if spec.model:
@@ -268,6 +270,17 @@ artifacts)
     done | head -z -n 100000 | tar -czf - --null --no-recursion -T - 2>"$K/artifacts.log"
     exit "${PIPESTATUS[3]}"
     ;;
+pack)
+    # As the keeper, after the run: the final workspace (or the CLI's session files) as a
+    # tar.gz, for a follow-up task. Links stay links; what the agent made unreadable is left
+    # out (and said on stderr).
+    case "$1" in
+    workspace) cd "$W" 2>/dev/null && set -- . ;;
+    session) cd /tmp 2>/dev/null && [ -d "${2:?}/.claude" ] && set -- "$2/.claude" ;;
+    *) false ;;
+    esac || { echo "sandstream: nothing to pack" >&2; exit 5; }
+    tar -czSf - --ignore-failed-read --warning=no-file-changed "$@"
+    ;;
 follow)
     # As the keeper: the agent can neither trace nor signal this shell, nor write $K. The
     # nonce comes in the environment (argv is readable by every user; environ is not).
@@ -439,10 +452,15 @@ def keeper_environment(nonce: str) -> dict[str, str]:
 
 
 def start_argv(
-    script: str, spec: TaskSpec, *, port: int = DEFAULT_PORT, egress_port: int | None = None
+    script: str,
+    spec: TaskSpec,
+    *,
+    port: int = DEFAULT_PORT,
+    egress_port: int | None = None,
+    resume: str | None = None,
 ) -> list[str]:
     """As the agent: start the run unless it was started (prints which, see MARK_*)."""
-    cmd = command(spec)
+    cmd = command(spec, resume=resume)
     return [
         "bash",
         "-c",
@@ -465,6 +483,12 @@ def patch_argv(script: str) -> list[str]:
 def artifacts_argv(script: str, patterns: Sequence[str]) -> list[str]:
     """As the keeper, once the run is over: the files matching ``patterns`` as a tar.gz."""
     return ["bash", "-c", script, "sandstream", "artifacts", *patterns]
+
+
+def pack_argv(script: str, what: Literal["workspace", "session"]) -> list[str]:
+    """As the keeper, once the run is over: the workspace, or the CLI's session files (under
+    :data:`HOME_DIR`), as a tar.gz on stdout."""
+    return ["bash", "-c", script, "sandstream", "pack", what, HOME_DIR.removeprefix("/tmp/")]
 
 
 def kill_argv(script: str) -> list[str]:

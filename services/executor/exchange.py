@@ -33,7 +33,14 @@ from shared import inputs
 from shared.blobstore import BlobStore, sha256_hex
 from shared.bus import Bus
 from shared.errors import Retry
-from shared.results import ARTIFACTS_FILE, BUNDLE_FILE, CONTENT_TYPES, task_prefix
+from shared.results import (
+    ARTIFACTS_FILE,
+    BUNDLE_FILE,
+    CONTENT_TYPES,
+    SESSION_FILE,
+    WORKSPACE_FILE,
+    task_prefix,
+)
 from shared.sandbox import WORKSPACE, SandboxDriver, SandboxError, SandboxNotFound, sandbox_name
 
 log = structlog.get_logger("sandstream.executor")
@@ -66,7 +73,10 @@ class Exchange:
         began = time.perf_counter()
         checkout = None
         keep = spec.output is not None and spec.output.branch is not None
+        resume = ""
         try:
+            if spec.follow_up is not None:
+                resume = await self._follow_up(name, event, spec.follow_up)
             if spec.repo is not None:
                 checkout = await self.fetcher.fetch(task_id, event.tenant, spec.repo)
                 await self._copy_in(name, tar_stream(checkout.path), spec.repo.url)
@@ -92,15 +102,58 @@ class Exchange:
             bytes=(checkout.bytes if checkout else 0) + (spec.files.size if spec.files else 0),
             ms=elapsed_ms(began),
             files=spec.files.count if spec.files else 0,
+            resume=resume,
         )
         await self.bus.publish(prepared)
         log.info("workspace prepared", commit=prepared.commit, bytes=prepared.bytes, ms=prepared.ms)
 
+    async def _follow_up(self, name: str, event: ev.SandboxStarted, parent: str) -> str:
+        """Put the earlier task's final workspace and session files in place; the session
+        the CLI goes on with. The earlier task must be the same tenant's and have kept them."""
+        history = await self.bus.history(parent, types=ev.WITHOUT_OUTPUT)
+        requested = history[0] if history and isinstance(history[0], ev.TaskRequested) else None
+        if requested is None or requested.tenant != event.tenant:
+            raise WorkspaceError(f"no task {parent} of this tenant to follow up on")
+        end = next(
+            (
+                e
+                for e in reversed(history)
+                if isinstance(e, ev.ExecutionCompleted | ev.ExecutionFailed)
+            ),
+            None,
+        )
+        kept = {o.key.rsplit("/", 1)[-1]: o for o in (end.kept if end else [])}
+        workspace = kept.get(WORKSPACE_FILE)
+        if end is None or workspace is None:
+            raise WorkspaceError(f"task {parent} kept no workspace to follow up on")
+        await self._copy_in(name, _once(await self._kept(parent, workspace)), "the earlier "
+                            "task's workspace", gzip=True)  # fmt: skip
+        if (session := kept.get(SESSION_FILE)) is not None:
+            data = await self._kept(parent, session)
+            await self._copy_in(name, _once(data), "the earlier session", to="/tmp", gzip=True)
+        return end.session_id if session is not None else ""
+
+    async def _kept(self, parent: str, stored: ev.StoredObject) -> bytes:
+        if self.store is None:
+            raise WorkspaceError("the executor has no object store to read the earlier task from")
+        if not stored.key.startswith(task_prefix(parent)):
+            raise WorkspaceError(f"task {parent}'s kept files are not in its own folder")
+        data = await self.store.get(stored.key)
+        if data is None or sha256_hex(data) != stored.sha256:
+            raise WorkspaceError(f"task {parent}'s kept files are missing or altered")
+        return data
+
     async def _copy_in(
-        self, name: str, archive: AsyncIterator[bytes], what: str, *, to: str = WORKSPACE
+        self,
+        name: str,
+        archive: AsyncIterator[bytes],
+        what: str,
+        *,
+        to: str = WORKSPACE,
+        gzip: bool = False,
     ) -> None:
         try:
-            await self.driver.copy_in(name, to, archive)
+            await self.driver.copy_in(name, to, archive, gzip=gzip)
         except SandboxNotFound:
             raise Retry("the sandbox went away while its workspace was filled") from None
         except SandboxError as exc:
@@ -192,32 +245,20 @@ class Exchange:
         """The workspace files matching ``patterns`` as ``artifacts.tar.gz`` (for failed runs
         too: logs and reports explain them); ``artifacts_failed`` past the size cap."""
         task_id = event.task_id
-        limit = self.max_artifacts_bytes
         if self.store is None:
             return None, ("artifacts_failed", "the executor has no object store for artifacts")
-        chunks: list[bytes] = []
-        size = 0
-        async with await self.driver.exec_stream(
-            sandbox_name(task_id),
-            agent.artifacts_argv(self._script, patterns),
-            workdir=agent.KEEPER_DIR,
-            keeper=True,
-        ) as proc:
-            async for chunk in proc.chunks():
-                size += len(chunk)
-                if size > limit:
-                    message = f"the artifacts are larger than {limit} bytes (compressed)"
-                    return None, ("artifacts_failed", message)
-                chunks.append(chunk)
-            code = await proc.wait()
-        data = b"".join(chunks)
+        argv = agent.artifacts_argv(self._script, patterns)
+        data, code, stderr = await self._keeper_output(task_id, argv)
+        if data is None:
+            message = f"the artifacts are larger than {self.max_artifacts_bytes} bytes (compressed)"
+            return None, ("artifacts_failed", message)
         try:
             names = await asyncio.to_thread(_tar_names, data)
         except (tarfile.TarError, EOFError, OSError) as exc:
-            detail = proc.stderr.decode(errors="replace").strip()[-300:] or str(exc)
+            detail = stderr or str(exc)
             return None, ("artifacts_failed", f"the artifacts could not be collected: {detail}")
         if code != 0 and not names:
-            detail = proc.stderr.decode(errors="replace").strip()[-300:] or f"exit {code}"
+            detail = stderr or f"exit {code}"
             return None, ("artifacts_failed", f"the artifacts could not be collected: {detail}")
         if not names:
             return ev.ArtifactsInfo(files=[]), None
@@ -225,6 +266,43 @@ class Exchange:
             task_prefix(task_id) + ARTIFACTS_FILE, data, CONTENT_TYPES[ARTIFACTS_FILE]
         )
         return ev.ArtifactsInfo(files=names[:1000], object=stored), None
+
+    async def keep(self, event: ev.SandboxStarted) -> tuple[list[ev.StoredObject], list[str]]:
+        """The final workspace and the CLI's session files, stored for a follow-up
+        (``workspace.tar.gz``, ``session.tar.gz``); the warning ``workspace_not_kept`` when
+        they are over the size cap or cannot be read (a follow-up of the task then fails)."""
+        if self.store is None:
+            return [], ["workspace_not_kept"]
+        kept: list[ev.StoredObject] = []
+        for what, file in (("workspace", WORKSPACE_FILE), ("session", SESSION_FILE)):
+            argv = agent.pack_argv(self._script, what)  # type: ignore[arg-type]
+            data, code, stderr = await self._keeper_output(event.task_id, argv)
+            if data is None or code != 0:
+                if what == "session" and code == 5:
+                    continue  # the CLI wrote no session: nothing to go on from
+                log.warning("workspace not kept", what=what, code=code, stderr=stderr)
+                return kept, ["workspace_not_kept"]
+            key = task_prefix(event.task_id) + file
+            kept.append(await self.store.put(key, data, CONTENT_TYPES[file]))
+        return kept, []
+
+    async def _keeper_output(
+        self, task_id: str, argv: list[str]
+    ) -> tuple[bytes | None, int | None, str]:
+        """What a keeper command prints (``None`` past :attr:`max_artifacts_bytes`), its
+        exit status and the tail of its stderr."""
+        chunks: list[bytes] = []
+        size = 0
+        async with await self.driver.exec_stream(
+            sandbox_name(task_id), argv, workdir=agent.KEEPER_DIR, keeper=True
+        ) as proc:
+            async for chunk in proc.chunks():
+                size += len(chunk)
+                if size > self.max_artifacts_bytes:
+                    return None, None, ""
+                chunks.append(chunk)
+            code = await proc.wait()
+        return b"".join(chunks), code, proc.stderr.decode(errors="replace").strip()[-300:]
 
     async def _read_patch(self, name: str, target: Path) -> int:
         """The keeper's full diff of the run into ``target``; its size in bytes. Bounded by

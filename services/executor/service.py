@@ -227,7 +227,7 @@ class Executor:
             log.warning("execution failed", code="no_credential")
             return
         spec = requested.spec
-        needed = spec.repo is not None or spec.files is not None or agent.config_files(spec)
+        needed = bool(spec.repo or spec.files or spec.follow_up or agent.config_files(spec))
         if needed and history.state is not None and not history.state.workspace_prepared:
             try:
                 await self.exchange.prepare(event, spec)
@@ -466,7 +466,7 @@ class Executor:
                         raise item
                     assert isinstance(item, str)
                     if item == ready and tail is None:
-                        await self._start(name, spec)
+                        await self._start(event.task_id, spec)
                         started, last_line_at = True, time.monotonic()
                     elif item == ended and tail is None:
                         await self._stop_all(name)
@@ -497,13 +497,19 @@ class Executor:
             outcome.collected = agent.parse_collected(tail, max_diff_bytes=cfg.max_diff_bytes)
         return outcome
 
-    async def _start(self, name: str, spec: ev.TaskSpec) -> None:
+    async def _start(self, task_id: str, spec: ev.TaskSpec) -> None:
         """Start the agent's run (a no-op for a run already started: it re-attaches)."""
         cfg = self.config
         egress = agent.EGRESS_PORT if spec.network is not None else None
+        resume = None
+        if spec.follow_up is not None:
+            prepared = (await self._history(task_id)).prepared
+            resume = prepared.resume if prepared is not None else None
         started = await self.driver.exec(
-            name,
-            agent.start_argv(self._script, spec, port=cfg.model_port, egress_port=egress),
+            sandbox_name(task_id),
+            agent.start_argv(
+                self._script, spec, port=cfg.model_port, egress_port=egress, resume=resume or None
+            ),
             env=agent.environment(
                 port=cfg.model_port, max_retries=cfg.cli_max_retries, egress_port=egress
             ),
@@ -581,6 +587,8 @@ class Executor:
         branch: ev.BranchInfo | None = None
         artifacts: ev.ArtifactsInfo | None = None
         network = await self._network(event) if spec.network is not None else None
+        kept, not_kept = await self.exchange.keep(event)
+        warnings += not_kept
         output = spec.output
         if output is not None and output.artifacts:
             artifacts, failed = await self.exchange.artifacts(event, output.artifacts)
@@ -596,6 +604,7 @@ class Executor:
             "network": network,
             "warnings": warnings,
             "structured_output": structured,
+            "kept": kept,
             "event_id": ev.event_id(task_id, "ExecutionEnded", event.attempt),
             "task_id": task_id,
             "tenant": event.tenant,

@@ -13,6 +13,7 @@ from msgspec import Meta
 
 from shared import egress
 from shared.events import (
+    TASK_ID_PATTERN,
     AgentConfig,
     ErrorInfo,
     FilesRef,
@@ -154,6 +155,10 @@ class OutputRequest(
 
 
 CROSS_FIELD_RULES: Final = [
+    {  # a follow-up takes no repo
+        "if": {"required": ["follow_up"], "properties": {"follow_up": {"type": "string"}}},
+        "then": {"properties": {"repo": {"type": "null"}}},
+    },
     {  # output.branch needs a repo
         "if": {
             "required": ["output"],
@@ -194,6 +199,8 @@ def task_problem(
     """What is wrong with a task beyond its types: ``(field, message)``, or ``None``."""
     if task.repo is not None and (problem := repo_problem(task.repo, allow_file=allow_file)):
         return problem
+    if task.follow_up is not None and task.repo is not None:
+        return "repo", "a follow-up goes on from the earlier task's workspace: it takes no repo"
     if task.network is not None and (problem := network_problem(task.network, presets)):
         return problem
     for name in ("settings", "json_schema"):
@@ -297,6 +304,7 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     disallowed_tools: Annotated[list[ToolName], Meta(max_length=64)] | None = None
     stall_timeout_s: Annotated[int, Meta(ge=10, le=3600)] = 300
     fail_on_permission_denial: bool = False
+    follow_up: Annotated[str, Meta(pattern=TASK_ID_PATTERN)] | None = None
 
     def spec(self, files: FilesRef | None = None) -> TaskSpec:
         """The task's spec; ``files`` is where the gateway stored :attr:`files`."""
@@ -306,6 +314,7 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             output=self.output.spec() if self.output else None,
             network=self.network.spec() if self.network else None,
             agent=self._agent(),
+            follow_up=self.follow_up,
             prompt=self.prompt,
             timeout_s=self.timeout_s,
             max_turns=self.max_turns,

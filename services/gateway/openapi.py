@@ -184,7 +184,18 @@ def openapi() -> dict[str, Any]:
                         {
                             "202": _answer("accepted", "Accepted"),
                             "200": _answer("idempotent replay of an accepted task", "Accepted"),
-                        }
+                        },
+                        ("404", _error("follow_up names no task of this tenant", "not_found")),
+                        (
+                            "409",
+                            _error(
+                                "the Idempotency-Key was used with another body, or the task "
+                                "follow_up names has not ended",
+                                "idempotency_conflict",
+                                "conflict",
+                                "not_finished",
+                            ),
+                        ),
                     ),
                 },
                 "get": {

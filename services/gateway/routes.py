@@ -280,6 +280,22 @@ async def create_task(request: web.Request) -> web.Response:
     if problem := models.task_problem(body, allow_file=settings.allow_file_repos, presets=presets):
         field, message = problem
         raise ApiError(422, "invalid_field", message, field=field)
+    if body.follow_up is not None:
+        earlier = request.app[PROJECTION].get(tenant, body.follow_up)
+        # An unknown task is 404 and a running one 409, as everywhere else in this API: a
+        # request that is valid as such is never a 422 for what the log holds.
+        if earlier is None:
+            raise ApiError(
+                404, "not_found", f"no task {body.follow_up} to follow up on", field="follow_up"
+            )
+        if not earlier.status.terminal:
+            raise ApiError(
+                409,
+                "not_finished",
+                f"task {body.follow_up} has not ended (status {earlier.status.value}): a "
+                "follow-up starts from its final workspace",
+                field="follow_up",
+            )
     files = await store_files(request, body.files) if body.files else None
     task_id, created = await submit(request, tenant, body, key, files)
     structlog.contextvars.bind_contextvars(task_id=task_id)

@@ -18,6 +18,7 @@ from shared.events import (
     BranchInfo,
     ExecutionCompleted,
     SandboxStopped,
+    TaskRequested,
     WorkspacePrepared,
     first_line,
 )
@@ -57,6 +58,8 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
     status, error, execution = outcome.status, outcome.error, outcome.execution
     sandbox = stopped.usage
     prepared = next((e for e in history if isinstance(e, WorkspacePrepared)), None)
+    requested = next((e for e in history if isinstance(e, TaskRequested)), None)
+    parent = requested.spec.follow_up if requested is not None else None
     repo = (
         RepoInfo(url=prepared.url, ref=prepared.ref, commit=prepared.commit) if prepared else None
     )
@@ -68,6 +71,7 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
             sandbox=sandbox,
             error=error,
             repo=repo,
+            parent_task_id=parent,
         )
     return TaskResult(
         task_id=stopped.task_id,
@@ -92,6 +96,7 @@ def build_result(history: Sequence[AnyEvent], stopped: SandboxStopped) -> TaskRe
         network=execution.network,
         warnings=list(execution.warnings),
         structured_output=execution.structured_output,
+        parent_task_id=parent,
     )
 
 

@@ -155,12 +155,14 @@ class StorageService:
 
 
 def _stored_by_the_executor(event: ev.AnyEvent) -> list[ev.StoredObject]:
-    """The objects an execution's end names (bundle, artifacts), if in its task's folder."""
+    """The objects an execution's end names (bundle, artifacts, the kept workspace and
+    session), if in its task's folder."""
     if not isinstance(event, ev.ExecutionCompleted | ev.ExecutionFailed):
         return []
     named = [
         event.branch.bundle if event.branch else None,
         event.artifacts.object if event.artifacts else None,
+        *event.kept,
     ]
     prefix = task_prefix(event.task_id)
     return [o for o in named if o is not None and o.key.startswith(prefix)]

@@ -668,7 +668,7 @@ def test_result_schema_names_the_contract_fields() -> None:
         "task_id", "status", "text", "is_error", "exit_code", "num_turns", "total_cost_usd",
         "usage", "session_id", "permission_denials", "duration_ms", "diff", "files_changed",
         "sandbox", "model_usage", "error", "repo", "branch", "artifacts",
-        "network", "warnings", "structured_output",
+        "network", "warnings", "structured_output", "parent_task_id",
     }  # fmt: skip
     assert set(props["status"]["enum"]) == {"succeeded", "failed", "cancelled", "timed_out"}
 

@@ -160,7 +160,9 @@ class MemoryDriver:
         self._running(name)
         return _Stream(await self.on_exec(name, argv))
 
-    async def copy_in(self, name: str, path: str, archive: AsyncIterator[bytes]) -> None:
+    async def copy_in(
+        self, name: str, path: str, archive: AsyncIterator[bytes], *, gzip: bool = False
+    ) -> None:
         self._running(name)
         data = b"".join([chunk async for chunk in archive])
         self.copied.setdefault(name, []).append((path, data))

@@ -30,7 +30,8 @@ in docs/security.md. The model usage comes from the model proxy, outside the san
    the agent cannot read, so the agent cannot end the stream early or forge the block.
 4. ``patch`` (keeper, only for a task with ``output.branch``): the changes in full, as a
    binary diff, for the branch the executor makes outside the sandbox; ``artifacts``
-   (keeper, for ``output.artifacts``): the matching files as a tar.gz.
+   (keeper, for ``output.artifacts``): the matching files as a tar.gz; ``pack`` (agent, its
+   processes all stopped): the workspace and the CLI's session files, for a follow-up.
 """
 
 from __future__ import annotations
@@ -271,15 +272,16 @@ artifacts)
     exit "${PIPESTATUS[3]}"
     ;;
 pack)
-    # As the keeper, after the run: the final workspace (or the CLI's session files) as a
-    # tar.gz, for a follow-up task. Links stay links; what the agent made unreadable is left
-    # out (and said on stderr).
+    # As the agent (its own files, 0600 ones included), after the run, when none of its
+    # processes is left: the final workspace (or the CLI's session files) as a tar.gz, for a
+    # follow-up task of the same tenant. Links stay links, nothing is followed.
     case "$1" in
     workspace) cd "$W" 2>/dev/null && set -- . ;;
     session) cd /tmp 2>/dev/null && [ -d "${2:?}/.claude" ] && set -- "$2/.claude" ;;
     *) false ;;
     esac || { echo "sandstream: nothing to pack" >&2; exit 5; }
     tar -czSf - --ignore-failed-read --warning=no-file-changed "$@"
+    exit $?
     ;;
 follow)
     # As the keeper: the agent can neither trace nor signal this shell, nor write $K. The
@@ -486,8 +488,8 @@ def artifacts_argv(script: str, patterns: Sequence[str]) -> list[str]:
 
 
 def pack_argv(script: str, what: Literal["workspace", "session"]) -> list[str]:
-    """As the keeper, once the run is over: the workspace, or the CLI's session files (under
-    :data:`HOME_DIR`), as a tar.gz on stdout."""
+    """As the agent, once the run is over: the workspace, or the CLI's session files (under
+    :data:`HOME_DIR`), as a tar.gz on stdout (what a follow-up starts from)."""
     return ["bash", "-c", script, "sandstream", "pack", what, HOME_DIR.removeprefix("/tmp/")]
 
 

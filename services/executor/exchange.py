@@ -276,7 +276,7 @@ class Exchange:
         kept: list[ev.StoredObject] = []
         for what, file in (("workspace", WORKSPACE_FILE), ("session", SESSION_FILE)):
             argv = agent.pack_argv(self._script, what)  # type: ignore[arg-type]
-            data, code, stderr = await self._keeper_output(event.task_id, argv)
+            data, code, stderr = await self._keeper_output(event.task_id, argv, keeper=False)
             if data is None or code != 0:
                 if what == "session" and code == 5:
                     continue  # the CLI wrote no session: nothing to go on from
@@ -287,14 +287,15 @@ class Exchange:
         return kept, []
 
     async def _keeper_output(
-        self, task_id: str, argv: list[str]
+        self, task_id: str, argv: list[str], *, keeper: bool = True
     ) -> tuple[bytes | None, int | None, str]:
-        """What a keeper command prints (``None`` past :attr:`max_artifacts_bytes`), its
-        exit status and the tail of its stderr."""
+        """What a command of the script prints after the run (``None`` past
+        :attr:`max_artifacts_bytes`), its exit status and the tail of its stderr."""
         chunks: list[bytes] = []
         size = 0
+        workdir = agent.KEEPER_DIR if keeper else "/tmp"
         async with await self.driver.exec_stream(
-            sandbox_name(task_id), argv, workdir=agent.KEEPER_DIR, keeper=True
+            sandbox_name(task_id), argv, workdir=workdir, keeper=keeper
         ) as proc:
             async for chunk in proc.chunks():
                 size += len(chunk)

@@ -1372,3 +1372,89 @@ async def test_a_json_schema_gives_structured_output(harness: Harness) -> None:
         (end,) = ends(await harness.history(task_id))
     assert isinstance(end, ev.ExecutionCompleted), end
     assert end.structured_output == {"answer": 42}
+
+
+# ---- follow-ups ------------------------------------------------------------------------------
+
+
+async def test_a_follow_up_starts_from_the_earlier_workspace_and_goes_on_with_its_session(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Step 1 writes a file; step 2 (follow_up) reads it: the file is there, and the model
+    is sent step 1's conversation (the CLI resumed its session) with step 2's prompt."""
+    store = await open_store(f"file://{tmp_path / 'results'}")
+    one, two = marker(), marker()
+    # One script for both steps: a resumed conversation goes on where step 1 stopped.
+    harness.fake.script(
+        match=one,
+        replies=[
+            ToolUse.write("notes.txt", "written in step one\n"),
+            Text("step one done"),
+            ToolUse.read("notes.txt"),
+            Text("step two done"),
+            Text("step three done"),
+        ],
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, store=store)
+        first, _ = await harness.submit(f"write notes {one}")
+        await executor.worker().run_until_idle()
+        (end_one,) = ends(await harness.history(first))
+        assert isinstance(end_one, ev.ExecutionCompleted), end_one
+        assert sorted(o.key.rsplit("/", 1)[1] for o in end_one.kept) == [
+            "session.tar.gz",
+            "workspace.tar.gz",
+        ]
+        second, _ = await harness.submit(f"now read them {two}", follow_up=first)
+        await executor.worker().run_until_idle()
+        events_two = await harness.history(second)
+        # A chain: a follow-up of the follow-up goes on with both earlier steps.
+        third, _ = await harness.submit("and the third step", follow_up=second)
+        await executor.worker().run_until_idle()
+        (end_three,) = ends(await harness.history(third))
+    await store.close()
+    assert isinstance(end_three, ev.ExecutionCompleted), end_three
+    assert end_three.text == "step three done"
+    step_three = [
+        json.dumps(r.body)
+        for r in harness.fake.main_requests()
+        if "and the third step" in json.dumps(r.body)
+    ]
+    assert step_three and all(one in b and two in b for b in step_three)
+    (end_two,) = ends(events_two)
+    assert isinstance(end_two, ev.ExecutionCompleted), end_two
+    assert end_two.text == "step two done"
+    prepared = next(e for e in events_two if isinstance(e, ev.WorkspacePrepared))
+    assert prepared.resume == end_one.session_id
+    assert end_two.session_id and end_two.files_changed == []  # it only read
+    step_two = [
+        json.dumps(r.body) for r in harness.fake.main_requests() if two in json.dumps(r.body)
+    ]
+    assert step_two, "the model never saw step two's prompt"
+    assert any("written in step one" in body for body in step_two)  # it read step 1's file
+    assert all("write notes" in body for body in step_two)  # with step 1's conversation
+    listing = await harness.driver.exec(sandbox_name(second), ["cat", "/workspace/notes.txt"])
+    assert listing.output == b"written in step one\n"
+
+
+async def test_a_follow_up_of_another_tenants_task_is_refused(
+    harness: Harness, tmp_path: Path
+) -> None:
+    store = await open_store(f"file://{tmp_path / 'results'}")
+    other = ev.new_task_id()
+    await harness.bus.publish(
+        ev.TaskRequested(
+            event_id=ev.event_id(other, "TaskRequested"),
+            task_id=other,
+            tenant="globex",
+            spec=ev.TaskSpec(prompt="theirs"),
+        )
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, store=store)
+        task_id, _ = await harness.submit("mine", follow_up=other)
+        await executor.worker().run_until_idle()
+        (end,) = ends(await harness.history(task_id))
+    await store.close()
+    assert isinstance(end, ev.ExecutionFailed) and end.code == "workspace_error"
+    assert f"no task {other} of this tenant" in end.message

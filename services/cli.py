@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="follow the task until it ends")
     submit.add_argument("--idempotency-key")
     submit.add_argument("--timeout-s", type=int)
+    submit.add_argument(
+        "--follow-up", metavar="TASK_ID", help="go on from an ended task's workspace and session"
+    )
     submit.add_argument("--json", action="store_true")
 
     status = sub.add_parser("status", help="show a task")

@@ -176,6 +176,8 @@ async def run(args: argparse.Namespace) -> int:
             body: dict[str, Any] = {"prompt": args.prompt}
             if args.timeout_s is not None:
                 body["timeout_s"] = args.timeout_s
+            if args.follow_up:
+                body["follow_up"] = args.follow_up
             headers = _headers()
             if args.idempotency_key:
                 headers["Idempotency-Key"] = args.idempotency_key

@@ -1055,3 +1055,36 @@ async def test_files_are_stored_as_one_tar_and_the_task_names_it(
         f"{gateway.url}/execute", json={"task": "x" * (2 << 20)}, headers=auth(token)
     ) as r:
         assert r.status == 413 and "1 MiB" in (await r.json())["error"]["message"]
+
+
+async def test_a_follow_up_names_an_ended_task_of_the_same_tenant(
+    gateway: Gateway, http: aiohttp.ClientSession, bus: Bus
+) -> None:
+    token, other = gateway.token("acme"), gateway.token("globex")
+    async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "a"}, headers=auth(token)) as r:
+        earlier = (await r.json())["task_id"]
+    cases = [
+        (token, {"prompt": "b", "follow_up": ev.new_task_id()}, 404, "not_found"),
+        (other, {"prompt": "b", "follow_up": earlier}, 404, "not_found"),  # not theirs
+        (token, {"prompt": "b", "follow_up": earlier}, 409, "not_finished"),
+        (token, {"prompt": "b", "follow_up": "t_1"}, 422, "invalid_field"),
+        (token, {"prompt": "b", "follow_up": earlier, "repo": {"url": "https://h/a"}}, 422,
+         "invalid_field"),
+    ]  # fmt: skip
+    for who, body, status, code in cases:
+        async with http.post(f"{gateway.url}/v1/tasks", json=body, headers=auth(who)) as r:
+            answer = await r.json()
+            assert r.status == status and answer["error"]["code"] == code, (body, answer)
+            assert answer["error"]["field"] in ("follow_up", "repo")
+    await bus.publish(
+        ev.TaskSucceeded(event_id=ev.terminal_id(earlier), task_id=earlier, tenant="acme")
+    )
+    async with http.get(f"{gateway.url}/v1/tasks/{earlier}?wait=5", headers=auth(token)) as r:
+        assert (await r.json())["status"] == "succeeded"
+    body = {"prompt": "b", "follow_up": earlier}
+    async with http.post(f"{gateway.url}/v1/tasks", json=body, headers=auth(token)) as r:
+        assert r.status == 202
+        task_id = (await r.json())["task_id"]
+    stored = await bus.last(task_id, "TaskRequested")
+    assert stored is not None and isinstance(stored.event, ev.TaskRequested)
+    assert stored.event.spec.follow_up == earlier

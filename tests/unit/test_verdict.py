@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from services.executor.agent import AgentResult, Collected
-from services.executor.verdict import Facts, judge
+from services.executor.verdict import Facts, judge, warnings
 
 OK = AgentResult(found=True, is_error=False, text="done")
 
@@ -54,3 +54,33 @@ def test_the_first_rule_wins() -> None:
     assert (judge(facts(exit_code=137, timed_out=True, oom_killed=True)) or ("",))[0] == "timeout"
     both = facts(exit_code=137, oom_killed=True, pids_limit_hits=2)
     assert (judge(both) or ("",))[0] == "oom"
+
+
+def test_warnings_say_what_did_not_go_as_asked() -> None:
+    denied = AgentResult(
+        found=True, is_error=False, text="done", permission_denials=[{"tool_name": "Bash"}]
+    )
+    assert warnings(facts(result=denied)) == ["permission_denied"]
+    assert warnings(facts(result=AgentResult(found=True, is_error=False, text=" "))) == [
+        "empty_result"
+    ]
+    turns = AgentResult(found=True, is_error=True, subtype="error_max_turns", text="stopped")
+    assert warnings(facts(exit_code=1, result=turns)) == ["max_turns_reached"]
+    assert warnings(facts(exit_code=None, stopped_after_result=True)) == ["stopped_after_result"]
+    assert warnings(facts()) == []
+
+
+def test_a_result_then_a_hang_is_a_success_and_a_denial_can_be_a_failure() -> None:
+    assert judge(facts(exit_code=None, stopped_after_result=True)) is None
+    bad = AgentResult(found=True, is_error=True, text="no")
+    assert (judge(facts(exit_code=None, result=bad, stopped_after_result=True)) or ("",))[0] == (
+        "cli_error"
+    )
+    denied = AgentResult(
+        found=True, is_error=False, text="ok", permission_denials=[{"tool_name": "Write"}]
+    )
+    assert judge(facts(result=denied)) is None
+    strict = judge(facts(result=denied, fail_on_permission_denial=True))
+    assert strict is not None and strict[0] == "permission_denied" and "Write" in strict[1]
+    stalled = judge(facts(exit_code=143, stalled=True))
+    assert stalled is not None and stalled[0] == "stalled" and "300 seconds" in stalled[1]

@@ -32,7 +32,7 @@ from shared import events as ev
 from shared import inputs
 from shared.blobstore import BlobStore, sha256_hex
 from shared.bus import Bus
-from shared.errors import Retry
+from shared.errors import Retry, Unavailable
 from shared.results import (
     ARTIFACTS_FILE,
     BUNDLE_FILE,
@@ -272,7 +272,7 @@ class Exchange:
         (``workspace.tar.gz``, ``session.tar.gz``); the warning ``workspace_not_kept`` when
         they are over the size cap or cannot be read (a follow-up of the task then fails)."""
         if self.store is None:
-            return [], ["workspace_not_kept"]
+            return [], []  # an executor without an object store (tests) keeps nothing
         kept: list[ev.StoredObject] = []
         for what, file in (("workspace", WORKSPACE_FILE), ("session", SESSION_FILE)):
             argv = agent.pack_argv(self._script, what)  # type: ignore[arg-type]
@@ -283,7 +283,13 @@ class Exchange:
                 log.warning("workspace not kept", what=what, code=code, stderr=stderr)
                 return kept, ["workspace_not_kept"]
             key = task_prefix(event.task_id) + file
-            kept.append(await self.store.put(key, data, CONTENT_TYPES[file]))
+            try:
+                kept.append(await self.store.put(key, data, CONTENT_TYPES[file]))
+            except Unavailable as exc:
+                # Keeping is for a later follow-up: the run's end does not wait for a store
+                # that is down (storage waits for it, with the result).
+                log.warning("workspace not kept", what=what, error=str(exc))
+                return kept, ["workspace_not_kept"]
         return kept, []
 
     async def _keeper_output(

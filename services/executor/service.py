@@ -370,6 +370,7 @@ class Executor:
         last_line_at = time.monotonic()  # the stall watchdog's clock (with the model's bytes)
         result_at: float | None = None  # when the CLI printed its result (it should exit)
         started = False
+        refusals: set[str] = set()  # EgressBlocked ids published during the run
 
         async def flush() -> None:
             nonlocal pending, pending_bytes, batch_no
@@ -399,9 +400,12 @@ class Executor:
             )
 
         async def watch() -> None:
-            """The run's two clocks: a result and no exit, or nothing at all for too long."""
+            """The run's two clocks: a result and no exit, or nothing at all for too long;
+            and the egress proxy's refusals, published as they happen."""
             nonlocal killer
             now = time.monotonic()
+            if spec.network is not None:
+                await self._network(event, refusals)
             if result_at is not None and now - result_at > cfg.result_exit_grace_s:
                 outcome.stopped_after_result = True
                 killer = stop("no exit after its result")
@@ -634,14 +638,22 @@ class Executor:
         self.fetcher.discard(task_id)
         return judged[0] if judged else "completed"
 
-    async def _network(self, event: ev.SandboxStarted) -> ev.NetworkInfo:
+    async def _network(
+        self, event: ev.SandboxStarted, published: set[str] | None = None
+    ) -> ev.NetworkInfo:
         """What the egress proxy let through and refused; one ``EgressBlocked`` per refused
-        host and port (its id is derived from them: a repeat publishes nothing new)."""
+        host and port (its id is derived from them: a repeat publishes nothing new). Called
+        while the run goes on too (refusals show as they happen), with the ids ``published``
+        so far."""
         task_id = event.task_id
+        published = set() if published is None else published
         counts = await self.proxy.egress_counts(task_id)
         for refused in counts.blocked[:MAX_HOSTS]:
             where = f"{refused.host}:{refused.port}"
             digest = hashlib.sha256(where.encode()).hexdigest()[:16]
+            if digest in published:
+                continue
+            published.add(digest)
             await self.bus.publish(
                 ev.EgressBlocked(
                     event_id=ev.event_id(task_id, "EgressBlocked", digest),

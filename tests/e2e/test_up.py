@@ -219,7 +219,9 @@ async def test_a_task_end_to_end(system: System, fake: FakeModel, tmp_path: Path
     assert sorted(p.name for p in stored.iterdir()) == [
         "diff.patch",
         "result.json",
+        "session.tar.gz",  # with the workspace: what a follow-up goes on from
         "transcript.jsonl",
+        "workspace.tar.gz",
     ]
     assert fake.conversations_matching(prompt) == 1
     assert all(r.api_key == SECRET for r in fake.main_requests())
@@ -334,6 +336,9 @@ async def test_s3_storage_with_an_outage(
                 view = await r.json()
             assert view["status"] == "succeeded", view
             assert view["result"]["text"] == "done with notes"
+            # The workspace is kept for follow-ups only when the store takes it at the end
+            # of the run: the run does not wait for it (storage waits, with the result).
+            assert view["result"]["warnings"] == ["workspace_not_kept"]
             stored = [r.event async for r in bus.read(bus.subject(task_id, "ResultStored"))]
             await nc.close()
         assert len(stored) == 1

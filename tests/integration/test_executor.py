@@ -49,6 +49,7 @@ from shared.worker import Delivery
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse
 from tests.support.git import GitHttpServer, git, make_repo, rev
 from tests.support.procs import NatsServer
+from tests.support.sandboxes import wait_for_event
 
 pytestmark = pytest.mark.docker
 
@@ -1198,7 +1199,12 @@ async def test_the_agent_reaches_allowed_hosts_through_the_proxy_and_nothing_els
         "echo $? >> /tmp/seen"
     )
     tag = marker()
-    harness.fake.script(match=tag, replies=[ToolUse.bash(script), Text("fetched")])
+    # The model's last turn waits for a refusal to show on the bus: they are published as
+    # they happen, not only at the end of the run.
+    release = asyncio.Event()
+    harness.fake.script(
+        match=tag, replies=[ToolUse.bash(script), Reply(Text("fetched"), hold=release)]
+    )
     pins = parse_pins(f"allowed.test=127.0.0.1:{port},other.test=127.0.0.1:{port}")
     try:
         async with harness.proxy(Credential("api_key", SECRET), pins=pins) as proxy:
@@ -1208,7 +1214,14 @@ async def test_the_agent_reaches_allowed_hosts_through_the_proxy_and_nothing_els
                 network={"allow": [f"allowed.test:{port}"]},
                 allowed_tools=["Bash"],
             )
+
+            async def release_on_refusal() -> None:
+                await wait_for_event(harness.bus, task_id, "EgressBlocked", timeout=60)
+                release.set()
+
+            waiter = asyncio.create_task(release_on_refusal())
             await executor.worker().run_until_idle()
+            await waiter
             events = await harness.history(task_id)
     finally:
         await runner.cleanup()
@@ -1227,11 +1240,12 @@ async def test_the_agent_reaches_allowed_hosts_through_the_proxy_and_nothing_els
     assert [(a.host, a.requests) for a in end.network.allowed] == [("allowed.test", 3)]
     blocked = {(b.host, b.port): b.count for b in end.network.blocked}
     assert blocked == {("other.test", port): 2, ("127.0.0.1", port): 1}
+    # One event per refused host and port, as soon as it was seen (count: by then).
     events_blocked = [e for e in events if isinstance(e, ev.EgressBlocked)]
-    assert sorted((e.host, e.count) for e in events_blocked) == [
-        ("127.0.0.1", 1),
-        ("other.test", 2),
-    ]
+    assert sorted(e.host for e in events_blocked) == ["127.0.0.1", "other.test"]
+    assert all(e.count >= 1 and e.port == port for e in events_blocked)
+    first_refusal = min(events.index(e) for e in events_blocked)
+    assert first_refusal < events.index(end)  # during the run, not only at its end
 
 
 # ---- agent configuration and honest outcomes -------------------------------------------------

@@ -475,22 +475,14 @@ class DockerExecStream:
         """stdout, line by line; a line over ``MAX_LINE_BYTES`` is cut (see LineSplitter)."""
         splitter = LineSplitter(MAX_LINE_BYTES)
         try:
-            while True:
-                with _engine("exec output"):
-                    msg = await self._stream.read_out()
-                if msg is None:
-                    break
-                if msg.stream == 2:
-                    self.stderr = (self.stderr + msg.data)[-self._STDERR_TAIL :]
-                    continue
-                for line in splitter.feed(msg.data):
+            async for chunk in self.chunks():
+                for line in splitter.feed(chunk):
                     yield line
             if (last := splitter.rest()) is not None:
                 yield last
         finally:
             if splitter.cut:
                 log.warning("exec output lines cut", lines=splitter.cut, max_bytes=MAX_LINE_BYTES)
-            self._done = True
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """stdout as it comes, byte for byte (no line splitting); stderr goes to its tail."""

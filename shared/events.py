@@ -116,11 +116,6 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     fail_on_permission_denial: bool = False
     stall_timeout_s: int = 300
 
-    @property
-    def files(self) -> bool:
-        """Whether the run needs files written before it starts."""
-        return any((self.append_system_prompt, self.claude_md, self.settings, self.mcp_servers))
-
 
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the user asked for (the validated body of ``POST /v1/tasks``)."""

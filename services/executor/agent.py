@@ -689,7 +689,7 @@ class Transcript:
             return
         kind = obj.get("type")
         if isinstance(obj.get("session_id"), str) and obj["session_id"]:
-            self.session_id = obj["session_id"]
+            self.session_id = obj["session_id"][:128]  # the agent's to write: bounded
         if kind == "result":
             self._result = obj
         elif kind == "assistant":
@@ -734,7 +734,7 @@ class Transcript:
             num_turns=_as_int(r.get("num_turns")),
             total_cost_usd=float(cost) if isinstance(cost, int | float) else 0.0,
             usage=dict(usage) if isinstance(usage, dict) else {},
-            session_id=str(r.get("session_id") or self.session_id),
+            session_id=str(r.get("session_id") or self.session_id)[:128],
             permission_denials=[d for d in denials if isinstance(d, dict)]
             if isinstance(denials, list)
             else [],

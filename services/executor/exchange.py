@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import tarfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Final, Literal
 
 import msgspec
 import structlog
@@ -44,6 +46,9 @@ from shared.results import (
 from shared.sandbox import WORKSPACE, SandboxDriver, SandboxError, SandboxNotFound, sandbox_name
 
 log = structlog.get_logger("sandstream.executor")
+
+SESSION_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+"""A CLI session id as ``--resume`` may take it (the earlier run's report, the agent's word)."""
 
 
 class Exchange:
@@ -131,7 +136,11 @@ class Exchange:
         if (session := kept.get(SESSION_FILE)) is not None:
             data = await self._kept(parent, session)
             await self._copy_in(name, _once(data), "the earlier session", to="/tmp", gzip=True)
-        return end.session_id if session is not None else ""
+        if session is None:
+            return ""
+        if not SESSION_ID.fullmatch(end.session_id):
+            raise WorkspaceError(f"task {parent} ended with no usable session id to resume")
+        return end.session_id
 
     async def _kept(self, parent: str, stored: ev.StoredObject) -> bytes:
         if self.store is None:
@@ -265,7 +274,7 @@ class Exchange:
         stored = await self.store.put(
             task_prefix(task_id) + ARTIFACTS_FILE, data, CONTENT_TYPES[ARTIFACTS_FILE]
         )
-        return ev.ArtifactsInfo(files=names[:1000], object=stored), None
+        return ev.ArtifactsInfo(files=_bounded(names), object=stored), None
 
     async def keep(self, event: ev.SandboxStarted) -> tuple[list[ev.StoredObject], list[str]]:
         """The final workspace and the CLI's session files, stored for a follow-up
@@ -274,8 +283,12 @@ class Exchange:
         if self.store is None:
             return [], []  # an executor without an object store (tests) keeps nothing
         kept: list[ev.StoredObject] = []
-        for what, file in (("workspace", WORKSPACE_FILE), ("session", SESSION_FILE)):
-            argv = agent.pack_argv(self._script, what)  # type: ignore[arg-type]
+        packs: tuple[tuple[Literal["workspace", "session"], str], ...] = (
+            ("workspace", WORKSPACE_FILE),
+            ("session", SESSION_FILE),
+        )
+        for what, file in packs:
+            argv = agent.pack_argv(self._script, what)
             data, code, stderr = await self._keeper_output(event.task_id, argv, keeper=False)
             if data is None or code != 0:
                 if what == "session" and code == 5:
@@ -333,6 +346,18 @@ class Exchange:
             detail = proc.stderr.decode(errors="replace").strip()[-300:]
             raise WorkspaceError(f"the agent's changes could not be read: {detail or code}")
         return size
+
+
+def _bounded(names: list[str], count: int = 1000, size: int = 64 * 1024) -> list[str]:
+    """The first names that fit ``count`` and ``size`` bytes: the agent chooses them, and
+    they travel in an event."""
+    kept, total = [], 0
+    for name in names[:count]:
+        total += len(name.encode()) + 4
+        if total > size:
+            break
+        kept.append(name)
+    return kept
 
 
 def _tar_names(data: bytes) -> list[str]:

@@ -180,6 +180,9 @@ async def _task(request: web.Request, tenant: str) -> TaskState:
 # ---- submission --------------------------------------------------------------------------
 
 
+_presets = functools.lru_cache(maxsize=4)(egress.parse_presets)
+"""``SANDSTREAM_EGRESS_PRESETS`` parsed once, not per submission (read only)."""
+
 MAX_TASK_EVENT_BYTES = MAX_EVENT_BYTES - 64 * 1024
 """A task's ``TaskRequested`` at most (room under the bus's cap for the envelope)."""
 
@@ -276,7 +279,7 @@ async def create_task(request: web.Request) -> web.Response:
     async with request.app[UPLOADS] if large else contextlib.nullcontext():
         body = await read_json(request.clone(client_max_size=MAX_TASK_BODY), models.TaskRequest)
     settings = request.app[SETTINGS]
-    presets = egress.parse_presets(settings.egress_presets)
+    presets = _presets(settings.egress_presets)
     if problem := models.task_problem(body, allow_file=settings.allow_file_repos, presets=presets):
         field, message = problem
         raise ApiError(422, "invalid_field", message, field=field)

@@ -304,7 +304,17 @@ class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     disallowed_tools: Annotated[list[ToolName], Meta(max_length=64)] | None = None
     stall_timeout_s: Annotated[int, Meta(ge=10, le=3600)] = 300
     fail_on_permission_denial: bool = False
-    follow_up: Annotated[str, Meta(pattern=TASK_ID_PATTERN)] | None = None
+    follow_up: (
+        Annotated[
+            str,
+            Meta(
+                pattern=TASK_ID_PATTERN,
+                description="an ended task of yours to continue from",
+                examples=["t_b7kqxz2m4n5p6r7s3t4u"],
+            ),
+        ]
+        | None
+    ) = None
 
     def spec(self, files: FilesRef | None = None) -> TaskSpec:
         """The task's spec; ``files`` is where the gateway stored :attr:`files`."""

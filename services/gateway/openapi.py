@@ -62,10 +62,13 @@ UNAUTHORIZED = _error("missing or unknown token", "unauthorized")
 NOT_FOUND = _error("no such task for this tenant", "not_found")
 UNAVAILABLE = _error("the event log is unreachable or still loading; retry", "unavailable")
 BAD_BODY = _error("the body is not a JSON object", "invalid_json", "invalid_body")
-BODY_TOO_LARGE = _error("the body is larger than 1 MiB", "body_too_large")
+BODY_TOO_LARGE = _error(
+    "the body is larger than 16 MiB (POST /v1/tasks) or 1 MiB (elsewhere)", "body_too_large"
+)
 MEDIA_TYPE = _error("the body is not JSON", "unsupported_media_type")
 INVALID_FIELD = _error(
-    "a field is invalid, or the task's texts together are too large for one event",
+    "a field is invalid (follow_up: it names no ended task of this tenant), or the task's "
+    "texts together are too large for one event",
     "invalid_field",
     "unknown_field",
     "missing_field",
@@ -184,18 +187,7 @@ def openapi() -> dict[str, Any]:
                         {
                             "202": _answer("accepted", "Accepted"),
                             "200": _answer("idempotent replay of an accepted task", "Accepted"),
-                        },
-                        ("404", _error("follow_up names no task of this tenant", "not_found")),
-                        (
-                            "409",
-                            _error(
-                                "the Idempotency-Key was used with another body, or the task "
-                                "follow_up names has not ended",
-                                "idempotency_conflict",
-                                "conflict",
-                                "not_finished",
-                            ),
-                        ),
+                        }
                     ),
                 },
                 "get": {

@@ -285,18 +285,16 @@ async def create_task(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid_field", message, field=field)
     if body.follow_up is not None:
         earlier = request.app[PROJECTION].get(tenant, body.follow_up)
-        # An unknown task is 404 and a running one 409, as everywhere else in this API: a
-        # request that is valid as such is never a 422 for what the log holds.
+        # Another tenant's task reads as no task at all: the answer says nothing of it.
         if earlier is None:
-            raise ApiError(
-                404, "not_found", f"no task {body.follow_up} to follow up on", field="follow_up"
-            )
+            message = f"follow_up names no task of yours: {body.follow_up}"
+            raise ApiError(422, "invalid_field", message, field="follow_up")
         if not earlier.status.terminal:
             raise ApiError(
-                409,
-                "not_finished",
-                f"task {body.follow_up} has not ended (status {earlier.status.value}): a "
-                "follow-up starts from its final workspace",
+                422,
+                "invalid_field",
+                f"follow_up names task {body.follow_up}, which has not ended (status "
+                f"{earlier.status.value}): a follow-up starts from its final workspace",
                 field="follow_up",
             )
     files = await store_files(request, body.files) if body.files else None

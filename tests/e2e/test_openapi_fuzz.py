@@ -46,6 +46,9 @@ async def test_the_api_matches_its_openapi_document(system: System, tmp_path: Pa
         f"Authorization: Bearer {system.token}",
         "--checks",
         "all",
+        # in its place: positive_data_acceptance_but_follow_up (fuzz_hooks.py says why)
+        "--exclude-checks",
+        "positive_data_acceptance",
         "--phases",
         "examples,coverage,fuzzing,stateful",
         "--max-examples",
@@ -73,8 +76,13 @@ async def test_the_api_matches_its_openapi_document(system: System, tmp_path: Pa
         str(tmp_path / "report"),
     ]
     # Asynchronously: the fake model answers the sandboxes from this test's event loop.
+    hooks = {"SCHEMATHESIS_HOOKS": str(Path(__file__).with_name("fuzz_hooks.py"))}
     run = await asyncio.create_subprocess_exec(
-        *command, cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *command,
+        cwd=tmp_path,
+        env={**os.environ, **hooks},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     stdout, _ = await asyncio.wait_for(run.communicate(), 600)
     output = stdout.decode()

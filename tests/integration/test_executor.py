@@ -1472,3 +1472,69 @@ async def test_a_follow_up_of_another_tenants_task_is_refused(
     await store.close()
     assert isinstance(end, ev.ExecutionFailed) and end.code == "workspace_error"
     assert f"no task {other} of this tenant" in end.message
+
+
+# A stdio MCP server in bash (the image has no other interpreter): newline-delimited JSON-RPC,
+# just enough of the protocol for the CLI to list and call one tool. The reply says who ran it.
+MCP_PROBE = rb"""#!/bin/bash
+while IFS= read -r line; do
+  id=$(printf '%s' "$line" | sed -n 's/.*"id":\([0-9][0-9]*\).*/\1/p')
+  version=$(printf '%s' "$line" | sed -n 's/.*"protocolVersion":"\([^"]*\)".*/\1/p')
+  case "$line" in
+    *'"method":"initialize"'*)
+      printf '{"jsonrpc":"2.0","id":%s,"result":{"protocolVersion":"%s","capabilities":{"tools":{}},"serverInfo":{"name":"probe","version":"1"}}}\n' "$id" "$version" ;;
+    *'"method":"tools/list"'*)
+      printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[{"name":"whoami","description":"Who runs this server","inputSchema":{"type":"object","properties":{}}}]}}\n' "$id" ;;
+    *'"method":"tools/call"'*)
+      printf '{"jsonrpc":"2.0","id":%s,"result":{"content":[{"type":"text","text":"probe-ran uid=%s token=%s"}]}}\n' "$id" "$(id -u)" "$PROBE_TOKEN" ;;
+    *) if [ -n "$id" ]; then printf '{"jsonrpc":"2.0","id":%s,"result":{}}\n' "$id"; fi ;;
+  esac
+done
+"""
+
+
+async def test_a_stdio_mcp_server_runs_inside_the_sandbox_and_the_model_calls_its_tool(
+    harness: Harness, tmp_path: Path
+) -> None:
+    store = await open_store(f"file://{tmp_path / 'results'}")
+    files = await stored_files(store, [("tools/probe.sh", MCP_PROBE, 0o755)])
+    tag, token = marker(), marker()
+    harness.fake.script(
+        match=tag,
+        replies=[
+            # MCP tools are deferred: the model loads the schema first, as a real one does.
+            ToolUse("ToolSearch", {"query": "select:mcp__probe__whoami", "max_results": 1}),
+            ToolUse("mcp__probe__whoami", {}),
+            Text("the probe answered"),
+        ],
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(
+            bus=harness.bus,
+            driver=harness.driver,
+            proxy=proxy,
+            config=repo_config(tmp_path),
+            store=store,
+        )
+        task_id, _ = await harness.submit(
+            f"ask the probe {tag}",
+            files=files,
+            allowed_tools=["mcp__probe__whoami"],
+            agent={
+                "mcp_servers": {
+                    "probe": {"command": "/workspace/tools/probe.sh", "env": {"PROBE_TOKEN": token}}
+                }
+            },
+        )
+        await executor.worker().run_until_idle()
+        events = await harness.history(task_id)
+    await store.close()
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert end.warnings == []  # the call was allowed, not denied
+    bodies = requests_of(harness.fake, tag)
+    # The CLI started the server, listed its tool and offered it to the model ...
+    assert len(bodies) == 3 and "mcp__probe__whoami" in bodies[0]
+    assert "Who runs this server" in bodies[1]  # the schema, as the server described it
+    # ... and the call ran in the sandbox, as the agent, with the configured environment.
+    assert f"probe-ran uid=1000 token={token}" in bodies[-1]

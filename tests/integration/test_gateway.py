@@ -1063,19 +1063,26 @@ async def test_a_follow_up_names_an_ended_task_of_the_same_tenant(
     token, other = gateway.token("acme"), gateway.token("globex")
     async with http.post(f"{gateway.url}/v1/tasks", json={"prompt": "a"}, headers=auth(token)) as r:
         earlier = (await r.json())["task_id"]
+    unknown = ev.new_task_id()
     cases = [
-        (token, {"prompt": "b", "follow_up": ev.new_task_id()}, 404, "not_found"),
-        (other, {"prompt": "b", "follow_up": earlier}, 404, "not_found"),  # not theirs
-        (token, {"prompt": "b", "follow_up": earlier}, 409, "not_finished"),
-        (token, {"prompt": "b", "follow_up": "t_1"}, 422, "invalid_field"),
-        (token, {"prompt": "b", "follow_up": earlier, "repo": {"url": "https://h/a"}}, 422,
-         "invalid_field"),
+        (token, {"prompt": "b", "follow_up": unknown}, "follow_up", f"no task of yours: {unknown}"),
+        (other, {"prompt": "b", "follow_up": earlier}, "follow_up", "no task of yours"),
+        (token, {"prompt": "b", "follow_up": earlier}, "follow_up", "has not ended (status "),
+        (token, {"prompt": "b", "follow_up": "t_1"}, "follow_up", "matching regex"),
+        (token, {"prompt": "b", "follow_up": earlier, "repo": {"url": "https://h/a"}}, "repo",
+         "follow-up"),
     ]  # fmt: skip
-    for who, body, status, code in cases:
+    for who, body, field, says in cases:
         async with http.post(f"{gateway.url}/v1/tasks", json=body, headers=auth(who)) as r:
             answer = await r.json()
-            assert r.status == status and answer["error"]["code"] == code, (body, answer)
-            assert answer["error"]["field"] in ("follow_up", "repo")
+            assert r.status == 422 and answer["error"]["code"] == "invalid_field", (body, answer)
+            assert answer["error"]["field"] == field and says in answer["error"]["message"]
+    # Another tenant's task reads exactly like one that does not exist.
+    for who, task in ((other, earlier), (token, unknown)):
+        body = {"prompt": "b", "follow_up": task}
+        async with http.post(f"{gateway.url}/v1/tasks", json=body, headers=auth(who)) as r:
+            message = (await r.json())["error"]["message"]
+        assert message == f"follow_up names no task of yours: {task}"
     await bus.publish(
         ev.TaskSucceeded(event_id=ev.terminal_id(earlier), task_id=earlier, tenant="acme")
     )

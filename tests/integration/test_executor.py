@@ -1477,17 +1477,20 @@ async def test_a_follow_up_of_another_tenants_task_is_refused(
 # A stdio MCP server in bash (the image has no other interpreter): newline-delimited JSON-RPC,
 # just enough of the protocol for the CLI to list and call one tool. The reply says who ran it.
 MCP_PROBE = rb"""#!/bin/bash
+reply() { printf '{"jsonrpc":"2.0","id":%s,"result":%s}\n' "$id" "$1"; }
+field() { printf '%s' "$line" | sed -n "s/.*\"$1\":\"\\{0,1\\}\([^\",}]*\).*/\\1/p"; }
+tool='{"name":"whoami","description":"Who runs this server","inputSchema":{"type":"object"}}'
 while IFS= read -r line; do
-  id=$(printf '%s' "$line" | sed -n 's/.*"id":\([0-9][0-9]*\).*/\1/p')
-  version=$(printf '%s' "$line" | sed -n 's/.*"protocolVersion":"\([^"]*\)".*/\1/p')
+  id=$(field id)
   case "$line" in
     *'"method":"initialize"'*)
-      printf '{"jsonrpc":"2.0","id":%s,"result":{"protocolVersion":"%s","capabilities":{"tools":{}},"serverInfo":{"name":"probe","version":"1"}}}\n' "$id" "$version" ;;
-    *'"method":"tools/list"'*)
-      printf '{"jsonrpc":"2.0","id":%s,"result":{"tools":[{"name":"whoami","description":"Who runs this server","inputSchema":{"type":"object","properties":{}}}]}}\n' "$id" ;;
+      info='"capabilities":{"tools":{}},"serverInfo":{"name":"probe","version":"1"}'
+      reply "{\"protocolVersion\":\"$(field protocolVersion)\",$info}" ;;
+    *'"method":"tools/list"'*) reply "{\"tools\":[$tool]}" ;;
     *'"method":"tools/call"'*)
-      printf '{"jsonrpc":"2.0","id":%s,"result":{"content":[{"type":"text","text":"probe-ran uid=%s token=%s"}]}}\n' "$id" "$(id -u)" "$PROBE_TOKEN" ;;
-    *) if [ -n "$id" ]; then printf '{"jsonrpc":"2.0","id":%s,"result":{}}\n' "$id"; fi ;;
+      text="probe-ran uid=$(id -u) token=$PROBE_TOKEN"
+      reply "{\"content\":[{\"type\":\"text\",\"text\":\"$text\"}]}" ;;
+    *) if [ -n "$id" ]; then reply '{}'; fi ;;
   esac
 done
 """

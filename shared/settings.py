@@ -62,6 +62,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     egress_hosts: str = ""  # name=ip,... pinned for the egress proxy (mirrors, tests)
     egress_max_bytes: int = 1024 * 1024 * 1024  # per task, both ways
     egress_max_connections: int = 32  # open at once, per task
+    sandbox_ca_file: Path | None = None  # PEM: certificates sandboxes with network also trust
 
     @property
     def tokens_path(self) -> Path:
@@ -198,4 +199,5 @@ def _read(env: Mapping[str, str]) -> Settings:
         egress_hosts=env.get("SANDSTREAM_EGRESS_HOSTS") or "",
         egress_max_bytes=_int(env, "SANDSTREAM_EGRESS_MAX_BYTES", 1024 * 1024 * 1024),
         egress_max_connections=_int(env, "SANDSTREAM_EGRESS_MAX_CONNECTIONS", 32),
+        sandbox_ca_file=_path(env, "SANDSTREAM_SANDBOX_CA_FILE"),
     )

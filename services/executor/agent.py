@@ -56,6 +56,15 @@ CONFIG_DIR: Final = "/tmp/.sandstream-config"
 APPEND_FILE: Final = "append-system-prompt.md"
 SETTINGS_FILE: Final = "settings.json"
 MCP_FILE: Final = "mcp.json"
+CA_FILE: Final = "ca.pem"
+"""The installation's extra certificates (``SANDSTREAM_SANDBOX_CA_FILE``), for a task with
+``network``: ``NODE_EXTRA_CA_CERTS`` (the CLI's own fetches, node tools)."""
+CA_BUNDLE: Final = "ca-bundle.pem"
+"""The image's certificates and the extra ones, made by the start script: what OpenSSL-based
+tools (curl, git, pip, requests) are pointed at, as their variables replace, not add."""
+CA_BUNDLE_VARS: Final = ("SSL_CERT_FILE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "REQUESTS_CA_BUNDLE")
+SYSTEM_CA_BUNDLE: Final = "/etc/ssl/certs/ca-certificates.crt"
+MAX_CA_BYTES: Final = 1024 * 1024
 WORKSPACE: Final = "/workspace"
 MODEL_SOCKET: Final = sandbox.MODEL_SOCKET
 EGRESS_SOCKET: Final = sandbox.EGRESS_SOCKET
@@ -101,12 +110,12 @@ def command(spec: TaskSpec, *, resume: str | None = None) -> list[str]:
         argv += ["--max-turns", str(spec.max_turns)]
     if spec.model:
         argv += ["--model", spec.model]
+    if run_settings(spec) is not None:
+        argv += ["--settings", f"{CONFIG_DIR}/{SETTINGS_FILE}"]
     config = spec.agent
     if config is not None:
         if config.append_system_prompt:
             argv += ["--append-system-prompt-file", f"{CONFIG_DIR}/{APPEND_FILE}"]
-        if config.settings is not None:
-            argv += ["--settings", f"{CONFIG_DIR}/{SETTINGS_FILE}"]
         if config.mcp_servers:
             argv += ["--mcp-config", f"{CONFIG_DIR}/{MCP_FILE}", "--strict-mcp-config"]
         if config.json_schema is not None:
@@ -119,19 +128,33 @@ def command(spec: TaskSpec, *, resume: str | None = None) -> list[str]:
     return argv
 
 
-def config_files(spec: TaskSpec) -> dict[str, bytes]:
+def run_settings(spec: TaskSpec) -> dict[str, Any] | None:
+    """The run's settings file (``--settings``): the task's ``settings``; for a task with
+    ``network``, under them, ``skipWebFetchPreflight``. Without it the CLI's WebFetch first
+    asks api.anthropic.com about the domain, straight, not through the model proxy: the
+    task's ``network.allow`` is the policy here, and it would refuse that request."""
+    settings = spec.agent.settings if spec.agent is not None else None
+    if spec.network is None:
+        return settings
+    return {"skipWebFetchPreflight": True, **(settings or {})}
+
+
+def config_files(spec: TaskSpec, *, ca: bytes | None = None) -> dict[str, bytes]:
     """The files the task's configuration needs before the run, by path under ``/tmp`` (the
     executor copies them in as the agent's, with the workspace). ``CLAUDE.md`` is the user's
-    memory file, outside ``/workspace``: it is no part of the diff or the branch."""
-    config = spec.agent
-    if config is None:
-        return {}
+    memory file, outside ``/workspace``: it is no part of the diff or the branch. ``ca``: the
+    installation's extra certificates, for a task with ``network``."""
     files: dict[str, bytes] = {}
     config_dir = CONFIG_DIR.removeprefix("/tmp/")
+    if (settings := run_settings(spec)) is not None:
+        files[f"{config_dir}/{SETTINGS_FILE}"] = msgspec.json.encode(settings)
+    if ca is not None and spec.network is not None:
+        files[f"{config_dir}/{CA_FILE}"] = ca
+    config = spec.agent
+    if config is None:
+        return files
     if config.append_system_prompt:
         files[f"{config_dir}/{APPEND_FILE}"] = config.append_system_prompt.encode()
-    if config.settings is not None:
-        files[f"{config_dir}/{SETTINGS_FILE}"] = msgspec.json.encode(config.settings)
     if config.mcp_servers:
         servers = {
             name: {"type": "stdio", **msgspec.to_builtins(server)}
@@ -148,9 +171,11 @@ def environment(
     port: int = DEFAULT_PORT,
     max_retries: int = DEFAULT_MAX_RETRIES,
     egress_port: int | None = None,
+    extra_ca: bool = False,
 ) -> dict[str, str]:
     """The agent's environment inside the sandbox: a placeholder key, never the real one;
-    with ``egress_port``, the egress proxy for everything but the model (``NO_PROXY``)."""
+    with ``egress_port``, the egress proxy for everything but the model (``NO_PROXY``), and
+    with ``extra_ca`` too, the installation's certificates (:data:`CA_FILE`) trusted."""
     env = {
         "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
         "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
@@ -164,6 +189,9 @@ def environment(
         for name in ("HTTP_PROXY", "HTTPS_PROXY"):
             env[name] = env[name.lower()] = proxy
         env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+        if extra_ca:
+            env["NODE_EXTRA_CA_CERTS"] = f"{CONFIG_DIR}/{CA_FILE}"
+            env.update(dict.fromkeys(CA_BUNDLE_VARS, f"{CONFIG_DIR}/{CA_BUNDLE}"))
     return env
 
 
@@ -183,6 +211,7 @@ K=__KEEPER_DIR__
 W=__WORKSPACE__
 S=__SOCKET__
 E=__EGRESS__
+C=__CONFIG_DIR__
 mode=$1; shift
 case "$mode" in
 run)
@@ -227,6 +256,9 @@ start)
             for ((i = 0; i < 200; i++)); do grep -q "$hex" /proc/net/tcp && break; sleep 0.005; done
         }
         bridge "$port" "$S"
+        if [ -f "$C/__CA_FILE__" ]; then  # trusted besides the image's, by every TLS client
+            cat __SYSTEM_CA__ "$C/__CA_FILE__" >"$C/__CA_BUNDLE__"
+        fi
         # The egress proxy, for a task with network.allow (0: none, no way out at all).
         [ "$eport" != 0 ] && bridge "$eport" "$E"
         setsid bash -c "$BASH_EXECUTION_STRING" sandstream run "${cmd[@]}" \
@@ -433,6 +465,10 @@ def wrapper_script(
         .replace("__WORKSPACE__", shlex.quote(workspace))
         .replace("__SOCKET__", shlex.quote(socket))
         .replace("__EGRESS__", shlex.quote(EGRESS_SOCKET))
+        .replace("__CONFIG_DIR__", shlex.quote(CONFIG_DIR))
+        .replace("__CA_FILE__", CA_FILE)
+        .replace("__CA_BUNDLE__", CA_BUNDLE)
+        .replace("__SYSTEM_CA__", SYSTEM_CA_BUNDLE)
         .replace("__UID__", str(SANDBOX_UID))
         .replace("__MAX_DIFF__", str(max_diff_bytes + 1))
         .replace("__STARTED__", MARK_STARTED)

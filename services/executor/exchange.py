@@ -61,6 +61,7 @@ class Exchange:
         fetcher: Fetcher,
         script: str,
         max_artifacts_bytes: int,
+        ca: bytes | None = None,
     ) -> None:
         self.bus = bus
         self.driver = driver
@@ -68,6 +69,11 @@ class Exchange:
         self.fetcher = fetcher
         self._script = script
         self.max_artifacts_bytes = max_artifacts_bytes
+        self.ca = ca
+
+    def config_files(self, spec: ev.TaskSpec) -> dict[str, bytes]:
+        """The run's configuration files (:func:`agent.config_files`, this installation's)."""
+        return agent.config_files(spec, ca=self.ca)
 
     async def prepare(self, event: ev.SandboxStarted, spec: ev.TaskSpec) -> None:
         """Fill the workspace: the repository fetched on this side, then the task's files over
@@ -90,7 +96,7 @@ class Exchange:
                 if checkout is not None:
                     through_links(checkout.path, inputs.names(archive))
                 await self._copy_in(name, _once(archive), "the task's files")
-            if config := agent.config_files(spec):
+            if config := self.config_files(spec):
                 packed = inputs.pack([(path, data, 0o600) for path, data in config.items()])
                 await self._copy_in(name, _once(packed), "the run's configuration", to="/tmp")
         finally:

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import secrets as secrets_mod
+import ssl
 import time
 from pathlib import Path
 from typing import Any, Final
@@ -107,6 +108,9 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
     allow_file_repos: bool = False
     max_artifacts_bytes: int = 100 * 1024 * KiB
     """``artifacts.tar.gz`` at most (compressed)."""
+    sandbox_ca: bytes | None = None
+    """Certificates (PEM) sandboxes with ``network`` trust besides the image's: a mirror's or
+    an inspecting proxy's CA (``SANDSTREAM_SANDBOX_CA_FILE``)."""
 
     @classmethod
     def of(cls, settings: Settings) -> ExecutorConfig:
@@ -118,7 +122,28 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
             max_repo_bytes=settings.max_repo_bytes,
             repo_timeout_s=settings.repo_timeout_s,
             allow_file_repos=settings.allow_file_repos,
+            sandbox_ca=_certificates(settings.sandbox_ca_file),
         )
+
+
+def _certificates(path: Path | None) -> bytes | None:
+    """The PEM file's bytes, checked: a file that is not certificates stops the executor at
+    start with a message naming the setting, not every task with a TLS error later."""
+    if path is None:
+        return None
+    name = "SANDSTREAM_SANDBOX_CA_FILE"
+    try:
+        with path.open("rb") as f:
+            pem = f.read(agent.MAX_CA_BYTES + 1)
+    except OSError as exc:
+        raise SystemExit(f"{name}: {path} cannot be read: {exc.strerror}") from None
+    if len(pem) > agent.MAX_CA_BYTES:
+        raise SystemExit(f"{name}: {path} is larger than {agent.MAX_CA_BYTES} bytes")
+    try:
+        ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError, ValueError) as exc:
+        raise SystemExit(f"{name}: {path} holds no PEM certificates: {exc}") from None
+    return pem
 
 
 class _History(msgspec.Struct, frozen=True, kw_only=True):
@@ -182,6 +207,7 @@ class Executor:
             fetcher=self.fetcher,
             script=self._script,
             max_artifacts_bytes=self.config.max_artifacts_bytes,
+            ca=self.config.sandbox_ca,
         )
 
     def worker(
@@ -227,7 +253,7 @@ class Executor:
             log.warning("execution failed", code="no_credential")
             return
         spec = requested.spec
-        needed = bool(spec.repo or spec.files or spec.follow_up or agent.config_files(spec))
+        needed = bool(spec.repo or spec.files or spec.follow_up or self.exchange.config_files(spec))
         if needed and history.state is not None and not history.state.workspace_prepared:
             try:
                 await self.exchange.prepare(event, spec)
@@ -515,7 +541,10 @@ class Executor:
                 self._script, spec, port=cfg.model_port, egress_port=egress, resume=resume or None
             ),
             env=agent.environment(
-                port=cfg.model_port, max_retries=cfg.cli_max_retries, egress_port=egress
+                port=cfg.model_port,
+                max_retries=cfg.cli_max_retries,
+                egress_port=egress,
+                extra_ca=cfg.sandbox_ca is not None,
             ),
             workdir=agent.WORKSPACE,
         )

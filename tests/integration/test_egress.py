@@ -18,6 +18,7 @@ from services.modelproxy.egress import EgressLimits, EgressProxy
 from shared import egress
 from shared import events as ev
 from shared.egress import parse_pins
+from tests.support.tls import self_signed
 
 
 def pins(port: int, *names: str) -> dict[str, egress.Pin]:
@@ -156,42 +157,6 @@ async def test_a_restarted_proxy_keeps_the_policy_and_the_counts(
         await second.remove_task(task)
         await second.close()
     assert not sock.exists()
-
-
-def self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
-    """A certificate for ``name`` and its key (cryptography comes with moto)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 async def test_tls_goes_through_a_tunnel_untouched(tmp_path: Path) -> None:

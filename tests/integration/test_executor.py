@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import sys
 import tarfile
 import tempfile
@@ -50,6 +51,7 @@ from tests.fakes.model import FakeModel, Reply, Text, ToolUse
 from tests.support.git import GitHttpServer, git, make_repo, rev
 from tests.support.procs import NatsServer
 from tests.support.sandboxes import wait_for_event
+from tests.support.tls import self_signed
 
 pytestmark = pytest.mark.docker
 
@@ -1246,6 +1248,70 @@ async def test_the_agent_reaches_allowed_hosts_through_the_proxy_and_nothing_els
     assert all(e.count >= 1 and e.port == port for e in events_blocked)
     first_refusal = min(events.index(e) for e in events_blocked)
     assert first_refusal < events.index(end)  # during the run, not only at its end
+
+
+async def test_the_clis_own_web_fetch_goes_through_the_policy_with_the_installations_ca(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """WebFetch (https only: the CLI upgrades http) of an allowed name reaches an origin whose
+    certificate only the installation's CA vouches for; another name is refused; curl trusts
+    the same CA; the CLI's domain preflight to api.anthropic.com is never attempted."""
+    cert, key = self_signed(tmp_path, "docs.test")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    page, agents = f"PAGE-{uuid.uuid4().hex}", []
+
+    async def docs(request: web.Request) -> web.Response:
+        agents.append(request.headers.get("User-Agent", ""))
+        html = f"<html><body><h1>{page}</h1></body></html>"
+        return web.Response(text=html, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/guide", docs)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    tag = marker()
+    harness.fake.script(
+        match=tag,
+        replies=[
+            ToolUse("ToolSearch", {"query": "select:WebFetch", "max_results": 1}),
+            ToolUse("WebFetch", {"url": f"https://docs.test:{port}/guide", "prompt": "summary"}),
+            ToolUse("WebFetch", {"url": f"https://other.test:{port}/guide", "prompt": "summary"}),
+            ToolUse.bash(f"curl -sS https://docs.test:{port}/guide > /tmp/curl-seen 2>&1"),
+            Text("read"),
+        ],
+    )
+    pins = parse_pins(f"docs.test=127.0.0.1:{port},other.test=127.0.0.1:{port}")
+    config = ExecutorConfig(sandbox_ca=cert.read_bytes())
+    try:
+        async with harness.proxy(Credential("api_key", SECRET), pins=pins) as proxy:
+            executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, config=config)
+            task_id, _ = await harness.submit(
+                f"read the guide {tag}",
+                network={"allow": [f"docs.test:{port}"]},
+                allowed_tools=["WebFetch", "Bash"],
+            )
+            await executor.worker().run_until_idle()
+            events = await harness.history(task_id)
+    finally:
+        await runner.cleanup()
+    (end,) = ends(events)
+    assert isinstance(end, ev.ExecutionCompleted), end
+    # The CLI fetched the page itself and handed it to the model (its summarising request).
+    assert agents[0].startswith("Claude-User (claude-code/")
+    assert any(page in json.dumps(r.body) for r in harness.fake.requests)
+    seen = await harness.driver.exec(sandbox_name(task_id), ["cat", "/tmp/curl-seen"])
+    assert page in seen.output.decode()  # curl verified the origin with the same CA
+    assert len(agents) == 2
+    assert end.network is not None
+    assert [(a.host, a.requests) for a in end.network.allowed] == [("docs.test", 2)]
+    assert [(b.host, b.port) for b in end.network.blocked] == [("other.test", port)]
+    # The refusal reached the model as the tool's error ("proxy refused the connection").
+    refused = json.loads(requests_of(harness.fake, tag)[3])["messages"][-1]["content"][0]
+    assert refused["type"] == "tool_result" and refused["is_error"], refused
 
 
 # ---- agent configuration and honest outcomes -------------------------------------------------

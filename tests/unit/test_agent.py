@@ -7,7 +7,7 @@ import json
 import pytest
 
 from services.executor import agent
-from shared.events import TaskSpec
+from shared.events import AgentConfig, NetworkSpec, TaskSpec
 
 
 def test_command_has_the_fixed_flags_and_the_task_options() -> None:
@@ -48,6 +48,38 @@ def test_environment_holds_a_placeholder_and_no_secret(monkeypatch: pytest.Monke
     assert env["CLAUDE_CODE_MAX_RETRIES"] == "2"
     assert env["HOME"].startswith("/tmp/")
     assert "CLAUDE_CODE_OAUTH_TOKEN" not in env
+
+
+def test_a_task_with_network_skips_the_web_fetch_preflight_unless_its_settings_say_otherwise() -> (
+    None
+):
+    config = f"{agent.CONFIG_DIR.removeprefix('/tmp/')}/{agent.SETTINGS_FILE}"
+    plain = TaskSpec(prompt="hi")
+    assert agent.run_settings(plain) is None and agent.config_files(plain) == {}
+    assert "--settings" not in agent.command(plain)
+    online = TaskSpec(prompt="hi", network=NetworkSpec(allow=["docs.test"]))
+    assert json.loads(agent.config_files(online)[config]) == {"skipWebFetchPreflight": True}
+    assert "--settings" in agent.command(online)
+    theirs = TaskSpec(
+        prompt="hi",
+        network=NetworkSpec(allow=["docs.test"]),
+        agent=AgentConfig(settings={"skipWebFetchPreflight": False, "model": "x"}),
+    )
+    assert agent.run_settings(theirs) == {"skipWebFetchPreflight": False, "model": "x"}
+
+
+def test_the_installations_ca_reaches_only_tasks_with_network() -> None:
+    ca = b"-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n"
+    path = f"{agent.CONFIG_DIR.removeprefix('/tmp/')}/{agent.CA_FILE}"
+    assert path not in agent.config_files(TaskSpec(prompt="hi"), ca=ca)
+    online = TaskSpec(prompt="hi", network=NetworkSpec(allow=["docs.test"]))
+    assert agent.config_files(online, ca=ca)[path] == ca
+    env = agent.environment(egress_port=agent.EGRESS_PORT, extra_ca=True)
+    assert env["NODE_EXTRA_CA_CERTS"] == f"{agent.CONFIG_DIR}/{agent.CA_FILE}"
+    bundle = f"{agent.CONFIG_DIR}/{agent.CA_BUNDLE}"
+    assert all(env[name] == bundle for name in agent.CA_BUNDLE_VARS)
+    offline = agent.environment(extra_ca=True)  # no way out: nothing to trust
+    assert not {"NODE_EXTRA_CA_CERTS", *agent.CA_BUNDLE_VARS} & set(offline)
 
 
 def test_start_argv_passes_command_and_prompt_chunks() -> None:

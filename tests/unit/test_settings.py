@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from shared.settings import load
@@ -46,3 +48,18 @@ def test_values_are_read() -> None:
 def test_bad_values_name_the_variable(name: str, value: str, message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         load({name: value})
+
+
+def test_the_sandbox_ca_file_is_checked_when_the_executor_starts(tmp_path: Path) -> None:
+    from services.executor.service import ExecutorConfig
+    from tests.support.tls import self_signed
+
+    cert, _ = self_signed(tmp_path, "mirror.test")
+    good = load({"SANDSTREAM_SANDBOX_CA_FILE": str(cert)})
+    assert ExecutorConfig.of(good).sandbox_ca == cert.read_bytes()
+    assert ExecutorConfig.of(load({})).sandbox_ca is None
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for path, says in ((junk, "holds no PEM certificates"), (tmp_path / "none", "cannot be read")):
+        with pytest.raises(SystemExit, match=f"SANDSTREAM_SANDBOX_CA_FILE: .*{says}"):
+            ExecutorConfig.of(load({"SANDSTREAM_SANDBOX_CA_FILE": str(path)}))

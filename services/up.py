@@ -28,6 +28,8 @@ from shared.errors import backoff
 log = structlog.get_logger("sandstream.up")
 SERVICES = ("gateway", "lifecycle", "executor", "storage")  # the bus's components
 STOP_GRACE_S = 15.0
+UP_WARM_POOL = 2
+"""Sandboxes `up` keeps ready for tasks unless SANDSTREAM_WARM_POOL_SIZE says otherwise."""
 # Secrets each child gets only if it uses them: the model credential is the model proxy's
 # alone (it adds it to requests; it has no bus identity and, under root, drops to the
 # sandbox's uid); object-store keys go to the three that read or write results (the executor
@@ -170,6 +172,7 @@ async def main_async(args: argparse.Namespace) -> int:
         SANDSTREAM_INSTANCE=instance,
         PYTHONUNBUFFERED="1",
     )
+    env.setdefault("SANDSTREAM_WARM_POOL_SIZE", str(UP_WARM_POOL))
     stopping = asyncio.Event()
     children: list[Child] = []
     seeds: dict[str, Path] = {}

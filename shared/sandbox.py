@@ -49,6 +49,10 @@ LABEL_TASK: Final = "sandstream.task_id"
 LABEL_TENANT: Final = "sandstream.tenant"
 LABEL_DEADLINE: Final = "sandstream.deadline"
 LABEL_MANAGED: Final = "sandstream.managed"
+LABEL_POOL: Final = "sandstream.pool"
+"""On a warm-pool sandbox, made before any task: it has no task, tenant or deadline label. A
+task claims it by renaming it to its own name (:func:`sandbox_name`)."""
+POOL_PREFIX: Final = "pool-"
 MANAGED_FILTER: Final = f"{LABEL_MANAGED}=1"
 
 WORKSPACE: Final = "/workspace"
@@ -89,6 +93,11 @@ class SandboxNotFound(SandboxError):
 
 def sandbox_name(task_id: str) -> str:
     return f"{NAME_PREFIX}{task_id}"
+
+
+def is_unclaimed(info: SandboxInfo) -> bool:
+    """A warm-pool sandbox no task has claimed yet (its name is still a pool name)."""
+    return info.task_id.startswith(POOL_PREFIX)
 
 
 def socket_folder(root: Path, task_id: str) -> Path:
@@ -149,6 +158,9 @@ class SandboxSpec(msgspec.Struct, frozen=True, kw_only=True):
     workspace_size_bytes: int = GiB
     model_socket_dir: str | None = None
     """Host directory bind-mounted read-only at ``/run/sandstream`` (the model proxy's socket)."""
+    pooled: bool = False
+    """A warm-pool sandbox (``task_id`` is its pool name): labelled :data:`LABEL_POOL`, with
+    no task, tenant or deadline label, as it has none yet."""
 
     @property
     def name(self) -> str:
@@ -215,6 +227,12 @@ class SandboxDriver(Protocol):
 
     async def start(self, name: str) -> None:
         """Start it; starting a running sandbox is fine."""
+        ...
+
+    async def rename(self, name: str, new_name: str) -> None:
+        """Give the sandbox another name (a claimed warm-pool sandbox takes its task's);
+        :class:`SandboxNotFound` when it is gone, :class:`SandboxError` when the new name is
+        taken."""
         ...
 
     async def exec(
@@ -285,13 +303,15 @@ class SandboxDriver(Protocol):
 
 def container_config(spec: SandboxSpec) -> dict[str, Any]:
     """The hardened Docker create body for a task's sandbox (pure; tested without Docker)."""
-    labels = {
-        **spec.labels,
-        LABEL_TASK: spec.task_id,
-        LABEL_TENANT: spec.tenant,
-        LABEL_DEADLINE: f"{spec.deadline:.3f}",
-        LABEL_MANAGED: "1",
-    }
+    labels = {**spec.labels, LABEL_MANAGED: "1"}
+    if spec.pooled:
+        labels[LABEL_POOL] = "1"
+    else:
+        labels |= {
+            LABEL_TASK: spec.task_id,
+            LABEL_TENANT: spec.tenant,
+            LABEL_DEADLINE: f"{spec.deadline:.3f}",
+        }
     tmpfs = {"/tmp": f"rw,exec,nosuid,nodev,size={spec.tmp_size_bytes}"}
     binds: list[str] = []
     config: dict[str, Any] = {
@@ -603,6 +623,13 @@ class DockerDriver:
             if exc.status == 304:  # already running
                 return
             raise _refused(exc, f"start {name}") from exc
+
+    async def rename(self, name: str, new_name: str) -> None:
+        try:
+            with _engine("rename"):
+                await self.docker.containers.container(name).rename(new_name)
+        except DockerError as exc:
+            raise _refused(exc, f"rename {name} to {new_name}") from exc
 
     async def kill(self, name: str) -> None:
         try:

@@ -63,6 +63,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     egress_max_bytes: int = 1024 * 1024 * 1024  # per task, both ways
     egress_max_connections: int = 32  # open at once, per task
     sandbox_ca_file: Path | None = None  # PEM: certificates sandboxes with network also trust
+    warm_pool_size: int = 0  # sandboxes made ahead of tasks (`up`: 2)
 
     @property
     def tokens_path(self) -> Path:
@@ -128,6 +129,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     _at_least("SANDSTREAM_MAX_REPO_BYTES", settings.max_repo_bytes, 1024 * 1024)
     _at_least("SANDSTREAM_REPO_TIMEOUT_S", settings.repo_timeout_s, 1)
     _at_least("SANDSTREAM_EGRESS_MAX_CONNECTIONS", settings.egress_max_connections, 1)
+    _at_least("SANDSTREAM_WARM_POOL_SIZE", settings.warm_pool_size, 0)
     for name, parse in (
         ("SANDSTREAM_EGRESS_PRESETS", egress.parse_presets),
         ("SANDSTREAM_EGRESS_HOSTS", egress.parse_pins),
@@ -200,4 +202,5 @@ def _read(env: Mapping[str, str]) -> Settings:
         egress_max_bytes=_int(env, "SANDSTREAM_EGRESS_MAX_BYTES", 1024 * 1024 * 1024),
         egress_max_connections=_int(env, "SANDSTREAM_EGRESS_MAX_CONNECTIONS", 32),
         sandbox_ca_file=_path(env, "SANDSTREAM_SANDBOX_CA_FILE"),
+        warm_pool_size=_int(env, "SANDSTREAM_WARM_POOL_SIZE", 0),
     )

@@ -63,9 +63,9 @@ def create_app(settings: Settings) -> web.Application:
     app[BUS_LINK] = BusLink(
         settings.nats_url, StreamSettings.of(settings), auth=NatsAuth.of(settings)
     )
-    app[PROJECTION] = Projection()
-    app[RESULTS] = ResultReader(settings)
     app[METRICS] = Metrics()
+    app[PROJECTION] = Projection(on_event=app[METRICS].stages.observe)
+    app[RESULTS] = ResultReader(settings)
     app[UPLOADS] = asyncio.Semaphore(LARGE_BODIES_AT_ONCE)
     app[LIMITS] = TenantLimits(settings)
     app.cleanup_ctx.append(_event_log)

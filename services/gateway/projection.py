@@ -16,13 +16,16 @@ import structlog
 
 from shared import state
 from shared.bus import Bus, Record
+from shared.events import AnyEvent
 from shared.state import TaskState
 
 log = structlog.get_logger("sandstream.projection")
 
 
 class Projection:
-    def __init__(self) -> None:
+    def __init__(self, on_event: Callable[[AnyEvent], None] | None = None) -> None:
+        self.on_event = on_event
+        """Also told of every event, once (the metrics' stage times)."""
         self.tasks: dict[str, TaskState] = {}
         self.by_tenant: dict[str, list[str]] = defaultdict(list)
         self.open_by_tenant: Counter[str] = Counter()  # tasks not yet terminal
@@ -40,6 +43,8 @@ class Projection:
             return  # replayed after a reconnect
         self.last_seq = record.seq
         event = record.event
+        if self.on_event is not None:
+            self.on_event(event)
         before = self.tasks.get(event.task_id)
         after = state.apply(before, event)
         if after is None or after is before:

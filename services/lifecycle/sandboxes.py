@@ -8,6 +8,8 @@ removed with the sandbox.
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import shutil
 from typing import Final
 
@@ -16,11 +18,14 @@ import msgspec
 from shared import events as ev
 from shared.sandbox import (
     MANAGED_FILTER,
+    POOL_PREFIX,
     GiB,
     MiB,
     SandboxDriver,
+    SandboxError,
     SandboxInfo,
     SandboxSpec,
+    is_unclaimed,
     sandbox_name,
     share_with_sandbox,
     socket_folder,
@@ -48,6 +53,8 @@ class LifecycleOptions(msgspec.Struct, frozen=True, kw_only=True):
     """``TaskRequested`` messages in hand at once, waiting ones included (default: 8 × cap)."""
     control_concurrency: int = 16
     reconcile_on_start: bool = True
+    warm_pool: int = 0
+    """Sandboxes kept made and started ahead of any task (``SANDSTREAM_WARM_POOL_SIZE``)."""
 
     @classmethod
     def of(cls, settings: Settings) -> LifecycleOptions:
@@ -56,6 +63,7 @@ class LifecycleOptions(msgspec.Struct, frozen=True, kw_only=True):
             memory_bytes=settings.sandbox_memory_mb * MiB,
             nano_cpus=int(settings.sandbox_cpus * 1e9),
             pids_limit=settings.sandbox_pids,
+            warm_pool=settings.warm_pool_size,
         )
 
 
@@ -75,16 +83,16 @@ class Sandboxes:
             labels[LABEL_INSTANCE] = self.settings.instance
         return labels
 
-    async def start(self, requested: ev.TaskRequested, deadline: float) -> SandboxInfo:
-        """Create and start the task's sandbox, or adopt the one a previous try made."""
-        task = requested.task_id
-        socket_dir = socket_folder(self.settings.model_socket_dir, task)
+    def _spec(self, name: str, tenant: str, deadline: float, *, pooled: bool) -> SandboxSpec:
+        """The hardened sandbox of a task (or of the pool: ``name`` is then its pool name),
+        its model socket folder made and bound in."""
+        socket_dir = socket_folder(self.settings.model_socket_dir, name)
         socket_dir.mkdir(parents=True, exist_ok=True)
         share_with_sandbox(socket_dir)
         o = self.options
-        spec = SandboxSpec(
-            task_id=task,
-            tenant=requested.tenant,
+        return SandboxSpec(
+            task_id=name,
+            tenant=tenant,
             image=self.settings.sandbox_image,
             deadline=deadline,
             labels=self.labels(),
@@ -95,11 +103,59 @@ class Sandboxes:
             workspace=o.workspace,
             workspace_size_bytes=o.workspace_size_bytes,
             model_socket_dir=str(socket_dir),
+            pooled=pooled,
         )
+
+    async def start(self, requested: ev.TaskRequested, deadline: float) -> SandboxInfo:
+        """Create and start the task's sandbox, or adopt the one a previous try made."""
+        spec = self._spec(requested.task_id, requested.tenant, deadline, pooled=False)
         info = await self.driver.create(spec)
         if info.state != "running":
             await self.driver.start(info.name)
         return info
+
+    def started_before(self, task: str) -> bool:
+        """A previous try went as far as the task's socket folder: it may have a sandbox."""
+        return socket_folder(self.settings.model_socket_dir, task).exists()
+
+    async def make_pooled(self) -> str:
+        """Create and start a warm-pool sandbox; its pool name."""
+        name = f"{POOL_PREFIX}{secrets.token_hex(8)}"
+        spec = self._spec(name, "", 0.0, pooled=True)
+        try:
+            await self.driver.create(spec)
+            await self.driver.start(sandbox_name(name))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.remove(name)
+            raise
+        return name
+
+    async def claim(self, pool: str, requested: ev.TaskRequested) -> SandboxInfo | None:
+        """Make the pool sandbox ``pool`` the task's: its socket folder becomes the task's (a
+        rename: the sandbox's bind mount follows the folder), then its name does. The folder
+        rename is the claim: of two claimers, one finds it gone. ``None`` when it cannot be
+        had (taken, or gone from the engine): the caller makes one."""
+        task = requested.task_id
+        root = self.settings.model_socket_dir
+        try:
+            os.rename(socket_folder(root, pool), socket_folder(root, task))
+        except FileNotFoundError:
+            return None
+        try:
+            await self.driver.rename(sandbox_name(pool), sandbox_name(task))
+        except SandboxError:
+            await self.driver.remove(sandbox_name(pool))  # the folder stays the task's
+            return None
+        return SandboxInfo(
+            name=sandbox_name(task),
+            id="",
+            task_id=task,
+            tenant=requested.tenant,
+            image=self.settings.sandbox_image,
+            deadline=None,
+            state="running",
+        )
 
     async def usage(self, task: str) -> ev.Usage:
         """What the sandbox used, read once and kept until :meth:`remove`: a retry after a
@@ -123,8 +179,12 @@ class Sandboxes:
             shutil.rmtree(socket_folder(self.settings.model_socket_dir, task))
 
     async def reap(self, info: SandboxInfo) -> None:
-        """Remove a sandbox of ours that belongs to no known task (by its engine name)."""
-        await self.driver.remove(info.name)
+        """Remove a sandbox of ours that belongs to no known task (by its engine name); an
+        unclaimed pool sandbox goes with its socket folder."""
+        if is_unclaimed(info):
+            await self.remove(info.task_id)
+        else:
+            await self.driver.remove(info.name)
 
     async def own(self) -> list[SandboxInfo]:
         """This installation's sandboxes (same stream and, when set, same ``instance``):

@@ -35,11 +35,12 @@ import structlog
 from services.lifecycle import decide
 from services.lifecycle.admission import Admission, AdmissionClosed, Withdrawn
 from services.lifecycle.deadlines import Deadlines
+from services.lifecycle.pool import WarmPool
 from services.lifecycle.sandboxes import LABEL_INSTANCE, LABEL_STREAM, LifecycleOptions, Sandboxes
 from shared import events as ev
 from shared.bus import Bus
 from shared.errors import Permanent, Unavailable
-from shared.sandbox import SandboxDriver, sandbox_name
+from shared.sandbox import SandboxDriver, is_unclaimed, sandbox_name
 from shared.settings import Settings
 from shared.state import Status, TaskState, apply, fold
 from shared.worker import Delivery, Worker
@@ -120,6 +121,7 @@ class Lifecycle:
             max_deliver=settings.max_deliver,
         )
         self.sandboxes = Sandboxes(driver, settings, self.options, bus.stream.name)
+        self.pool = WarmPool(self.sandboxes, self.options.warm_pool)
         self.deadlines = Deadlines(self._expire)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._ended = _Recent()  # terminal event known to be stored
@@ -142,6 +144,7 @@ class Lifecycle:
         await self.control_worker.ensure_consumer()
         if self.options.reconcile_on_start:
             await self.reconcile()
+        self.pool.start()
         self._runners = [
             asyncio.create_task(self.admit_worker.run(), name="lifecycle-admit"),
             asyncio.create_task(self.control_worker.run(), name="lifecycle-control"),
@@ -177,6 +180,7 @@ class Lifecycle:
             runner.cancel()
         await asyncio.gather(*self._runners, return_exceptions=True)
         await self.deadlines.close()
+        await self.pool.close()
         log.info("lifecycle stopped")
 
     async def run_until_idle(self, idle_timeout: float = 0.3, timeout: float = 60.0) -> None:
@@ -295,7 +299,8 @@ class Lifecycle:
     async def _start_sandbox(self, event: ev.TaskRequested, deadline: float) -> None:
         task = event.task_id
         began = time.perf_counter()
-        info = await self.sandboxes.start(event, deadline)
+        claimed = await self.pool.claim(event)
+        info = claimed or await self.sandboxes.start(event, deadline)
         if task in self._ended:  # ended while we were starting it: the ender removes it
             return
         await self.bus.publish(
@@ -312,6 +317,7 @@ class Lifecycle:
             "sandbox started",
             sandbox=info.name,
             adopted=info.adopted,
+            pooled=claimed is not None,
             ms=round((time.perf_counter() - began) * 1000, 1),
             running=self.admission.running,
             waiting=self.admission.waiting,
@@ -450,6 +456,9 @@ class Lifecycle:
         reaped = kept = 0
         for info in await self.sandboxes.own():
             task = info.task_id
+            if is_unclaimed(info):  # a pool sandbox of an earlier run: the pool makes new ones
+                await self.sandboxes.reap(info)
+                continue
             with structlog.contextvars.bound_contextvars(task_id=task):
                 state = fold(await self.bus.history(task, types=ev.WITHOUT_OUTPUT))
                 if state is None:

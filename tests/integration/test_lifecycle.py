@@ -17,12 +17,15 @@ from shared.bus import Bus
 from shared.sandbox import (
     LABEL_DEADLINE,
     LABEL_MANAGED,
+    LABEL_POOL,
     LABEL_TASK,
     LABEL_TENANT,
     SANDBOX_UID,
     DockerDriver,
     SandboxDriver,
+    SandboxInfo,
     SandboxSpec,
+    is_unclaimed,
     sandbox_name,
 )
 from shared.settings import Settings
@@ -48,7 +51,9 @@ class Harness:
         self.tmp = tmp
         self.services: list[Lifecycle] = []
 
-    def lifecycle(self, *, admit_concurrency: int | None = None, **settings: Any) -> Lifecycle:
+    def lifecycle(
+        self, *, admit_concurrency: int | None = None, warm_pool: int = 0, **settings: Any
+    ) -> Lifecycle:
         base: dict[str, Any] = {
             "stream": self.bus.stream.name,
             "subject_prefix": self.bus.prefix,
@@ -67,6 +72,7 @@ class Harness:
                 memory_bytes=256 << 20,
                 pids_limit=128,
                 admit_concurrency=admit_concurrency,
+                warm_pool=warm_pool,
             ),
         )
         self.services.append(service)
@@ -123,6 +129,15 @@ class Harness:
 
     async def container(self, task: str) -> dict[str, Any] | None:
         return await self.driver.inspect(sandbox_name(task))
+
+    async def pooled(self) -> list[SandboxInfo]:
+        """This test's warm-pool sandboxes, claimed ones included."""
+        return await self.driver.list([f"{TEST_LABEL}={self.tag}", LABEL_POOL])
+
+    async def pool_ready(self, service: Lifecycle, size: int, within: float = 30.0) -> None:
+        async with asyncio.timeout(within):
+            while service.pool.ready < size:
+                await asyncio.sleep(0.02)
 
     async def gone(self, task: str, within: float = 10.0) -> bool:
         """Whether the task's container is removed within ``within`` seconds.
@@ -562,3 +577,77 @@ async def test_request_handled_after_its_deadline_times_out_at_once(h: Harness) 
     await service.run_until_idle()
     assert await types_of(h.bus, task) == ["TaskRequested", "TaskTimedOut", "SandboxStopped"]
     assert count_container_events(h.tag, "create", time.time() - 60) == 0
+
+
+# ---- the warm pool ---------------------------------------------------------------------------
+
+
+async def test_a_task_claims_a_warm_sandbox_and_the_pool_refills(h: Harness) -> None:
+    service = h.lifecycle(warm_pool=2)
+    await service.start()
+    await h.pool_ready(service, 2)
+    before = {i.name for i in await h.pooled()}
+    assert len(before) == 2 and all(is_unclaimed(i) for i in await h.pooled())
+    task = task_id("warm")
+    await h.request(task)
+    started = await wait_for_event(h.bus, task, "SandboxStarted")
+    assert isinstance(started, ev.SandboxStarted) and started.sandbox == sandbox_name(task)
+    assert service.pool.claimed == 1 and service.pool.missed == 0
+    data = await h.container(task)
+    assert data is not None and data["State"]["Running"]
+    assert data["HostConfig"]["NetworkMode"] == "none"  # made hardened, like any other
+    assert data["Config"]["Labels"][LABEL_POOL] == "1"
+    # The task's socket folder is the pool sandbox's, renamed: only uid 1000 reaches it.
+    socket_dir = h.tmp / "model" / task
+    assert socket_dir.is_dir() and (socket_dir.stat().st_mode & 0o777) == 0o700
+    assert socket_dir.stat().st_uid == SANDBOX_UID
+    assert service.admission.holds(task)  # a claimed sandbox is a task's: it holds a slot
+    if isinstance(h.driver, DockerDriver):  # the bind mount followed the folder's rename
+        (socket_dir / "probe").write_text(task)
+        seen = await h.driver.exec(sandbox_name(task), ["cat", "/run/sandstream/probe"])
+        assert seen.output.decode() == task
+    await h.pool_ready(service, 2)  # refilled in the background
+    after = await h.pooled()
+    assert sum(is_unclaimed(i) for i in after) == 2 and len(after) == 3
+    # Never handed back: the task's end removes it, and the pool stays as it is.
+    await h.completed(task)
+    await h.stored(task, "succeeded")
+    assert await h.gone(task)
+    left = await h.pooled()
+    assert len(left) == 2 and all(is_unclaimed(i) for i in left)
+    assert len(before & {i.name for i in left}) == 1  # the one not claimed, still waiting
+    await service.stop()
+    assert await h.pooled() == []  # a stopped lifecycle leaves no pool sandbox
+
+
+async def test_unclaimed_pool_sandboxes_of_a_crashed_lifecycle_are_reaped(h: Harness) -> None:
+    crashed = h.lifecycle(warm_pool=1)
+    left = await crashed.sandboxes.make_pooled()  # as a killed lifecycle leaves it
+    assert (h.tmp / "model" / left).is_dir()
+    service = h.lifecycle(warm_pool=1)
+    await service.start()
+    await h.pool_ready(service, 1)
+    names = [i.name for i in await h.pooled()]
+    assert sandbox_name(left) not in names and len(names) == 1
+    assert not (h.tmp / "model" / left).exists()
+    task = task_id("after")
+    await h.request(task)
+    await wait_for_event(h.bus, task, "SandboxStarted")
+    assert service.pool.claimed == 1
+
+
+async def test_an_empty_pool_or_a_retried_start_makes_a_sandbox_as_before(h: Harness) -> None:
+    service = h.lifecycle(warm_pool=1)
+    first, second = task_id("first"), task_id("second")
+    # A previous try of `second` got as far as its folder: it must not be given a pool one.
+    (h.tmp / "model" / second).mkdir(parents=True)
+    await service.start()
+    await h.pool_ready(service, 1)
+    await h.request(second)
+    await wait_for_event(h.bus, second, "SandboxStarted")
+    assert service.pool.claimed == 0
+    data = await h.container(second)
+    assert data is not None and data["Config"]["Labels"][LABEL_TASK] == second
+    await h.request(first)
+    await wait_for_event(h.bus, first, "SandboxStarted")
+    assert service.pool.claimed == 1

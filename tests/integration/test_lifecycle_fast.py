@@ -52,3 +52,12 @@ test_start_up_reaps_orphans_and_keeps_live_sandboxes = (
 test_a_graceful_restart_loses_no_waiting_task = (
     on_docker.test_a_graceful_restart_loses_no_waiting_task
 )
+test_a_task_claims_a_warm_sandbox_and_the_pool_refills = (
+    on_docker.test_a_task_claims_a_warm_sandbox_and_the_pool_refills
+)
+test_unclaimed_pool_sandboxes_of_a_crashed_lifecycle_are_reaped = (
+    on_docker.test_unclaimed_pool_sandboxes_of_a_crashed_lifecycle_are_reaped
+)
+test_an_empty_pool_or_a_retried_start_makes_a_sandbox_as_before = (
+    on_docker.test_an_empty_pool_or_a_retried_start_makes_a_sandbox_as_before
+)

@@ -9,11 +9,22 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import msgspec
 import pytest
 
 from shared import events as ev
 from shared.errors import Permanent
-from shared.sandbox import LABEL_TASK, SandboxDriver, SandboxNotFound, SandboxSpec
+from shared.sandbox import (
+    LABEL_POOL,
+    LABEL_TASK,
+    POOL_PREFIX,
+    SandboxDriver,
+    SandboxError,
+    SandboxNotFound,
+    SandboxSpec,
+    is_unclaimed,
+    sandbox_name,
+)
 from tests.support.memory_driver import MemoryDriver
 from tests.support.sandboxes import TEST_LABEL, docker_driver, sandbox_image
 
@@ -86,6 +97,30 @@ async def test_list_filters_by_labels(engine: Engine) -> None:
     assert {one.name, two.name} <= ours
     assert [i.name for i in await d.list([TEST_LABEL, f"{LABEL_TASK}={one.task_id}"])] == [one.name]
     assert await d.list(f"{TEST_LABEL}=other-{uuid.uuid4().hex[:8]}") == []
+
+
+async def test_a_pooled_sandbox_is_claimed_by_a_rename(engine: Engine) -> None:
+    d = engine.driver
+    pool_name = f"{POOL_PREFIX}{uuid.uuid4().hex[:16]}"
+    spec = msgspec.structs.replace(engine.spec(), task_id=pool_name, pooled=True)
+    pooled = await d.create(spec)
+    await d.start(pooled.name)
+    (listed,) = await d.list([f"{TEST_LABEL}={engine.tag}", LABEL_POOL])
+    assert listed.name == pooled.name and is_unclaimed(listed)
+    assert LABEL_TASK not in listed.labels and listed.deadline is None  # no task yet
+    other = await d.create(engine.spec())
+    with pytest.raises(SandboxError) as taken:
+        await d.rename(pooled.name, other.name)
+    assert not isinstance(taken.value, SandboxNotFound)
+    task = ev.new_task_id()
+    await d.rename(pooled.name, sandbox_name(task))
+    assert await d.inspect(pooled.name) is None
+    data = await d.inspect(sandbox_name(task))
+    assert data is not None and data["State"]["Running"]  # renamed while running
+    (claimed,) = await d.list([f"{TEST_LABEL}={engine.tag}", LABEL_POOL])
+    assert claimed.task_id == task and not is_unclaimed(claimed)
+    with pytest.raises(SandboxNotFound):
+        await d.rename(pooled.name, sandbox_name(ev.new_task_id()))
 
 
 async def test_a_missing_image_is_permanent(engine: Engine) -> None:

@@ -167,6 +167,13 @@ class MemoryDriver:
         data = b"".join([chunk async for chunk in archive])
         self.copied.setdefault(name, []).append((path, data))
 
+    async def rename(self, name: str, new_name: str) -> None:
+        container = self._get(name)
+        if new_name in self.containers:
+            raise SandboxError(f"rename {name} to {new_name}: the name is taken")
+        container.name = new_name
+        self.containers[new_name] = self.containers.pop(name)
+
     async def kill(self, name: str) -> None:
         container = self.containers.get(name)
         if container is not None and container.status == "running":

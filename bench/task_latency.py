@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -40,11 +41,19 @@ def median_ms(values: list[float]) -> str:
     return f"{mid:7.0f} ms  (min {low:.0f}, max {high:.0f})"
 
 
-async def through_the_system(tasks: int) -> dict[str, list[float]]:
-    figures: dict[str, list[float]] = {
-        "accept→terminal": [], "requested→sandbox": [], "requested→completed": [],
-        "requested→terminal": [],
-    }  # fmt: skip
+STAGES = (
+    ("requested→sandbox", "TaskRequested", "SandboxStarted"),
+    ("sandbox→execution", "SandboxStarted", "ExecutionStarted"),
+    ("execution→output", "ExecutionStarted", "AgentOutput"),
+    ("output→completed", "AgentOutput", "ExecutionCompleted"),
+    ("completed→terminal", "ExecutionCompleted", "TaskSucceeded"),
+    ("requested→terminal", "TaskRequested", "TaskSucceeded"),
+)
+
+
+async def through_the_system(tasks: int, pool: int) -> dict[str, list[float]]:
+    figures: dict[str, list[float]] = {"accept→terminal": []}
+    figures.update({name: [] for name, _, _ in STAGES})
     async with FakeModel() as fake:
         fake.script([Text("ok")])
         with tempfile.TemporaryDirectory() as tmp:
@@ -53,6 +62,7 @@ async def through_the_system(tasks: int) -> dict[str, list[float]]:
                 os.environ,
                 SANDSTREAM_MODEL_UPSTREAM=fake.url,
                 ANTHROPIC_API_KEY="bench-key",
+                SANDSTREAM_WARM_POOL_SIZE=str(pool),
             )
             env.pop("SANDSTREAM_NATS_URL", None)
             up = subprocess.Popen(
@@ -95,18 +105,11 @@ async def through_the_system(tasks: int) -> dict[str, list[float]]:
                 )
                 bus = Bus(nc)
                 for task_id in ids:
-                    at = {ev.type_name(type(r.event)): r.event.at
-                          async for r in bus.read(bus.task_filter(task_id))}  # fmt: skip
-                    start = at["TaskRequested"]
-                    figures["requested→sandbox"].append(
-                        (at["SandboxStarted"] - start).total_seconds()
-                    )
-                    figures["requested→completed"].append(
-                        (at["ExecutionCompleted"] - start).total_seconds()
-                    )
-                    figures["requested→terminal"].append(
-                        (at["TaskSucceeded"] - start).total_seconds()
-                    )
+                    at: dict[str, datetime] = {}
+                    async for r in bus.read(bus.task_filter(task_id)):
+                        at.setdefault(ev.type_name(type(r.event)), r.event.at)  # the first
+                    for name, since, until in STAGES:
+                        figures[name].append((at[until] - at[since]).total_seconds())
                 await nc.close()
             finally:
                 up.send_signal(signal.SIGINT)
@@ -117,18 +120,25 @@ async def through_the_system(tasks: int) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument(
+        "--pool", type=int, nargs="+", default=[0, 2], help="warm pool sizes to run with"
+    )
     args = parser.parse_args()
     bare = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bare_run.py"), "-n", str(args.tasks)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     floor = json.loads(bare.stdout.strip().splitlines()[-1])
-    figures = asyncio.run(through_the_system(args.tasks))
     fresh, warm = floor["fresh"]["median_ms"], floor["exec"]["median_ms"]
     print(f"bare docker run (fresh hardened container, claude -p)  {fresh:5d} ms median")
     print(f"bare docker exec (running container, claude -p)        {warm:5d} ms median")
-    for name, values in figures.items():
-        print(f"sandstream {name:<22} {median_ms(values)}")
+    for pool in args.pool:
+        figures = asyncio.run(through_the_system(args.tasks, pool))
+        accept = statistics.median(figures["accept→terminal"]) * 1000
+        bare, what = (warm, "docker exec") if pool else (fresh, "docker run")
+        print(f"sandstream, warm pool {pool}: accept→terminal {accept / bare:.2f}× bare {what}")
+        for name, values in figures.items():
+            print(f"  {name:<22} {median_ms(values)}")
 
 
 if __name__ == "__main__":

@@ -228,6 +228,9 @@ run)
         rc=$?
         kill -0 "$cpid" 2>/dev/null || break
     done
+    # The run is over: whatever the agent left running goes now (every process of this user
+    # but this shell), so the keeper can collect at once. The executor stops them too.
+    kill -KILL -1 2>/dev/null
     echo "$rc" >"$R/exit.tmp" && mv "$R/exit.tmp" "$R/exit"
     exit 0
     ;;

@@ -288,28 +288,33 @@ class Exchange:
         they are over the size cap or cannot be read (a follow-up of the task then fails)."""
         if self.store is None:
             return [], []  # an executor without an object store (tests) keeps nothing
-        kept: list[ev.StoredObject] = []
-        packs: tuple[tuple[Literal["workspace", "session"], str], ...] = (
-            ("workspace", WORKSPACE_FILE),
-            ("session", SESSION_FILE),
+        # Both at once: each is an exec and an upload, and the run's end waits for them.
+        packs = await asyncio.gather(
+            self._keep_one(self.store, event.task_id, "workspace", WORKSPACE_FILE),
+            self._keep_one(self.store, event.task_id, "session", SESSION_FILE),
         )
-        for what, file in packs:
-            argv = agent.pack_argv(self._script, what)
-            data, code, stderr = await self._keeper_output(event.task_id, argv, keeper=False)
-            if data is None or code != 0:
-                if what == "session" and code == 5:
-                    continue  # the CLI wrote no session: nothing to go on from
-                log.warning("workspace not kept", what=what, code=code, stderr=stderr)
-                return kept, ["workspace_not_kept"]
-            key = task_prefix(event.task_id) + file
-            try:
-                kept.append(await self.store.put(key, data, CONTENT_TYPES[file]))
-            except Unavailable as exc:
-                # Keeping is for a later follow-up: the run's end does not wait for a store
-                # that is down (storage waits for it, with the result).
-                log.warning("workspace not kept", what=what, error=str(exc))
-                return kept, ["workspace_not_kept"]
-        return kept, []
+        kept = [stored for stored, _ in packs if stored is not None]
+        return kept, ["workspace_not_kept"] if any(failed for _, failed in packs) else []
+
+    async def _keep_one(
+        self, store: BlobStore, task_id: str, what: Literal["workspace", "session"], file: str
+    ) -> tuple[ev.StoredObject | None, bool]:
+        """One pack stored; whether it failed (no session at all is no failure)."""
+        argv = agent.pack_argv(self._script, what)
+        data, code, stderr = await self._keeper_output(task_id, argv, keeper=False)
+        if data is None or code != 0:
+            if what == "session" and code == 5:
+                return None, False  # the CLI wrote no session: nothing to go on from
+            log.warning("workspace not kept", what=what, code=code, stderr=stderr)
+            return None, True
+        try:
+            stored = await store.put(task_prefix(task_id) + file, data, CONTENT_TYPES[file])
+        except Unavailable as exc:
+            # Keeping is for a later follow-up: the run's end does not wait for a store that is
+            # down (storage waits for it, with the result).
+            log.warning("workspace not kept", what=what, error=str(exc))
+            return None, True
+        return stored, False
 
     async def _keeper_output(
         self, task_id: str, argv: list[str], *, keeper: bool = True

@@ -169,6 +169,9 @@ class _Outcome(msgspec.Struct, kw_only=True):
     stalled: bool = False
     stopped_after_result: bool = False
     stderr: str = ""
+    keeping: asyncio.Task[tuple[list[ev.StoredObject], list[str]]] | None = None
+    """The workspace and session being kept, begun as soon as the agent's processes were
+    stopped, while the keeper collects the run's changes."""
 
 
 _END: Final = object()
@@ -345,7 +348,13 @@ class Executor:
                 raise
             log.info("exec refused by a stopped sandbox", error=str(exc))
             outcome = _Outcome()
-        return await self._finish(event, spec, transcript, outcome)
+        try:
+            return await self._finish(event, spec, transcript, outcome)
+        finally:
+            if outcome.keeping is not None and not outcome.keeping.done():
+                outcome.keeping.cancel()  # the run did not end here: a retry keeps it
+                with contextlib.suppress(BaseException):
+                    await outcome.keeping
 
     async def _follow(  # noqa: C901 (one read loop; to split with the executor refactor)
         self,
@@ -498,8 +507,10 @@ class Executor:
                     if item == ready and tail is None:
                         await self._start(event.task_id, spec)
                         started, last_line_at = True, time.monotonic()
-                    elif item == ended and tail is None:
-                        await self._stop_all(name)
+                    elif item == ended and tail is None and outcome.keeping is None:
+                        # Not waited for here: the keeper collects once the agent's processes
+                        # are gone, and the workspace is packed meanwhile.
+                        outcome.keeping = asyncio.create_task(self._stop_and_keep(event))
                     elif tail is not None:
                         if item.endswith(done):
                             if head := item[: -len(done)]:
@@ -516,6 +527,10 @@ class Executor:
                         await add(item)
                 await flush()
                 outcome.stderr = stream.stderr.decode("utf-8", errors="replace")
+        except BaseException:
+            if outcome.keeping is not None:
+                outcome.keeping.cancel()  # a retry stops and keeps again
+            raise
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -552,6 +567,12 @@ class Executor:
         if started.exit_code != 0:
             raise SandboxError(f"the agent's run could not be started: {said[-500:]}")
         log.info("agent run", how=said)
+
+    async def _stop_and_keep(
+        self, event: ev.SandboxStarted
+    ) -> tuple[list[ev.StoredObject], list[str]]:
+        await self._stop_all(sandbox_name(event.task_id))
+        return await self.exchange.keep(event)
 
     async def _stop_all(self, name: str) -> None:
         """The run has ended: stop every process of the agent's user before the keeper
@@ -620,7 +641,9 @@ class Executor:
         branch: ev.BranchInfo | None = None
         artifacts: ev.ArtifactsInfo | None = None
         network = await self._network(event) if spec.network is not None else None
-        kept, not_kept = await self.exchange.keep(event)
+        if outcome.keeping is None:
+            outcome.keeping = asyncio.create_task(self._stop_and_keep(event))
+        kept, not_kept = await outcome.keeping
         warnings += not_kept
         output = spec.output
         if output is not None and output.artifacts:

@@ -8,16 +8,21 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import msgspec
 
 from shared import events as ev
 from shared import settings as settings_mod
-from shared.bus import Bus, NatsAuth, StreamSettings, connect, record_to_json
+from shared.bus import Bus, NatsAuth, StreamSettings, connect, record_json_line
 from shared.errors import Unavailable
 from shared.identities import seed_path
+
+if TYPE_CHECKING:  # imported where used: `replay` (NATS only) starts without it
+    import aiohttp
+
+REPLAY_BUFFER = 64 * 1024
+"""Bytes of ``replay --json`` lines written at once."""
 
 
 def summary(event: ev.AnyEvent) -> str:
@@ -102,11 +107,16 @@ async def replay(args: argparse.Namespace) -> int:
         subject = bus.task_filter(args.task_id) if args.task_id else bus.all_filter
         if args.event_type:
             subject = bus.subject(args.task_id or "*", args.event_type)
+        out, pending = sys.stdout.buffer, bytearray()
         async for record in bus.read(subject, from_seq=args.from_seq, since=args.since):
             if args.json:
-                sys.stdout.write(msgspec.json.encode(record_to_json(record)).decode() + "\n")
+                pending += record_json_line(record)
+                if len(pending) >= REPLAY_BUFFER:
+                    out.write(pending)
+                    pending.clear()
             else:
                 print(timeline.line(record.seq, record.event, with_task=not args.task_id))
+        out.write(pending)
     finally:
         await nc.close()
     return 0
@@ -142,6 +152,8 @@ async def sse(
     headers = _headers()
     if last_event_id is not None:
         headers["Last-Event-ID"] = str(last_event_id)
+    import aiohttp
+
     async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=None)) as r:
         if r.status >= 400:
             await _check(r)
@@ -171,6 +183,8 @@ async def _follow(session: aiohttp.ClientSession, task_id: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    import aiohttp
+
     async with aiohttp.ClientSession() as session:
         if args.command == "submit":
             body: dict[str, Any] = {"prompt": args.prompt}

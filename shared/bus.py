@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 import nats
@@ -434,9 +434,8 @@ class Bus:
             start = since if since is None or since.tzinfo else since.replace(tzinfo=UTC)
             while True:
                 msg = await queue.get()
-                meta = msg.metadata
-                seq = meta.sequence.stream
-                if seq <= floor or (start is not None and meta.timestamp < start):
+                seq, stored_at, pending = _position(msg)
+                if seq <= floor or (start is not None and stored_at < start):
                     pass  # delivered again by a re-created consumer
                 else:
                     floor = seq
@@ -450,14 +449,29 @@ class Bus:
                         if problem := self.misfiled(msg.subject, event):
                             log.warning("untrusted event skipped", seq=seq, reason=problem)
                         else:
-                            yield Record(seq, msg.subject, meta.timestamp, event)
-                if not follow and meta.num_pending == 0:
+                            yield Record(seq, msg.subject, stored_at, event)
+                if not follow and pending == 0:
                     if cursor is not None:
                         cursor.caught_up = True
                     return
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+def _position(msg: Msg) -> tuple[int, datetime, int]:
+    """A delivered message's stream sequence, time of storage and messages still pending, from
+    its reply subject: what ``msg.metadata`` says, read without building its objects (a replay
+    reads every message of the stream this way)."""
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":  # $JS.ACK.<stream>...
+        seq, nanos, pending = tokens[5], tokens[7], tokens[8]
+    elif len(tokens) >= 11 and tokens[0] == "$JS" and tokens[1] == "ACK":  # with a domain
+        seq, nanos, pending = tokens[7], tokens[9], tokens[10]
+    else:
+        meta = msg.metadata  # raises as nats-py does for anything else
+        return meta.sequence.stream, meta.timestamp, meta.num_pending
+    return int(seq), datetime.fromtimestamp(int(nanos) / 1e9, UTC), int(pending)
 
 
 def _parse_time(raw: str | None) -> datetime:
@@ -467,9 +481,14 @@ def _parse_time(raw: str | None) -> datetime:
     return ev.now()
 
 
-def record_to_json(record: Record) -> dict[str, Any]:
-    """The ``replay --json`` shape: the event as stored plus ``seq`` and ``subject``."""
-    out: dict[str, Any] = msgspec.to_builtins(record.event)
-    out["seq"] = record.seq
-    out["subject"] = record.subject
-    return out
+_JSON: Final = msgspec.json.Encoder()
+
+
+def record_json_line(record: Record) -> bytes:
+    """One ``replay --json`` line: the event as stored, then ``seq`` and ``subject``."""
+    event = _JSON.encode(record.event)  # an object: it ends with its closing brace
+    return b'%s,"seq":%d,"subject":%s}\n' % (
+        event[:-1],
+        record.seq,
+        _JSON.encode(record.subject),
+    )

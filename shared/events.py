@@ -46,7 +46,7 @@ def new_task_id() -> str:
     return "t_" + base64.b32encode(secrets.token_bytes(13)).decode()[:20].lower()
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+class Event(msgspec.Struct, frozen=True, kw_only=True, gc=False, tag_field="type"):
     """The envelope every event carries."""
 
     event_id: str
@@ -57,7 +57,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     causation_id: str | None = None
 
 
-class RepoSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class RepoSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     """A git repository to check out into the workspace before the agent starts."""
 
     url: str
@@ -69,7 +69,7 @@ class RepoSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Name of a tenant secret, used as the HTTP password; only the executor reads it."""
 
 
-class FilesRef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class FilesRef(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     """The task's inline ``files``, as one tar the gateway stored (they can be larger than an
     event): the executor reads it by key and checks its sha256 before unpacking it."""
 
@@ -79,13 +79,13 @@ class FilesRef(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     count: int
 
 
-class NetworkSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class NetworkSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     """The hosts the agent may reach through the egress proxy (``shared.egress``)."""
 
     allow: list[str]
 
 
-class OutputSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class OutputSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     """What the task gives back besides ``result.json`` (needs a ``repo``)."""
 
     branch: str | None = None
@@ -96,7 +96,7 @@ class OutputSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Shell patterns of workspace paths stored as ``artifacts.tar.gz`` after the run."""
 
 
-class McpServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class McpServer(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     """A stdio MCP server: a command the CLI starts inside the sandbox."""
 
     command: str
@@ -104,7 +104,7 @@ class McpServer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     env: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     """The task's configuration of the CLI (each reaches it as its documented flag or file)."""
 
     append_system_prompt: str | None = None
@@ -117,7 +117,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     stall_timeout_s: int = 300
 
 
-class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, gc=False, forbid_unknown_fields=True):
     """What the user asked for (the validated body of ``POST /v1/tasks``)."""
 
     prompt: str
@@ -141,7 +141,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     from."""
 
 
-class ModelUsage(msgspec.Struct, frozen=True, kw_only=True):
+class ModelUsage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What a task's model calls used, as the model proxy counted them from the upstream's
     answers (never from what the agent reports)."""
 
@@ -153,7 +153,7 @@ class ModelUsage(msgspec.Struct, frozen=True, kw_only=True):
     cost_usd: float = 0.0
 
 
-class Usage(msgspec.Struct, frozen=True, kw_only=True):
+class Usage(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Resources a sandbox used, read from its cgroup at the end."""
 
     image: str = ""
@@ -162,18 +162,18 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     wall_ms: int = 0
 
 
-class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     code: str
     message: str
 
 
-class StoredObject(msgspec.Struct, frozen=True, kw_only=True):
+class StoredObject(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     key: str
     size: int
     sha256: str
 
 
-class ArtifactsInfo(msgspec.Struct, frozen=True, kw_only=True):
+class ArtifactsInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The workspace files that matched ``output.artifacts``, stored as one tar.gz."""
 
     files: list[str]
@@ -181,26 +181,26 @@ class ArtifactsInfo(msgspec.Struct, frozen=True, kw_only=True):
     object: StoredObject | None = None
 
 
-class HostTraffic(msgspec.Struct, frozen=True, kw_only=True):
+class HostTraffic(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     host: str
     requests: int = 0
     bytes: int = 0
 
 
-class HostRefusals(msgspec.Struct, frozen=True, kw_only=True):
+class HostRefusals(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     host: str
     port: int
     count: int = 0
 
 
-class NetworkInfo(msgspec.Struct, frozen=True, kw_only=True):
+class NetworkInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """What the egress proxy let through and refused for the run (its counts)."""
 
     allowed: list[HostTraffic] = msgspec.field(default_factory=list)
     blocked: list[HostRefusals] = msgspec.field(default_factory=list)
 
 
-class BranchInfo(msgspec.Struct, frozen=True, kw_only=True):
+class BranchInfo(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The branch made of the agent's changes (``output.branch``)."""
 
     name: str

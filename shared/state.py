@@ -77,7 +77,7 @@ _RANK: Final = {
 MAX_IGNORED = 64
 
 
-class TaskState(msgspec.Struct, frozen=True, kw_only=True):
+class TaskState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     task_id: str
     tenant: str
     status: Status
@@ -90,7 +90,9 @@ class TaskState(msgspec.Struct, frozen=True, kw_only=True):
     cancel_requested: bool = False
     result_location: str | None = None
     error: ErrorInfo | None = None
-    seen: frozenset[str] = frozenset()
+    seen: tuple[str, ...] = ()
+    """Ids of the events applied, output batches apart (a dozen: a tuple of strings is left
+    alone by the garbage collector, a set is not)."""
     sandbox_started: bool = False
     workspace_prepared: bool = False
     """The task's repository and files are in the workspace (``WorkspacePrepared``)."""
@@ -128,7 +130,7 @@ def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
             request_hash=event.request_hash,
             idempotency_key=event.idempotency_key,
             timeout_s=event.spec.timeout_s,
-            seen=frozenset({event.event_id}),
+            seen=(event.event_id,),
         )
     if event.event_id in state.seen:
         return state
@@ -138,7 +140,7 @@ def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
     if not isinstance(event, AgentOutput):
         # Output batches are most of a task's events, and applying one twice changes
         # nothing; tracking their ids would make every event cost the task's length.
-        state = msgspec.structs.replace(state, seen=state.seen | {event.event_id})
+        state = msgspec.structs.replace(state, seen=(*state.seen, event.event_id))
     match event:
         case SandboxStarted():
             state = msgspec.structs.replace(state, sandbox_started=True)
@@ -179,7 +181,7 @@ def apply(state: TaskState | None, event: AnyEvent) -> TaskState | None:
 def _late(state: TaskState, event: AnyEvent) -> TaskState:
     """An event after the end (or a second request): recorded, never applied, except for
     the facts about the sandbox and the result that outlive the status."""
-    seen = state.seen | {event.event_id}
+    seen = (*state.seen, event.event_id)
     if state.status.terminal and isinstance(event, SandboxStopped):
         return msgspec.structs.replace(state, sandbox_stopped=True, seen=seen)
     if state.status.terminal and isinstance(event, ResultStored):

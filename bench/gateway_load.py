@@ -1,10 +1,12 @@
 """Gateway accept throughput and latency: figures, not assertions.
 
 Starts a private nats-server and one gateway process (``python -m services.gateway``) on
-loopback, then sends ``--requests`` submissions with ``--concurrency`` in flight from this
-process, and prints submissions per second and p50/p90/p99 accept latency.
+loopback, with the tenant's rate and queue limits out of the way, then loads it: with ``wrk``
+(Debian's package; 2 threads, ``--concurrency`` connections, ``--seconds``) when it is on the
+PATH, else from this process (``--requests`` submissions, ``--concurrency`` in flight). Prints
+submissions per second and p50/p90/p99 accept latency.
 
-    .venv/bin/python bench/gateway_load.py --requests 5000 --concurrency 64
+    .venv/bin/python bench/gateway_load.py [--concurrency 32] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,11 +55,27 @@ async def load(url: str, token: str, requests: int, concurrency: int) -> list[fl
     return latencies
 
 
+def with_wrk(url: str, token: str, connections: int, seconds: int, tmp: str) -> str:
+    script = Path(tmp) / "submit.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        """wrk.body = '{"prompt":"benchmark task","timeout_s":60}'\n"""
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {token}"\n'
+    )
+    argv = ["wrk", "-t2", f"-c{connections}", "--latency", "-s", str(script), f"{url}/v1/tasks"]
+    subprocess.run([*argv[:3], "-d2s", *argv[3:]], capture_output=True, check=True)  # warm-up
+    done = subprocess.run([*argv[:3], f"-d{seconds}s", *argv[3:]], capture_output=True, text=True)
+    return done.stdout
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
+    wrk = shutil.which("wrk")
 
     with tempfile.TemporaryDirectory() as tmp:
         nats = NatsServer(Path(tmp) / "nats")
@@ -70,6 +89,8 @@ def main() -> None:
             SANDSTREAM_TOKENS_FILE=str(tokens),
             SANDSTREAM_PORT=str(port),
             SANDSTREAM_DATA_DIR=tmp,
+            SANDSTREAM_RATE_PER_TENANT="1000000",
+            SANDSTREAM_MAX_QUEUED_PER_TENANT="1000000000",
         )
         gateway = subprocess.Popen(
             [sys.executable, "-m", "services.gateway"],
@@ -80,6 +101,10 @@ def main() -> None:
         try:
             wait_for_port(port)
             url = f"http://127.0.0.1:{port}"
+            if wrk:
+                print(with_wrk(url, token, args.concurrency, args.seconds, tmp))
+                return
+            print("(wrk is not installed: `apt-get install wrk`; loading from this process)")
             asyncio.run(load(url, token, 200, 8))  # warm-up
             began = time.perf_counter()
             lat = asyncio.run(load(url, token, args.requests, args.concurrency))

@@ -12,13 +12,16 @@ Measures, over N runs each:
   fresh    fresh container: `docker run ... socat & claude -p`
   exec     one idle container (CMD sleep), each run by `docker exec`
 
-Usage: python3 bench/bare_run.py [-n 5] [--image sandstream/sandbox:latest]
+  rate     with --parallel P: --rate-runs fresh runs, P at a time (runs per second)
+
+Usage: python3 bench/bare_run.py [-n 5] [--image sandstream/sandbox:latest] [--parallel P]
 Prints one line per measurement and a JSON summary as the last line.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import http.server
 import json
 import os
@@ -179,6 +182,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=5)
     ap.add_argument("--image", default="sandstream/sandbox:latest")
+    ap.add_argument("--parallel", type=int, default=0, help="also: fresh runs this many at once")
+    ap.add_argument("--rate-runs", type=int, default=24)
     args = ap.parse_args()
     docker = docker_client()
 
@@ -220,6 +225,14 @@ def main() -> None:
             check_result(p)
             results["exec"].append(ms)
             print(f"exec    {ms:7.0f} ms", flush=True)
+        if args.parallel:
+            fresh = [docker, "run", "--rm", *HARDENED, *ENV, *mounts, args.image, "bash", "-c"]
+            began = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+                for _, p in pool.map(lambda _: timed([*fresh, INNER]), range(args.rate_runs)):
+                    check_result(p)
+            rate = args.rate_runs / (time.perf_counter() - began)
+            print(f"rate    {rate:7.2f} runs/s ({args.parallel} at a time)", flush=True)
     finally:
         subprocess.run([docker, "rm", "-f", name], capture_output=True)
         srv.shutdown()
@@ -237,6 +250,8 @@ def main() -> None:
         for k, v in results.items()
         if v
     }
+    if args.parallel:
+        summary["rate"] = {"runs_per_s": round(rate, 2), "parallel": args.parallel}
     summary["model_requests"] = FakeAPI.requests
     print(json.dumps(summary))
 

@@ -75,9 +75,10 @@ async def through_the_system(tasks: int, concurrent: int) -> dict[str, object]:
 
                     async def submit(i: int) -> None:
                         body = {"prompt": f"say ok ({i})", "timeout_s": 3600}
-                        async with limit, http.post(
-                            f"{up.url}/v1/tasks", json=body, headers=up.headers()
-                        ) as r:
+                        async with (
+                            limit,
+                            http.post(f"{up.url}/v1/tasks", json=body, headers=up.headers()) as r,
+                        ):
                             if r.status != 202:
                                 raise SystemExit(f"submission {i}: {r.status} {await r.text()}")
 

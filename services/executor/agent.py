@@ -24,10 +24,13 @@ in docs/security.md. The model usage comes from the model proxy, outside the san
    to ``exit`` when done.
 3. ``follow`` goes on: it follows ``out.jsonl`` from a given line (``tail -f --pid``, on a
    descriptor it checked is a regular file of the agent's, so a link to one of the keeper's
-   own files is never read out) until the run has ended, then prints a block marked by a
-   per-exec random nonce: exit code, OOM-kill count, changed files and the diff against
-   ``base``, closed by ``<nonce>.done``. The nonce is in the keeper's environment, which
-   the agent cannot read, so the agent cannot end the stream early or forge the block.
+   own files is never read out) until the run has ended (the run wrapper then stops every
+   process of the agent's user), then says whether any is left (``<nonce>.quiet``: none,
+   the executor packs at once; ``<nonce>.ended``: the executor stops them first, the keeper
+   waits until they are gone), then prints a block marked by a per-exec random nonce:
+   exit code, OOM-kill count, changed files and the diff against ``base``, closed by
+   ``<nonce>.done``. The nonce is in the keeper's environment, which the agent cannot read,
+   so the agent cannot end the stream early or forge the block.
 4. ``patch`` (keeper, only for a task with ``output.branch``): the changes in full, as a
    binary diff, for the branch the executor makes outside the sandbox; ``artifacts``
    (keeper, for ``output.artifacts``): the matching files as a tar.gz; ``pack`` (agent, its
@@ -367,14 +370,20 @@ follow)
         tail -n "+$((from + 1))" -s 0.005 --pid="$pid" -f "/proc/$$/fd/4" 2>/dev/null
         exec 4<&-
     fi
-    # The executor now stops every process of the agent's user (kill -KILL -1 as uid 1000):
-    # nothing of the agent may change the workspace or its files while they are collected.
-    echo "$nonce.ended"
-    alive=""
+    # Nothing of the agent may change the workspace or its files while they are collected.
+    # The run wrapper stopped its user's processes as the CLI ended: with none left, none can
+    # come back (only an exec starts one), and the executor packs at once (.quiet). Else it
+    # stops them (kill -KILL -1 as uid 1000) first (.ended), and this waits until they are gone.
+    alive=$(find /proc -maxdepth 1 -regex '/proc/[0-9]+' -user __UID__ -print -quit)
+    if [ -z "$alive" ]; then
+        echo "$nonce.quiet"
+    else
+        echo "$nonce.ended"
+    fi
     for ((i = 0; i < 500; i++)); do
-        alive=$(find /proc -maxdepth 1 -regex '/proc/[0-9]+' -user __UID__ -print -quit)
         [ -z "$alive" ] && break
         sleep 0.02
+        alive=$(find /proc -maxdepth 1 -regex '/proc/[0-9]+' -user __UID__ -print -quit)
     done
     echo "$nonce"
     agent_file 3 exit && read -r rc <&3 && exec 3<&-

@@ -399,6 +399,7 @@ class Executor:
         line_no, batch_no = next_line, next_batch
         tail: list[str] | None = None
         ready, ended, done = nonce + ".ready", nonce + ".ended", nonce + ".done"
+        quiet = nonce + ".quiet"
         complete = False
         killer: asyncio.Task[Any] | None = None
         config = spec.agent or ev.AgentConfig()
@@ -507,10 +508,12 @@ class Executor:
                     if item == ready and tail is None:
                         await self._start(event.task_id, spec)
                         started, last_line_at = True, time.monotonic()
-                    elif item == ended and tail is None and outcome.keeping is None:
+                    elif item in (ended, quiet) and tail is None and outcome.keeping is None:
                         # Not waited for here: the keeper collects once the agent's processes
                         # are gone, and the workspace is packed meanwhile.
-                        outcome.keeping = asyncio.create_task(self._stop_and_keep(event))
+                        outcome.keeping = asyncio.create_task(
+                            self._stop_and_keep(event, stop=item == ended)
+                        )
                     elif tail is not None:
                         if item.endswith(done):
                             if head := item[: -len(done)]:
@@ -569,9 +572,12 @@ class Executor:
         log.info("agent run", how=said)
 
     async def _stop_and_keep(
-        self, event: ev.SandboxStarted
+        self, event: ev.SandboxStarted, *, stop: bool = True
     ) -> tuple[list[ev.StoredObject], list[str]]:
-        await self._stop_all(sandbox_name(event.task_id))
+        """Stop the agent's processes (unless the keeper saw none left), then keep the
+        workspace and the session for a follow-up."""
+        if stop:
+            await self._stop_all(sandbox_name(event.task_id))
         return await self.exchange.keep(event)
 
     async def _stop_all(self, name: str) -> None:

@@ -1314,6 +1314,34 @@ async def test_the_clis_own_web_fetch_goes_through_the_policy_with_the_installat
     assert refused["type"] == "tool_result" and refused["is_error"], refused
 
 
+async def test_what_the_agent_leaves_running_is_stopped_before_its_changes_are_collected(
+    harness: Harness,
+) -> None:
+    """A detached writer outlives the CLI: it is stopped as the run ends, the changes are
+    collected whole, and nothing of the agent's user runs in the sandbox afterwards."""
+    tag = marker()
+    writer = "setsid nohup bash -c 'while :; do date +%s%N >> ticker; sleep 0.01; done' "
+    harness.fake.script(
+        match=tag,
+        replies=[ToolUse.bash(f"{writer} >/dev/null 2>&1 & sleep 0.3; echo started"), Text("ok")],
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        task_id, _ = await harness.submit(f"leave a writer {tag}", allowed_tools=["Bash"])
+        await executor.worker().run_until_idle()
+        (end,) = ends(await harness.history(task_id))
+    assert isinstance(end, ev.ExecutionCompleted), end
+    assert end.files_changed == ["ticker"]
+    name = sandbox_name(task_id)
+    left = await harness.driver.exec(
+        name, ["bash", "-c", "grep -ls '[d]ate +%s' /proc/[0-9]*/cmdline; true"]
+    )
+    assert left.output == b""  # the writer is gone
+    lines = end.diff.count("\n+")
+    again = await harness.driver.exec(name, ["wc", "-l", "/workspace/ticker"])
+    assert int(again.output.split()[0]) <= lines  # the file stopped growing at the end
+
+
 # ---- agent configuration and honest outcomes -------------------------------------------------
 
 

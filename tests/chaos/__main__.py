@@ -55,6 +55,9 @@ def parse(argv: list[str] | None = None) -> ChaosConfig:
         help=f"comma-separated parts to kill among {', '.join((*SERVICES, S3))} "
         "(default: all of them; s3 only with --storage s3)",
     )
+    p.add_argument(
+        "--warm-pool", type=int, default=2, help="SANDSTREAM_WARM_POOL_SIZE (default 2, as up)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the run's folder even on success")
     a = p.parse_args(argv)
     targets = None if a.only is None else tuple(n for n in a.only.split(",") if n)
@@ -75,6 +78,7 @@ def parse(argv: list[str] | None = None) -> ChaosConfig:
         nats_restarts=a.nats_restarts,
         storage=a.storage,
         targets=targets,
+        warm_pool=a.warm_pool,
         keep=a.keep,
     )
 

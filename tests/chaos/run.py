@@ -33,6 +33,7 @@ import aiohttp
 
 from shared import events as ev
 from shared.bus import Record
+from shared.sandbox import POOL_PREFIX, sandbox_name
 from tests.chaos import clients
 from tests.chaos.audit import Kill, Report, audit, read_stream
 from tests.chaos.clients import TaskRecord
@@ -68,6 +69,8 @@ class ChaosConfig:
     """The parts that are killed (each at least once); by default the five services and,
     with S3 storage, the S3 server."""
     tenants: int = 2
+    warm_pool: int = 2
+    """``SANDSTREAM_WARM_POOL_SIZE``: tasks claim pool sandboxes while the lifecycle is killed."""
     task_timeout_s: int = 300
     submit_gap: float = 0.25
     keep: bool = False
@@ -123,6 +126,7 @@ async def run(config: ChaosConfig) -> Report:
             max_deliver=config.max_deliver,
             tenants=tenants,
             storage=config.storage,
+            warm_pool=config.warm_pool,
         )
         creates = ContainerCreates(system.label)
         state = _Run(config, rng, system, fake, records, report)
@@ -146,7 +150,7 @@ async def run(config: ChaosConfig) -> Report:
                 async with asyncio.timeout(reserve - SHUTDOWN_S):
                     await _settle(state, http)
                     wait = 0 if report.timed_out else ORPHAN_GRACE_S
-                    report.orphans = await _orphans(system, wait)
+                    report.orphans = await _orphans(system, wait, config.warm_pool)
                     await creates.stop()
                     report.container_creates = dict(creates.counts)
                     assert system.bus is not None
@@ -356,12 +360,17 @@ async def _settle(state: _Run, http: aiohttp.ClientSession) -> None:
             await asyncio.wait_for(follow(http, system.url, system.tokens[rec.tenant], rec), 15)
 
 
-async def _orphans(system: System, wait: float) -> list[str]:
-    """This run's containers still there after ``wait`` seconds of giving them time to go."""
+async def _orphans(system: System, wait: float, pool: int) -> list[str]:
+    """This run's containers still there after ``wait`` seconds of giving them time to go,
+    but for the running lifecycle's warm pool (at most ``pool`` unclaimed sandboxes: those of
+    killed lifecycles are reaped when the next one starts)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while True:
         left = await system.containers()
+        unclaimed = [name for name in left if name.startswith(sandbox_name(POOL_PREFIX))]
+        if len(unclaimed) <= pool:
+            left = [name for name in left if name not in unclaimed]
         if not left or loop.time() >= deadline:
             return left
         await asyncio.sleep(0.5)

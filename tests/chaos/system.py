@@ -153,6 +153,7 @@ class System:
         max_deliver: int,
         tenants: Sequence[str],
         storage: str = "file",
+        warm_pool: int = 0,
     ) -> None:
         self.root = root
         self.instance = instance
@@ -190,6 +191,7 @@ class System:
             SANDSTREAM_MAX_DELIVER=str(max_deliver),
             SANDSTREAM_MAX_CONCURRENT=str(max_concurrent),
             SANDSTREAM_MAX_PER_TENANT=str(max_concurrent),
+            SANDSTREAM_WARM_POOL_SIZE=str(warm_pool),
             ANTHROPIC_API_KEY=api_key,
             PYTHONUNBUFFERED="1",
         )
@@ -388,8 +390,13 @@ async def wait_port(port: int, timeout: float) -> None:
         return
 
 
+_EVENT_FORMAT: Final = "{{.Action}} {{.Actor.Attributes.name}} {{.Actor.Attributes.oldName}}"
+
+
 class ContainerCreates:
-    """Counts ``create`` events of this run's containers, live from ``docker events``.
+    """Counts ``create`` events of this run's containers, live from ``docker events``, by the
+    name each container ends up with: a warm-pool sandbox a task claims is renamed to the
+    task's, and counts as that name's create.
 
     The engine keeps only a short backlog of events, so they are followed from the start of
     the run rather than queried afterwards.
@@ -403,8 +410,9 @@ class ContainerCreates:
 
     async def start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
-            *["docker", "events", "--format", "{{.Actor.Attributes.name}}"],
+            *["docker", "events", "--format", _EVENT_FORMAT],
             *["--filter", "type=container", "--filter", "event=create"],
+            *["--filter", "event=rename"],
             *["--filter", f"label={self.label}", "--filter", f"label={MANAGED_FILTER}"],
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
@@ -416,9 +424,11 @@ class ContainerCreates:
     async def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         async for raw in self._proc.stdout:
-            name = raw.decode().strip()
-            if name:
+            action, name, old = [*raw.decode().strip().split(" "), "", ""][:3]
+            if action == "create" and name:
                 self.counts[name] = self.counts.get(name, 0) + 1
+            elif action == "rename" and name and old:
+                self.counts[name] = self.counts.get(name, 0) + self.counts.pop(old.lstrip("/"), 0)
 
     async def stop(self) -> None:
         await asyncio.sleep(0.5)  # let the last events arrive

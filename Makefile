@@ -70,8 +70,12 @@ chaos: venv image
 mutants: venv
 	$(VENV)/bin/mutmut run; $(VENV)/bin/mutmut results
 
-bench: venv
+# The hot path's figures next to their bare baselines (issue: warm pool and a lean hot path).
+bench: venv image
+	$(PY) bench/task_latency.py --tasks 9
 	$(PY) bench/gateway_load.py
+	$(PY) bench/replay.py
+	$(PY) bench/drain.py --tasks 1000
 
 clean:
 	rm -rf $(VENV) $(UV_VENV) .pytest_cache .mypy_cache .ruff_cache mutants

@@ -14,11 +14,14 @@ in docs/security.md. The model usage comes from the model proxy, outside the san
 
 1. ``follow`` (keeper, one exec per attach): records the workspace as a git tree in a private
    repository (``KEEPER_DIR/git``, ``/workspace`` as its work tree; ``base`` holds the tree
-   id) unless it was recorded or the agent has started, then prints ``<nonce>.ready``.
-2. ``start`` (agent, on that line): ``mkdir RUN_DIR`` is the lock: the first start runs the
-   agent; any later one (a redelivery, a restarted executor) finds it and does nothing. So the
-   agent runs at most once per sandbox, whatever happens to the executor. socat bridges
-   ``127.0.0.1:<port>`` to the model proxy's Unix socket, fully detached; the CLI runs in its
+   id) unless it was recorded or the agent has started, then makes :data:`GO_FILE` (its
+   own, in the sticky ``/tmp``) and prints ``<nonce>.ready``.
+2. ``start`` (agent, sent at the same time): socat bridges ``127.0.0.1:<port>`` to the model
+   proxy's Unix socket, fully detached, while the keeper records; then it waits for the
+   keeper's file. ``mkdir RUN_DIR`` is the lock: the first start runs the agent; any later
+   one (a redelivery, a restarted executor) finds it and does nothing. So the agent runs at
+   most once per sandbox, whatever happens to the executor, and never before the workspace
+   was recorded (nothing of the agent's can make the keeper's file). The CLI runs in its
    own session (``setsid``), reads the prompt from a file (argv strings are limited to
    128 KiB), writes stream-json to ``out.jsonl``, stderr to ``err.log``, and its exit status
    to ``exit`` when done.
@@ -54,6 +57,10 @@ KEEPER_DIR: Final = sandbox.KEEPER_DIR
 NONCE_VAR: Final = "SANDSTREAM_NONCE"
 SANDBOX_UID: Final = sandbox.SANDBOX_UID
 HOME_DIR: Final = "/tmp/.sandstream-home"
+GO_FILE: Final = "/tmp/.sandstream-recorded"
+"""Made by the keeper once the workspace is recorded; the agent's start waits for it (a file
+of the keeper's user: /tmp is sticky, so the agent can neither make one first, nor remove
+it)."""
 CONFIG_DIR: Final = "/tmp/.sandstream-config"
 """The run's configuration files (settings, MCP servers, appended system prompt)."""
 APPEND_FILE: Final = "append-system-prompt.md"
@@ -215,6 +222,7 @@ W=__WORKSPACE__
 S=__SOCKET__
 E=__EGRESS__
 C=__CONFIG_DIR__
+G=__GO_FILE__
 mode=$1; shift
 case "$mode" in
 run)
@@ -248,25 +256,44 @@ kill)
     exit 0
     ;;
 start)
-    # As the agent. mkdir is the lock: one run per sandbox, however often this is repeated.
+    # As the agent, while the keeper records the workspace (follow): what the run needs is
+    # made ready meanwhile, and the agent starts once the keeper says the record is done.
+    # mkdir is the lock: one run per sandbox, however often this is repeated.
     port=$1; eport=$2; ncmd=$3; shift 3
     cmd=("${@:1:$ncmd}"); shift "$ncmd"
+    if [ -d "$R" ]; then
+        echo "__ATTACHED__"
+        exit 0
+    fi
+    home=${HOME:-/tmp/.sandstream-home}
+    [ -d "$home" ] || mkdir -p "$home"
+    bridge() {  # 127.0.0.1:$1 to the Unix socket $2, fully detached; wait until it listens
+        printf -v hex ':%04X 00000000:0000 0A' "$1"
+        grep -q "$hex" /proc/net/tcp && return  # a start repeated: it is there
+        socat "TCP-LISTEN:$1,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$2" \
+            </dev/null >>"$home/socat.log" 2>&1 &
+        for ((i = 0; i < 200; i++)); do grep -q "$hex" /proc/net/tcp && break; sleep 0.005; done
+    }
+    bridge "$port" "$S"
+    # The egress proxy, for a task with network.allow (0: none, no way out at all).
+    [ "$eport" != 0 ] && bridge "$eport" "$E"
+    if [ -f "$C/__CA_FILE__" ]; then  # trusted besides the image's, by every TLS client
+        cat __SYSTEM_CA__ "$C/__CA_FILE__" >"$C/__CA_BUNDLE__"
+    fi
+    # The keeper's word, a file of its own in the sticky /tmp: nothing of the agent has run
+    # yet (its run folder is not there), so nothing else can have made it. A large workspace
+    # takes a while to record: 2 s of short waits, then up to half an hour of longer ones.
+    for ((i = 0; i < 18400; i++)); do
+        [ "$(stat -c %u "$G" 2>/dev/null)" = __KEEPER_UID__ ] && break
+        if ((i < 400)); then sleep 0.005; else sleep 0.1; fi
+    done
+    if [ "$(stat -c %u "$G" 2>/dev/null)" != __KEEPER_UID__ ]; then
+        echo "sandstream: the keeper did not record the workspace" >&2
+        exit 2
+    fi
     if mkdir "$R" 2>/dev/null; then
-        [ -d "${HOME:-/nonexistent}" ] || mkdir -p "${HOME:-/tmp/.sandstream-home}"
         printf '%s' "$@" >"$R/prompt"
         : >"$R/out.jsonl"
-        bridge() {  # 127.0.0.1:$1 to the Unix socket $2, fully detached; wait until it listens
-            socat "TCP-LISTEN:$1,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$2" \
-                </dev/null >>"$R/socat.log" 2>&1 &
-            printf -v hex ':%04X 00000000:0000 0A' "$1"
-            for ((i = 0; i < 200; i++)); do grep -q "$hex" /proc/net/tcp && break; sleep 0.005; done
-        }
-        bridge "$port" "$S"
-        if [ -f "$C/__CA_FILE__" ]; then  # trusted besides the image's, by every TLS client
-            cat __SYSTEM_CA__ "$C/__CA_FILE__" >"$C/__CA_BUNDLE__"
-        fi
-        # The egress proxy, for a task with network.allow (0: none, no way out at all).
-        [ "$eport" != 0 ] && bridge "$eport" "$E"
         setsid bash -c "$BASH_EXECUTION_STRING" sandstream run "${cmd[@]}" \
             </dev/null >/dev/null 2>&1 &
         echo $! >"$R/pid.tmp" && mv "$R/pid.tmp" "$R/pid"
@@ -357,6 +384,7 @@ follow)
             if [ -d "$W/.git" ]; then : >"$K/checkout"; fi
         fi
     ) 9>"$K/lock" >"$K/git.log" 2>&1
+    : >>"$G"  # the agent may start now (start waits for this file of the keeper's)
     echo "$nonce.ready"
     # The executor starts the run when it reads the line above.
     for ((i = 0; i < 1200; i++)); do [ -f "$R/pid" ] && break; sleep 0.05; done
@@ -478,6 +506,8 @@ def wrapper_script(
         .replace("__SOCKET__", shlex.quote(socket))
         .replace("__EGRESS__", shlex.quote(EGRESS_SOCKET))
         .replace("__CONFIG_DIR__", shlex.quote(CONFIG_DIR))
+        .replace("__GO_FILE__", shlex.quote(GO_FILE))
+        .replace("__KEEPER_UID__", str(sandbox.KEEPER_UID))
         .replace("__CA_FILE__", CA_FILE)
         .replace("__CA_BUNDLE__", CA_BUNDLE)
         .replace("__SYSTEM_CA__", SYSTEM_CA_BUNDLE)

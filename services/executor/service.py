@@ -482,6 +482,9 @@ class Executor:
                 await flush()
 
         reader = asyncio.create_task(read(), name=f"exec-read-{event.task_id}")
+        # The run is started while the keeper records the workspace: the start waits in the
+        # sandbox for the keeper's word, and the keeper's "ready" line is when it is awaited.
+        starting = asyncio.create_task(self._start(event.task_id, spec))
         try:
             async with stream:
                 while True:
@@ -506,7 +509,7 @@ class Executor:
                         raise item
                     assert isinstance(item, str)
                     if item == ready and tail is None:
-                        await self._start(event.task_id, spec)
+                        await starting
                         started, last_line_at = True, time.monotonic()
                     elif item in (ended, quiet) and tail is None and outcome.keeping is None:
                         # Not waited for here: the keeper collects once the agent's processes
@@ -538,6 +541,10 @@ class Executor:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+            if not starting.done():
+                starting.cancel()  # the follow ended first (a retry starts it again)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await starting
             if killer is not None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await killer

@@ -121,7 +121,7 @@ def test_wrapper_script_has_the_lock_forwarder_and_paths() -> None:
     assert "TCP-LISTEN:$1,bind=127.0.0.1,fork,reuseaddr" in script  # the bridge to a socket
     assert '"UNIX-CONNECT:$2"' in script and 'bridge "$port" "$S"' in script
     assert agent.MODEL_SOCKET in agent.wrapper_script()
-    assert '</dev/null >>"$R/socat.log" 2>&1 &' in script  # detached: exec does not wait
+    assert '</dev/null >>"$home/socat.log" 2>&1 &' in script  # detached: exec does not wait
     assert "head -c 11" in script
     assert "__" not in script.replace("$((", "")  # every placeholder was filled in
 

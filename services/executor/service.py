@@ -478,7 +478,8 @@ class Executor:
             pending.append(line)
             pending_bytes += size
             line_no += 1
-            if len(pending) >= cfg.batch_lines:
+            # The run's first line goes out at once: a watcher sees the agent has started.
+            if len(pending) >= cfg.batch_lines or line_no == 1:
                 await flush()
 
         reader = asyncio.create_task(read(), name=f"exec-read-{event.task_id}")

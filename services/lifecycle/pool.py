@@ -19,7 +19,7 @@ import structlog
 
 from services.lifecycle.sandboxes import Sandboxes
 from shared import events as ev
-from shared.errors import SandstreamError
+from shared.errors import SandstreamError, Unavailable
 from shared.sandbox import SandboxInfo
 
 log = structlog.get_logger("sandstream.lifecycle")
@@ -36,6 +36,9 @@ class WarmPool:
         self.missed = 0
         """Tasks that found the pool empty (a pool of 0 never counts)."""
         self._ready: deque[str] = deque()
+        self._stale: list[str] = []
+        """Pool sandboxes whose claim broke off with the engine unreachable: removed once it
+        answers again (their folder is already the task's, which makes its own sandbox)."""
         self._wanted = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
 
@@ -66,7 +69,12 @@ class WarmPool:
         while self._ready:
             pool = self._ready.popleft()
             self._wanted.set()
-            info = await self.sandboxes.claim(pool, requested)
+            try:
+                info = await self.sandboxes.claim(pool, requested)
+            except Unavailable:
+                self._stale.append(pool)
+                self._wanted.set()
+                raise
             if info is not None:
                 self.claimed += 1
                 return info
@@ -77,6 +85,14 @@ class WarmPool:
         wait = RETRY_S[0]
         while True:
             self._wanted.clear()
+            while self._stale:
+                try:
+                    await self.sandboxes.remove(self._stale[-1])
+                    self._stale.pop()
+                except SandstreamError as exc:
+                    log.warning("warm pool: a stale sandbox stays", error=str(exc), retry_s=wait)
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, RETRY_S[1])
             while len(self._ready) < self.size:
                 try:
                     self._ready.append(await self.sandboxes.make_pooled())

@@ -4,15 +4,20 @@ cancellation and endings. The tests themselves live in test_lifecycle.py, run th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from shared import events as ev
 from shared.bus import Bus
+from shared.errors import Unavailable
+from shared.sandbox import LABEL_TASK
 from tests.integration import test_lifecycle as on_docker
 from tests.integration.test_lifecycle import Harness
 from tests.support.memory_driver import MemoryDriver
+from tests.support.sandboxes import wait_for_event
 
 
 @pytest.fixture
@@ -61,3 +66,32 @@ test_unclaimed_pool_sandboxes_of_a_crashed_lifecycle_are_reaped = (
 test_an_empty_pool_or_a_retried_start_makes_a_sandbox_as_before = (
     on_docker.test_an_empty_pool_or_a_retried_start_makes_a_sandbox_as_before
 )
+
+
+async def test_a_claim_cut_off_by_the_engine_leaves_no_pool_sandbox_behind(h: Harness) -> None:
+    """The engine stops answering between the claim's two renames: the task is retried and
+    gets a sandbox of its own; the half-claimed pool sandbox is removed once the engine is back."""
+    assert isinstance(h.driver, MemoryDriver)
+    driver = h.driver
+    rename = driver.rename
+    refused: list[str] = []
+
+    async def unreachable_once(name: str, new_name: str) -> None:
+        if not refused:
+            refused.append(name)
+            raise Unavailable("the container engine (Docker) cannot be reached: test")
+        await rename(name, new_name)
+
+    driver.rename = unreachable_once  # type: ignore[method-assign]
+    service = h.lifecycle(warm_pool=1)
+    await service.start()
+    await h.pool_ready(service, 1)
+    task = ev.new_task_id()
+    await h.request(task)
+    await wait_for_event(h.bus, task, "SandboxStarted")
+    assert refused and service.pool.claimed == 0
+    data = await h.container(task)
+    assert data is not None and data["Config"]["Labels"][LABEL_TASK] == task  # its own
+    async with asyncio.timeout(10):  # the stale one goes, the pool is whole again
+        while refused[0] in driver.containers or service.pool.ready < 1:
+            await asyncio.sleep(0.02)

@@ -105,6 +105,10 @@ class Harness:
             socket_dir=self.socket_dir, upstream=self.fake.url, credential=credential, egress=egress
         )
 
+    def executor(self, proxy: ModelProxy, **options: Any) -> Executor:
+        """An executor on this harness's bus and engine, through ``proxy``."""
+        return Executor(bus=self.bus, driver=self.driver, proxy=proxy, **options)
+
     async def sandbox(self, task_id: str, **options: Any) -> str:
         """A hardened sandbox exactly as the lifecycle makes it, started."""
         folder = self.socket_dir / task_id
@@ -205,7 +209,7 @@ async def test_write_task_completes_with_diff_and_the_key_stays_outside(
         match=tag, replies=[ToolUse.write("hello.txt", "hi\n"), Text("Wrote hello.txt")]
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, sandbox_started = await harness.submit(
             f"write hello {tag}", setup="echo seed > seed.txt && mkdir docs && echo d > docs/d.md"
         )
@@ -258,7 +262,7 @@ async def test_denied_bash_call_is_reported(harness: Harness) -> None:
     command = "python3 -c 'print(1)'"
     harness.fake.script(match=tag, replies=[ToolUse.bash(command), Text("could not run it")])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"run python {tag}")
         await executor.worker().run_until_idle()
         (end,) = ends(await harness.history(task_id))
@@ -274,7 +278,7 @@ async def test_no_credential_fails_without_running_the_agent(harness: Harness) -
     tag = marker()
     harness.fake.script(match=tag, replies=[Text("should never be asked")])
     async with harness.proxy(None) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"hello {tag}")
         await executor.worker().run_until_idle()
         events = await harness.history(task_id)
@@ -294,7 +298,7 @@ async def test_cli_error_is_reported_as_failure(harness: Harness) -> None:
     harness.fake.script(match=tag, replies=[Text("never")])
     harness.fake.fail_next(50, status=400, match=tag)
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"bad request {tag}")
         await executor.worker().run_until_idle()
         (end,) = ends(await harness.history(task_id))
@@ -316,7 +320,7 @@ async def test_a_run_past_its_token_budget_ends_budget_exceeded(harness: Harness
         ],
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"spend {tag}", max_tokens=300)
         await executor.worker().run_until_idle()
         (end,) = ends(await harness.history(task_id))
@@ -338,7 +342,7 @@ async def test_a_stopped_executor_is_replaced_and_the_agent_runs_once(harness: H
         replies=[ToolUse.write("a.txt", "a\n"), Reply(Text("finished"), hold=release)],
     )
     proxy = await harness.proxy(Credential("api_key", SECRET)).start()
-    first = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+    first = harness.executor(proxy)
     first_worker = first.worker(ack_wait=2.0)
     run = asyncio.create_task(first_worker.run())
     try:
@@ -396,7 +400,7 @@ async def test_agent_past_its_deadline_is_stopped_as_timeout(harness: Harness) -
     harness.fake.script(match=tag, replies=[Reply(Text("too late"), hold=never)])
     config = ExecutorConfig(deadline_grace_s=0.0)
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, config=config)
+        executor = harness.executor(proxy, config=config)
         task_id, _ = await harness.submit(f"think forever {tag}", timeout_s=2)
         try:
             await asyncio.wait_for(executor.worker().run_until_idle(), 60)
@@ -414,7 +418,7 @@ async def test_sandbox_removed_mid_run_is_sandbox_lost(harness: Harness) -> None
     hold = asyncio.Event()
     harness.fake.script(match=tag, replies=[Reply(Text("never seen"), hold=hold)])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"vanish {tag}")
         run = asyncio.create_task(executor.worker().run_until_idle())
         try:
@@ -438,7 +442,7 @@ async def test_sandbox_removed_after_the_task_ended_publishes_no_end(harness: Ha
     hold = asyncio.Event()
     harness.fake.script(match=tag, replies=[Reply(Text("never seen"), hold=hold)])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"cancelled {tag}")
         run = asyncio.create_task(executor.worker().run_until_idle())
         try:
@@ -465,7 +469,7 @@ async def test_redelivery_after_the_end_changes_nothing(harness: Harness) -> Non
     tag = marker()
     harness.fake.script(match=tag, replies=[Text("once")])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, started = await harness.submit(f"once {tag}")
         await executor.worker().run_until_idle()
         before = await harness.history(task_id)
@@ -499,7 +503,7 @@ async def test_redelivery_mid_run_reattaches_without_a_second_agent(harness: Har
     release = asyncio.Event()
     harness.fake.script(match=tag, replies=[Reply(Text("shared"), hold=release)])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, started = await harness.submit(f"twice {tag}")
         d1 = Delivery(seq=2, subject="x", num_delivered=1, max_deliver=8)
         d2 = Delivery(seq=2, subject="x", num_delivered=2, max_deliver=8)
@@ -527,7 +531,7 @@ async def test_huge_output_lines_are_truncated_and_batches_bounded(harness: Harn
     content = "x" * 300_000 + "\n"
     harness.fake.script(match=tag, replies=[ToolUse.write("big.txt", content), Text("big")])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"write big {tag}")
         await executor.worker().run_until_idle()
         events = await harness.history(task_id)
@@ -554,7 +558,7 @@ async def test_an_output_flood_is_cut_at_the_cap_and_ends_output_limit(harness: 
     )
     config = ExecutorConfig(max_output_bytes=1024 * 1024)
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, config=config)
+        executor = harness.executor(proxy, config=config)
         task_id, _ = await harness.submit(f"flood {tag}", allowed_tools=["Bash"])
         await executor.worker().run_until_idle()
         events = await harness.history(task_id)
@@ -603,7 +607,7 @@ async def test_what_the_result_says_about_changes_is_not_the_agents_to_forge(
     tag = marker()
     harness.fake.script(match=tag, replies=[ToolUse.bash(FORGER), Text("nothing changed")])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"forge {tag}", allowed_tools=["Bash"])
         await executor.worker().run_until_idle()
         events = await harness.history(task_id)
@@ -630,7 +634,7 @@ async def test_nothing_of_the_agent_runs_while_its_changes_are_collected(harness
     )
     harness.fake.script(match=tag, replies=[ToolUse.bash(left), Text("left something")])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"leave {tag}", allowed_tools=["Bash"])
         await executor.worker().run_until_idle()
         (end,) = ends(await harness.history(task_id))
@@ -647,7 +651,7 @@ async def test_agent_killed_for_memory_is_oom(harness: Harness) -> None:
     tag = marker()
     harness.fake.script(match=tag, replies=[Text("unreachable")])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         # Far too little memory for the CLI itself: the kernel kills it as it starts.
         task_id, _ = await harness.submit(
             f"no room {tag}", sandbox={"memory_bytes": 48 * 1024 * 1024}
@@ -674,7 +678,7 @@ async def test_a_message_that_keeps_failing_ends_the_execution_as_internal(
         )
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         await asyncio.wait_for(executor.worker(max_deliver=2).run_until_idle(), 30)
         (end,) = ends(await harness.history(task_id))
 
@@ -824,9 +828,7 @@ async def test_the_agent_works_in_a_checkout_and_the_diff_is_against_its_commit(
         ],
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(
-            bus=harness.bus, driver=harness.driver, proxy=proxy, config=repo_config(tmp_path)
-        )
+        executor = harness.executor(proxy, config=repo_config(tmp_path))
         task_id, _ = await harness.submit(
             f"edit the readme {tag}",
             repo={"url": f"file://{bare}", "ref": "main"},
@@ -857,9 +859,7 @@ async def test_a_repository_that_cannot_be_fetched_fails_the_run_before_it_start
 ) -> None:
     bare = make_repo(tmp_path / "repos", "app", {"README.md": "hello\n"})
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(
-            bus=harness.bus, driver=harness.driver, proxy=proxy, config=repo_config(tmp_path)
-        )
+        executor = harness.executor(proxy, config=repo_config(tmp_path))
         task_id, _ = await harness.submit(
             "never runs", repo={"url": f"file://{bare}", "ref": "no-such-branch"}
         )
@@ -899,9 +899,7 @@ async def test_the_agents_changes_come_back_as_a_pushed_branch_and_a_bundle(
         GitHttpServer(repos, user="x-access-token", password=password) as server,
         harness.proxy(Credential("api_key", SECRET)) as proxy,
     ):
-        executor = Executor(
-            bus=harness.bus, driver=harness.driver, proxy=proxy, config=config, store=store
-        )
+        executor = harness.executor(proxy, config=config, store=store)
         task_id, started = await harness.submit(
             f"Fix the greeting {tag}",
             repo={"url": f"{server.url}/app.git", "ref": "main", "credential": "gh"},
@@ -970,13 +968,7 @@ async def test_a_refused_push_fails_the_task_and_keeps_the_runs_result(
     tag = marker()
     harness.fake.script(match=tag, replies=[ToolUse.write("new.txt", "n\n"), Text("added")])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(
-            bus=harness.bus,
-            driver=harness.driver,
-            proxy=proxy,
-            config=repo_config(tmp_path),
-            store=store,
-        )
+        executor = harness.executor(proxy, config=repo_config(tmp_path), store=store)
         task_id, _ = await harness.submit(
             f"add a file {tag}",
             repo={"url": f"file://{bare}", "ref": "v1"},  # the tag: one commit behind "taken"
@@ -1006,9 +998,7 @@ async def test_a_prepared_workspace_is_never_filled_again(harness: Harness, tmp_
         GitHttpServer(repos) as server,
         harness.proxy(Credential("api_key", SECRET)) as proxy,
     ):
-        executor = Executor(
-            bus=harness.bus, driver=harness.driver, proxy=proxy, config=repo_config(tmp_path)
-        )
+        executor = harness.executor(proxy, config=repo_config(tmp_path))
         task_id, started = await harness.submit(
             f"look {tag}",
             repo={"url": f"{server.url}/app.git"},
@@ -1061,13 +1051,7 @@ async def test_files_go_over_the_checkout_and_the_branch_holds_them_and_the_agen
         ],
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(
-            bus=harness.bus,
-            driver=harness.driver,
-            proxy=proxy,
-            config=repo_config(tmp_path),
-            store=store,
-        )
+        executor = harness.executor(proxy, config=repo_config(tmp_path), store=store)
         task_id, _ = await harness.submit(
             f"use the files {tag}",
             repo={"url": f"file://{bare}"},
@@ -1107,13 +1091,7 @@ async def test_a_file_through_a_link_of_the_repository_is_refused(
     store = await open_store(f"file://{tmp_path / 'results'}")
     files = await stored_files(store, [("ok.txt", b"x", 0o644), ("etc/cron.d/x", b"y", 0o644)])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(
-            bus=harness.bus,
-            driver=harness.driver,
-            proxy=proxy,
-            config=repo_config(tmp_path),
-            store=store,
-        )
+        executor = harness.executor(proxy, config=repo_config(tmp_path), store=store)
         task_id, _ = await harness.submit("never runs", repo={"url": f"file://{work}"}, files=files)
         await executor.worker().run_until_idle()
         events = await harness.history(task_id)
@@ -1142,7 +1120,7 @@ async def test_artifacts_are_the_matching_files_and_never_what_a_link_points_at(
         ],
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, store=store)
+        executor = harness.executor(proxy, store=store)
         task_id, _ = await harness.submit(
             f"build {tag}",
             output={"artifacts": ["dist/*", "*.log", "logs/etc/*"]},
@@ -1210,7 +1188,7 @@ async def test_the_agent_reaches_allowed_hosts_through_the_proxy_and_nothing_els
     pins = parse_pins(f"allowed.test=127.0.0.1:{port},other.test=127.0.0.1:{port}")
     try:
         async with harness.proxy(Credential("api_key", SECRET), pins=pins) as proxy:
-            executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+            executor = harness.executor(proxy)
             task_id, _ = await harness.submit(
                 f"fetch {tag}",
                 network={"allow": [f"allowed.test:{port}"]},
@@ -1288,7 +1266,7 @@ async def test_the_clis_own_web_fetch_goes_through_the_policy_with_the_installat
     config = ExecutorConfig(sandbox_ca=cert.read_bytes())
     try:
         async with harness.proxy(Credential("api_key", SECRET), pins=pins) as proxy:
-            executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, config=config)
+            executor = harness.executor(proxy, config=config)
             task_id, _ = await harness.submit(
                 f"read the guide {tag}",
                 network={"allow": [f"docs.test:{port}"]},
@@ -1326,7 +1304,7 @@ async def test_what_the_agent_leaves_running_is_stopped_before_its_changes_are_c
         replies=[ToolUse.bash(f"{writer} >/dev/null 2>&1 & sleep 0.3; echo started"), Text("ok")],
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"leave a writer {tag}", allowed_tools=["Bash"])
         await executor.worker().run_until_idle()
         (end,) = ends(await harness.history(task_id))
@@ -1354,7 +1332,7 @@ async def test_each_option_reaches_the_cli_where_it_belongs(harness: Harness) ->
     tag, appended, memory = marker(), "ALWAYS-ANSWER-IN-HAIKU " + marker(), "MEMO " + marker()
     harness.fake.script(match=tag, replies=[ToolUse.bash("echo allowed > /tmp/ran"), Text("ok")])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(
             f"configured {tag}",
             agent={
@@ -1387,7 +1365,7 @@ async def test_a_disallowed_tool_is_not_offered_to_the_model(harness: Harness) -
     tag = marker()
     harness.fake.script(match=tag, replies=[Text("fine")])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"tools {tag}", agent={"disallowed_tools": ["Write"]})
         await executor.worker().run_until_idle()
         (end,) = ends(await harness.history(task_id))
@@ -1411,7 +1389,7 @@ async def test_a_denied_call_is_a_warning_or_with_fail_on_permission_denial_a_fa
             match=tag, replies=[ToolUse.bash("python3 -c 'print(1)'"), Text("could not")]
         )
         async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-            executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+            executor = harness.executor(proxy)
             agent_config = {"fail_on_permission_denial": True} if strict else None
             task_id, _ = await harness.submit(f"run {tag}", agent=agent_config)
             await executor.worker().run_until_idle()
@@ -1428,7 +1406,7 @@ async def test_a_stalled_model_ends_the_run_as_stalled(harness: Harness) -> None
     never = asyncio.Event()
     harness.fake.script(match=tag, replies=[Reply(Text("too late"), hold=never, pings=False)])
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, started = await harness.submit(f"stall {tag}", agent={"stall_timeout_s": 10})
         await executor.worker().run_until_idle()
         events = await harness.history(task_id)
@@ -1453,7 +1431,7 @@ async def test_a_cli_that_does_not_exit_after_its_result_is_stopped_and_its_resu
     }
     config = ExecutorConfig(result_exit_grace_s=3.0)
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, config=config)
+        executor = harness.executor(proxy, config=config)
         task_id, _ = await harness.submit(f"answer {tag}", agent={"settings": hang})
         await executor.worker().run_until_idle()
         events = await harness.history(task_id)
@@ -1474,7 +1452,7 @@ async def test_a_json_schema_gives_structured_output(harness: Harness) -> None:
         match=tag, replies=[ToolUse("StructuredOutput", {"answer": 42}), Text("done")]
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy)
+        executor = harness.executor(proxy)
         task_id, _ = await harness.submit(f"answer {tag}", agent={"json_schema": schema})
         await executor.worker().run_until_idle()
         (end,) = ends(await harness.history(task_id))
@@ -1504,7 +1482,7 @@ async def test_a_follow_up_starts_from_the_earlier_workspace_and_goes_on_with_it
         ],
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, store=store)
+        executor = harness.executor(proxy, store=store)
         first, _ = await harness.submit(f"write notes {one}")
         await executor.worker().run_until_idle()
         (end_one,) = ends(await harness.history(first))
@@ -1559,7 +1537,7 @@ async def test_a_follow_up_of_another_tenants_task_is_refused(
         )
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(bus=harness.bus, driver=harness.driver, proxy=proxy, store=store)
+        executor = harness.executor(proxy, store=store)
         task_id, _ = await harness.submit("mine", follow_up=other)
         await executor.worker().run_until_idle()
         (end,) = ends(await harness.history(task_id))
@@ -1606,13 +1584,7 @@ async def test_a_stdio_mcp_server_runs_inside_the_sandbox_and_the_model_calls_it
         ],
     )
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = Executor(
-            bus=harness.bus,
-            driver=harness.driver,
-            proxy=proxy,
-            config=repo_config(tmp_path),
-            store=store,
-        )
+        executor = harness.executor(proxy, config=repo_config(tmp_path), store=store)
         task_id, _ = await harness.submit(
             f"ask the probe {tag}",
             files=files,

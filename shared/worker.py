@@ -11,7 +11,9 @@ One place maps a handler's outcome to JetStream:
 - delivered again after its last allowed delivery (that handler never finished: the service
   died or was stopped while handling it, perhaps because of this very message) → the same
   give-up, without running the handler again. The consumer itself never drops a message
-  (no server-side ``max_deliver``), so nothing disappears without an error event;
+  (no server-side ``max_deliver``), so nothing disappears without an error event. A worker
+  without ``max_deliver`` (the lifecycle's admission, whose requests wait, and are handed
+  back at every stop) never gives up for a count: its handler bounds its tries itself;
 - an undecodable message, or one :meth:`~shared.bus.Bus.misfiled` (a task id that is not one,
   a subject that is not its task's and type) → ``term``, logged; the handler never sees it;
 - ``CancelledError`` is always re-raised: the message is redelivered after ``ack_wait``.
@@ -53,11 +55,12 @@ class Delivery(msgspec.Struct, frozen=True):
     seq: int
     subject: str
     num_delivered: int
-    max_deliver: int
+    max_deliver: int | None
+    """``None``: no attempt is the last (the handler bounds its retries itself)."""
 
     @property
     def last_attempt(self) -> bool:
-        return self.num_delivered >= self.max_deliver
+        return self.max_deliver is not None and self.num_delivered >= self.max_deliver
 
 
 class Handler(Protocol):
@@ -85,7 +88,7 @@ class Worker:
         on_give_up: GiveUp | None = None,
         concurrency: int = 8,
         ack_wait: float = 10.0,
-        max_deliver: int = 8,
+        max_deliver: int | None = 8,
         max_pending: int | None = None,
         backoff: Callable[[int], float] = default_backoff,
     ) -> None:
@@ -271,7 +274,7 @@ class Worker:
         with structlog.contextvars.bound_contextvars(
             task_id=event.task_id, event_id=event.event_id, seq=delivery.seq
         ):
-            if delivery.num_delivered > self.max_deliver:
+            if self.max_deliver is not None and delivery.num_delivered > self.max_deliver:
                 reason = (
                     f"delivered {delivery.num_delivered} times; its handling never finished "
                     "(the service died or was stopped while handling it)"
@@ -315,7 +318,7 @@ class Worker:
             except Exception as exc:
                 # The error event could not be published: let the message come back.
                 self._log.warning("give-up event not published", error=repr(exc))
-                await msg.nak(delay=self.backoff(self.max_deliver))
+                await msg.nak(delay=self.backoff(msg.metadata.num_delivered))
                 return
         await msg.term()
 

@@ -107,7 +107,10 @@ class Lifecycle:
             on_give_up=self._give_up,
             concurrency=self.options.admit_concurrency or max(64, 8 * settings.max_concurrent),
             ack_wait=settings.ack_wait_s,
-            max_deliver=settings.max_deliver,
+            # No delivery count gives a request up: each stop or death of a lifecycle hands
+            # every waiting request back (a delivery), and waiting is no failure. A request is
+            # bounded by its task's deadline instead: past it, a delivery ends it timed out.
+            max_deliver=None,
             max_pending=settings.max_waiting,
         )
         self.control_worker = Worker(
@@ -126,6 +129,7 @@ class Lifecycle:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._ended = _Recent()  # terminal event known to be stored
         self._stopped = _Recent()  # sandbox removed by us: never create it again
+        self._start_tries: dict[str, int] = {}  # failed sandbox starts of waiting tasks
         self._busy = 0
         self._waiting = 0
         self._stop_requested = asyncio.Event()
@@ -289,8 +293,19 @@ class Lifecycle:
                     return
                 try:
                     await self._start_sandbox(event, deadline)
-                except Permanent as exc:
-                    error = ev.ErrorInfo(code=exc.code, message=str(exc))
+                    self._start_tries.pop(task, None)
+                except Exception as exc:
+                    # Tries are counted here, not by deliveries: a request handed back by a
+                    # stopping or dying lifecycle while it waited has not failed.
+                    tries = self._start_tries.pop(task, 0) + 1
+                    if not isinstance(exc, Permanent) and tries < self.settings.max_deliver:
+                        self._start_tries[task] = tries
+                        raise
+                    if isinstance(exc, Permanent):
+                        error = ev.ErrorInfo(code=exc.code, message=str(exc))
+                    else:
+                        message = f"the sandbox could not be started ({tries} tries): {exc!r}"
+                        error = ev.ErrorInfo(code="internal", message=message)
                     log.warning("task failed", code=error.code, message=error.message)
                     queued = fold([event])
                     assert queued is not None
@@ -384,6 +399,7 @@ class Lifecycle:
         """The task has ended: make sure its slot is free and its sandbox gone and reported."""
         task = state.task_id
         self._ended.add(task)
+        self._start_tries.pop(task, None)
         self.admission.withdraw(task)
         self.deadlines.disarm(task)
         if state.sandbox_stopped:

@@ -562,6 +562,28 @@ async def test_a_graceful_restart_loses_no_waiting_task(h: Harness) -> None:
     assert (await types_of(h.bus, running)).count("SandboxStarted") == 1
 
 
+async def test_a_task_waiting_through_more_restarts_than_max_deliver_still_runs(
+    h: Harness,
+) -> None:
+    """Every stop hands a waiting request back (a delivery); waiting is no failure, so the
+    task is never given up for it. Its deadline bounds it."""
+    running, waiting = task_id("run"), task_id("wait")
+    await h.request(running)
+    await h.request(waiting)
+    for _ in range(4):  # max_deliver is 3 here
+        service = h.lifecycle(max_concurrent=1)
+        await service.start()
+        async with asyncio.timeout(30):  # handed back with a delay: it comes again
+            while service.admission.queue() != [waiting]:
+                await asyncio.sleep(0.02)
+        await service.stop()
+    last = h.lifecycle(max_concurrent=1)
+    await last.run_until_idle()
+    await h.completed(running)
+    await wait_for_event(h.bus, waiting, "SandboxStarted")
+    assert "TaskFailed" not in await types_of(h.bus, waiting)
+
+
 async def test_request_handled_after_its_deadline_times_out_at_once(h: Harness) -> None:
     task = task_id("stale")
     await h.bus.publish(

@@ -57,6 +57,9 @@ test_start_up_reaps_orphans_and_keeps_live_sandboxes = (
 test_a_graceful_restart_loses_no_waiting_task = (
     on_docker.test_a_graceful_restart_loses_no_waiting_task
 )
+test_a_task_waiting_through_more_restarts_than_max_deliver_still_runs = (
+    on_docker.test_a_task_waiting_through_more_restarts_than_max_deliver_still_runs
+)
 test_a_task_claims_a_warm_sandbox_and_the_pool_refills = (
     on_docker.test_a_task_claims_a_warm_sandbox_and_the_pool_refills
 )

@@ -463,7 +463,7 @@ def _position(msg: Msg) -> tuple[int, datetime, int]:
     """A delivered message's stream sequence, time of storage and messages still pending, from
     its reply subject: what ``msg.metadata`` says, read without building its objects (a replay
     reads every message of the stream this way)."""
-    tokens = msg.reply.split(".")
+    tokens = (msg.reply or "").split(".")
     if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":  # $JS.ACK.<stream>...
         seq, nanos, pending = tokens[5], tokens[7], tokens[8]
     elif len(tokens) >= 11 and tokens[0] == "$JS" and tokens[1] == "ACK":  # with a domain

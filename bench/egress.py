@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from services.modelproxy.egress import EgressLimits, EgressProxy  # noqa: E402
 from shared import events as ev  # noqa: E402
 from shared.egress import parse_pins  # noqa: E402
+from tests.support.serve import serving  # noqa: E402
 
 CHUNK = 1 << 20
 
@@ -56,49 +57,46 @@ async def main_async(mb: int, runs: int, requests: int) -> None:
     app = web.Application()
     app.router.add_get("/big", big)
     app.router.add_get("/tiny", tiny)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
-        proxy = EgressProxy(
-            socket_dir=Path(tmp),
-            pins=parse_pins(f"mirror.test=127.0.0.1:{port}"),
-            limits=EgressLimits(max_bytes=1 << 40, max_connections=64),
-        )
-        task = ev.new_task_id()
-        sock = await proxy.add_task(task, [f"mirror.test:{port}"])
-
-        def direct() -> object:
-            return asyncio.open_connection("127.0.0.1", port)
-
-        def proxied() -> object:
-            return asyncio.open_unix_connection(str(sock))
-
-        ways = {
-            "direct": (direct, "/{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-            "egress proxy": (
-                proxied,
-                f"http://mirror.test:{port}/{{path}} HTTP/1.1\r\nHost: x\r\n\r\n",
-            ),
-        }
-        print(f"{'path':>14} {f'{mb} MB download':>18} {'small request p50':>18}")
-        for name, (opener, target) in ways.items():
-            speeds, latencies = [], []
-            for _ in range(runs):
-                got, seconds = await fetch(opener, ("GET " + target.format(path="big")).encode())
-                assert got >= len(payload), got
-                speeds.append(got / seconds / (1 << 20))
-            for _ in range(requests):
-                _, seconds = await fetch(opener, ("GET " + target.format(path="tiny")).encode())
-                latencies.append(seconds * 1000)
-            print(
-                f"{name:>14} {statistics.median(speeds):>13.0f} MB/s"
-                f" {statistics.median(latencies):>15.2f} ms"
+    async with serving(app) as port:
+        with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+            proxy = EgressProxy(
+                socket_dir=Path(tmp),
+                pins=parse_pins(f"mirror.test=127.0.0.1:{port}"),
+                limits=EgressLimits(max_bytes=1 << 40, max_connections=64),
             )
-        await proxy.close()
-    await runner.cleanup()
+            task = ev.new_task_id()
+            sock = await proxy.add_task(task, [f"mirror.test:{port}"])
+
+            def direct() -> object:
+                return asyncio.open_connection("127.0.0.1", port)
+
+            def proxied() -> object:
+                return asyncio.open_unix_connection(str(sock))
+
+            ways = {
+                "direct": (direct, "/{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+                "egress proxy": (
+                    proxied,
+                    f"http://mirror.test:{port}/{{path}} HTTP/1.1\r\nHost: x\r\n\r\n",
+                ),
+            }
+            print(f"{'path':>14} {f'{mb} MB download':>18} {'small request p50':>18}")
+            for name, (opener, target) in ways.items():
+                speeds, latencies = [], []
+                for _ in range(runs):
+                    got, seconds = await fetch(
+                        opener, ("GET " + target.format(path="big")).encode()
+                    )
+                    assert got >= len(payload), got
+                    speeds.append(got / seconds / (1 << 20))
+                for _ in range(requests):
+                    _, seconds = await fetch(opener, ("GET " + target.format(path="tiny")).encode())
+                    latencies.append(seconds * 1000)
+                print(
+                    f"{name:>14} {statistics.median(speeds):>13.0f} MB/s"
+                    f" {statistics.median(latencies):>15.2f} ms"
+                )
+            await proxy.close()
 
 
 def main() -> None:

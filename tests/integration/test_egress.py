@@ -18,6 +18,7 @@ from services.modelproxy.egress import EgressLimits, EgressProxy
 from shared import egress
 from shared import events as ev
 from shared.egress import parse_pins
+from tests.support.serve import serving
 from tests.support.tls import self_signed
 
 
@@ -46,12 +47,8 @@ async def origin() -> AsyncIterator[int]:
     app.router.add_get("/hello", hello)
     app.router.add_get("/big", big)
     app.router.add_get("/redirect", redirect)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    await runner.cleanup()
+    async with serving(app) as port:
+        yield port
 
 
 async def ask(path: Path, head: str, then: bytes = b"") -> bytes:
@@ -171,25 +168,27 @@ async def test_tls_goes_through_a_tunnel_untouched(tmp_path: Path) -> None:
 
     app = web.Application()
     app.router.add_get("/", hello)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    proxy = EgressProxy(socket_dir=tmp_path / "sockets", pins=pins(port, "secure.test"))
-    task = ev.new_task_id()
-    sock = await proxy.add_task(task, [f"secure.test:{port}"])
-    try:
-        reader, writer = await asyncio.open_unix_connection(str(sock))
-        writer.write(f"CONNECT secure.test:{port} HTTP/1.1\r\n\r\n".encode())
-        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 200 Connection Established\r\n\r\n"
-        client_ctx = ssl.create_default_context(cafile=str(cert))
-        await writer.start_tls(client_ctx, server_hostname="secure.test")
-        writer.write(b"GET / HTTP/1.1\r\nHost: secure.test\r\nConnection: close\r\n\r\n")
-        answer = await reader.read()
-        writer.close()
-        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"secret hello over https")
-        assert [(a.host, a.requests) for a in proxy.counts(task).allowed] == [("secure.test", 1)]
-    finally:
-        await proxy.close()
-        await runner.cleanup()
+    async with serving(app, server_ctx) as port:
+        proxy = EgressProxy(socket_dir=tmp_path / "sockets", pins=pins(port, "secure.test"))
+        task = ev.new_task_id()
+        sock = await proxy.add_task(task, [f"secure.test:{port}"])
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(f"CONNECT secure.test:{port} HTTP/1.1\r\n\r\n".encode())
+            assert (
+                await reader.readuntil(b"\r\n\r\n")
+                == b"HTTP/1.1 200 Connection Established\r\n\r\n"
+            )
+            client_ctx = ssl.create_default_context(cafile=str(cert))
+            await writer.start_tls(client_ctx, server_hostname="secure.test")
+            writer.write(b"GET / HTTP/1.1\r\nHost: secure.test\r\nConnection: close\r\n\r\n")
+            answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(
+                b"secret hello over https"
+            )
+            assert [(a.host, a.requests) for a in proxy.counts(task).allowed] == [
+                ("secure.test", 1)
+            ]
+        finally:
+            await proxy.close()

@@ -51,6 +51,7 @@ from tests.fakes.model import FakeModel, Reply, Text, ToolUse
 from tests.support.git import GitHttpServer, git, make_repo, rev
 from tests.support.procs import NatsServer
 from tests.support.sandboxes import wait_for_event
+from tests.support.serve import serving
 from tests.support.tls import self_signed
 
 pytestmark = pytest.mark.docker
@@ -1163,30 +1164,25 @@ async def test_the_agent_reaches_allowed_hosts_through_the_proxy_and_nothing_els
     app = web.Application()
     app.router.add_get("/hello", hello)
     app.router.add_get("/redirect", redirect)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    code = "curl -s -o /dev/null -w '%{http_code}\\n'"
-    script = (
-        f"curl -s http://allowed.test:{port}/hello > /tmp/seen; echo >> /tmp/seen; "
-        f"{code} -p http://allowed.test:{port}/hello >> /tmp/seen; "
-        f"{code} http://other.test:{port}/hello >> /tmp/seen; "
-        f"{code} -L http://allowed.test:{port}/redirect >> /tmp/seen; "
-        f"{code} http://127.0.0.1:{port}/hello --noproxy '' >> /tmp/seen; "
-        f"curl -s -m 5 http://127.0.0.1:{port}/hello --noproxy '*' >> /tmp/seen; "
-        "echo $? >> /tmp/seen"
-    )
-    tag = marker()
-    # The model's last turn waits for a refusal to show on the bus: they are published as
-    # they happen, not only at the end of the run.
-    release = asyncio.Event()
-    harness.fake.script(
-        match=tag, replies=[ToolUse.bash(script), Reply(Text("fetched"), hold=release)]
-    )
-    pins = parse_pins(f"allowed.test=127.0.0.1:{port},other.test=127.0.0.1:{port}")
-    try:
+    async with serving(app) as port:
+        code = "curl -s -o /dev/null -w '%{http_code}\\n'"
+        script = (
+            f"curl -s http://allowed.test:{port}/hello > /tmp/seen; echo >> /tmp/seen; "
+            f"{code} -p http://allowed.test:{port}/hello >> /tmp/seen; "
+            f"{code} http://other.test:{port}/hello >> /tmp/seen; "
+            f"{code} -L http://allowed.test:{port}/redirect >> /tmp/seen; "
+            f"{code} http://127.0.0.1:{port}/hello --noproxy '' >> /tmp/seen; "
+            f"curl -s -m 5 http://127.0.0.1:{port}/hello --noproxy '*' >> /tmp/seen; "
+            "echo $? >> /tmp/seen"
+        )
+        tag = marker()
+        # The model's last turn waits for a refusal to show on the bus: they are published as
+        # they happen, not only at the end of the run.
+        release = asyncio.Event()
+        harness.fake.script(
+            match=tag, replies=[ToolUse.bash(script), Reply(Text("fetched"), hold=release)]
+        )
+        pins = parse_pins(f"allowed.test=127.0.0.1:{port},other.test=127.0.0.1:{port}")
         async with harness.proxy(Credential("api_key", SECRET), pins=pins) as proxy:
             executor = harness.executor(proxy)
             task_id, _ = await harness.submit(
@@ -1203,8 +1199,6 @@ async def test_the_agent_reaches_allowed_hosts_through_the_proxy_and_nothing_els
             await executor.worker().run_until_idle()
             await waiter
             events = await harness.history(task_id)
-    finally:
-        await runner.cleanup()
     seen = await harness.driver.exec(sandbox_name(task_id), ["cat", "/tmp/seen"])
     assert seen.output.decode().splitlines() == [
         f"hello from allowed.test:{port}",
@@ -1246,25 +1240,24 @@ async def test_the_clis_own_web_fetch_goes_through_the_policy_with_the_installat
 
     app = web.Application()
     app.router.add_get("/guide", docs)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    tag = marker()
-    harness.fake.script(
-        match=tag,
-        replies=[
-            ToolUse("ToolSearch", {"query": "select:WebFetch", "max_results": 1}),
-            ToolUse("WebFetch", {"url": f"https://docs.test:{port}/guide", "prompt": "summary"}),
-            ToolUse("WebFetch", {"url": f"https://other.test:{port}/guide", "prompt": "summary"}),
-            ToolUse.bash(f"curl -sS https://docs.test:{port}/guide > /tmp/curl-seen 2>&1"),
-            Text("read"),
-        ],
-    )
-    pins = parse_pins(f"docs.test=127.0.0.1:{port},other.test=127.0.0.1:{port}")
-    config = ExecutorConfig(sandbox_ca=cert.read_bytes())
-    try:
+    async with serving(app, tls) as port:
+        tag = marker()
+        harness.fake.script(
+            match=tag,
+            replies=[
+                ToolUse("ToolSearch", {"query": "select:WebFetch", "max_results": 1}),
+                ToolUse(
+                    "WebFetch", {"url": f"https://docs.test:{port}/guide", "prompt": "summary"}
+                ),
+                ToolUse(
+                    "WebFetch", {"url": f"https://other.test:{port}/guide", "prompt": "summary"}
+                ),
+                ToolUse.bash(f"curl -sS https://docs.test:{port}/guide > /tmp/curl-seen 2>&1"),
+                Text("read"),
+            ],
+        )
+        pins = parse_pins(f"docs.test=127.0.0.1:{port},other.test=127.0.0.1:{port}")
+        config = ExecutorConfig(sandbox_ca=cert.read_bytes())
         async with harness.proxy(Credential("api_key", SECRET), pins=pins) as proxy:
             executor = harness.executor(proxy, config=config)
             task_id, _ = await harness.submit(
@@ -1274,8 +1267,6 @@ async def test_the_clis_own_web_fetch_goes_through_the_policy_with_the_installat
             )
             await executor.worker().run_until_idle()
             events = await harness.history(task_id)
-    finally:
-        await runner.cleanup()
     (end,) = ends(events)
     assert isinstance(end, ev.ExecutionCompleted), end
     # The CLI fetched the page itself and handed it to the model (its summarising request).

@@ -13,6 +13,7 @@ from shared import egress
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_IMAGE = "sandstream/sandbox:latest"
 DEFAULT_UPSTREAM = "https://api.anthropic.com"
+MAX_WARM_POOL = 64
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,6 +131,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     _at_least("SANDSTREAM_REPO_TIMEOUT_S", settings.repo_timeout_s, 1)
     _at_least("SANDSTREAM_EGRESS_MAX_CONNECTIONS", settings.egress_max_connections, 1)
     _at_least("SANDSTREAM_WARM_POOL_SIZE", settings.warm_pool_size, 0)
+    if settings.warm_pool_size > MAX_WARM_POOL:
+        # Each one holds the sandbox's memory reservation while it waits.
+        raise SystemExit(f"SANDSTREAM_WARM_POOL_SIZE must be at most {MAX_WARM_POOL}")
     for name, parse in (
         ("SANDSTREAM_EGRESS_PRESETS", egress.parse_presets),
         ("SANDSTREAM_EGRESS_HOSTS", egress.parse_pins),

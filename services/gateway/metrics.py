@@ -86,22 +86,15 @@ class StageTimes:
             self._stage(seen, "running", "execution", "ended", event.at)
         elif isinstance(event, ev.TERMINAL_TYPES):
             self._stage(seen, "finishing", "ended", "terminal", event.at)
-            self._stage(seen, "total", "requested", "terminal", event.at, again=True)
-            del self._open[task]
+            self._stage(seen, "total", "requested", "total", event.at)
+            del self._open[task]  # its repeats find nothing: counted once
 
     def _stage(
-        self,
-        seen: dict[str, datetime],
-        stage: str,
-        since: str,
-        mark: str,
-        at: datetime,
-        *,
-        again: bool = False,
+        self, seen: dict[str, datetime], stage: str, since: str, mark: str, at: datetime
     ) -> None:
         """Count ``stage`` when ``mark`` is first seen (a repeated event counts once), from
         ``since`` if that was seen (a task cancelled while queued never ran)."""
-        if mark in seen and not again:
+        if mark in seen:
             return
         seen[mark] = at
         if (start := seen.get(since)) is not None:

@@ -43,6 +43,8 @@ def test_values_are_read() -> None:
         ("SANDSTREAM_SANDBOX_MEMORY_MB", "8", "SANDSTREAM_SANDBOX_MEMORY_MB must be at least 64"),
         ("SANDSTREAM_SANDBOX_PIDS", "2", "SANDSTREAM_SANDBOX_PIDS must be at least 16"),
         ("SANDSTREAM_SANDBOX_CPUS", "0", "SANDSTREAM_SANDBOX_CPUS must be at least 0.01"),
+        ("SANDSTREAM_WARM_POOL_SIZE", "-1", "SANDSTREAM_WARM_POOL_SIZE must be at least 0"),
+        ("SANDSTREAM_WARM_POOL_SIZE", "65", "SANDSTREAM_WARM_POOL_SIZE must be at most 64"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, message: str) -> None:

@@ -46,6 +46,7 @@ from services.modelproxy.control import ModelSockets
 from services.modelproxy.policy import Budget
 from services.modelproxy.proxy import TaskUsage
 from shared import events as ev
+from shared import launch
 from shared.blobstore import BlobStore
 from shared.bus import Bus
 from shared.errors import Retry
@@ -54,6 +55,7 @@ from shared.sandbox import (
     SandboxError,
     SandboxNotFound,
     sandbox_name,
+    socket_folder,
 )
 from shared.settings import Settings
 from shared.state import TaskState, fold
@@ -111,6 +113,9 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
     sandbox_ca: bytes | None = None
     """Certificates (PEM) sandboxes with ``network`` trust besides the image's: a mirror's or
     an inspecting proxy's CA (``SANDSTREAM_SANDBOX_CA_FILE``)."""
+    socket_dir: Path | None = None
+    """The sandboxes' socket folders (``SANDSTREAM_SOCKET_DIR``): where a warm-pool sandbox's
+    launcher takes the run's start (``shared.launch``); ``None``: every run starts by exec."""
 
     @classmethod
     def of(cls, settings: Settings) -> ExecutorConfig:
@@ -123,6 +128,7 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
             repo_timeout_s=settings.repo_timeout_s,
             allow_file_repos=settings.allow_file_repos,
             sandbox_ca=_certificates(settings.sandbox_ca_file),
+            socket_dir=settings.model_socket_dir,
         )
 
 
@@ -554,25 +560,30 @@ class Executor:
         return outcome
 
     async def _start(self, task_id: str, spec: ev.TaskSpec) -> None:
-        """Start the agent's run (a no-op for a run already started: it re-attaches)."""
+        """Start the agent's run: through the sandbox's launcher when one waits (a warm-pool
+        sandbox), else by exec (a no-op for a run already started: it re-attaches)."""
         cfg = self.config
         egress = agent.EGRESS_PORT if spec.network is not None else None
         resume = None
         if spec.follow_up is not None:
             prepared = (await self._history(task_id)).prepared
             resume = prepared.resume if prepared is not None else None
+        argv = agent.start_argv(
+            self._script, spec, port=cfg.model_port, egress_port=egress, resume=resume or None
+        )
+        env = agent.environment(
+            port=cfg.model_port,
+            max_retries=cfg.cli_max_retries,
+            egress_port=egress,
+            extra_ca=cfg.sandbox_ca is not None,
+        )
+        if cfg.socket_dir is not None:
+            with contextlib.suppress(OSError):  # the folder unreadable here: by exec
+                if launch.request(socket_folder(cfg.socket_dir, task_id), env, argv):
+                    log.info("agent run", how="launched")
+                    return
         started = await self.driver.exec(
-            sandbox_name(task_id),
-            agent.start_argv(
-                self._script, spec, port=cfg.model_port, egress_port=egress, resume=resume or None
-            ),
-            env=agent.environment(
-                port=cfg.model_port,
-                max_retries=cfg.cli_max_retries,
-                egress_port=egress,
-                extra_ca=cfg.sandbox_ca is not None,
-            ),
-            workdir=agent.WORKSPACE,
+            sandbox_name(task_id), argv, env=env, workdir=agent.WORKSPACE
         )
         said = started.output.decode("utf-8", errors="replace").strip()
         if started.exit_code != 0:

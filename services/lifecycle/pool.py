@@ -41,6 +41,9 @@ class WarmPool:
         answers again (their folder is already the task's, which makes its own sandbox)."""
         self._wanted = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
+        self._making: asyncio.Future[str] | None = None
+        """The pool sandbox being made: never cut off half-way (the engine may finish a create
+        its client gave up on), so a stop waits for it and removes it."""
 
     @property
     def ready(self) -> int:
@@ -57,6 +60,10 @@ class WarmPool:
             self._filler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._filler
+        if self._making is not None:  # finished, or finishing: removed with the rest
+            with contextlib.suppress(SandstreamError, OSError):
+                if (made := await self._making) not in self._ready:
+                    self._ready.append(made)
         while self._ready:
             with contextlib.suppress(SandstreamError):
                 await self.sandboxes.remove(self._ready.popleft())
@@ -95,9 +102,10 @@ class WarmPool:
                     wait = min(wait * 2, RETRY_S[1])
             while len(self._ready) < self.size:
                 try:
-                    self._ready.append(await self.sandboxes.make_pooled())
+                    self._making = asyncio.ensure_future(self.sandboxes.make_pooled())
+                    self._ready.append(await asyncio.shield(self._making))
                     wait = RETRY_S[0]
-                except SandstreamError as exc:
+                except (SandstreamError, OSError) as exc:
                     log.warning("warm pool: no sandbox made", error=str(exc), retry_s=wait)
                     await asyncio.sleep(wait)
                     wait = min(wait * 2, RETRY_S[1])

@@ -16,6 +16,7 @@ from typing import Final
 import msgspec
 
 from shared import events as ev
+from shared import launch
 from shared.sandbox import (
     MANAGED_FILTER,
     POOL_PREFIX,
@@ -119,12 +120,15 @@ class Sandboxes:
         return socket_folder(self.settings.model_socket_dir, task).exists()
 
     async def make_pooled(self) -> str:
-        """Create and start a warm-pool sandbox; its pool name."""
+        """Create and start a warm-pool sandbox with the agent's launcher waiting in it (the
+        claiming task's run starts without an exec: ``shared.launch``); its pool name."""
         name = f"{POOL_PREFIX}{secrets.token_hex(8)}"
         spec = self._spec(name, "", 0.0, pooled=True)
         try:
+            launch.prepare(socket_folder(self.settings.model_socket_dir, name))
             await self.driver.create(spec)
             await self.driver.start(sandbox_name(name))
+            await launch.start(self.driver, sandbox_name(name))
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.remove(name)

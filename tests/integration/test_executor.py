@@ -38,7 +38,7 @@ from services.modelproxy.egress import EgressProxy
 from services.modelproxy.proxy import Credential, ModelProxy
 from services.storage.build import build_transcript
 from shared import events as ev
-from shared import inputs
+from shared import inputs, launch
 from shared.blobstore import BlobStore, open_store, sha256_hex
 from shared.bus import Bus
 from shared.egress import Pin, parse_pins
@@ -110,11 +110,14 @@ class Harness:
         """An executor on this harness's bus and engine, through ``proxy``."""
         return Executor(bus=self.bus, driver=self.driver, proxy=proxy, **options)
 
-    async def sandbox(self, task_id: str, **options: Any) -> str:
-        """A hardened sandbox exactly as the lifecycle makes it, started."""
+    async def sandbox(self, task_id: str, *, launcher: bool = False, **options: Any) -> str:
+        """A hardened sandbox exactly as the lifecycle makes it, started (with ``launcher``, as
+        it makes a warm-pool one: the agent's launcher waiting in it)."""
         folder = self.socket_dir / task_id
         folder.mkdir()
         share_with_sandbox(folder)
+        if launcher:
+            launch.prepare(folder)
         spec = SandboxSpec(
             task_id=task_id,
             tenant=TENANT,
@@ -126,13 +129,15 @@ class Harness:
         info = await self.driver.create(spec)
         self.sandboxes.append(info.name)
         await self.driver.start(info.name)
+        if launcher:
+            await launch.start(self.driver, info.name)
         return info.name
 
     async def submit(
         self,
         prompt: str,
         *,
-        sandbox: dict[str, int] | None = None,
+        sandbox: dict[str, Any] | None = None,
         setup: str | None = None,
         publish_started: bool = True,
         **spec: object,
@@ -464,6 +469,37 @@ async def test_sandbox_removed_after_the_task_ended_publishes_no_end(harness: Ha
     assert all(isinstance(e, ev.AgentOutput) for e in after), after
     assert len(after) <= 1
     assert ends(await harness.history(task_id)) == []
+
+
+async def test_a_warm_sandboxs_launcher_starts_the_run_and_a_plain_one_starts_by_exec(
+    harness: Harness,
+) -> None:
+    tag = marker()
+    harness.fake.script(match=tag, replies=[Text("ran")])
+    config = ExecutorConfig(socket_dir=harness.socket_dir)
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = harness.executor(proxy, config=config)
+        warm, _ = await harness.submit(f"warm {tag}", sandbox={"launcher": True})
+        plain, _ = await harness.submit(f"plain {tag}")
+        with structlog.testing.capture_logs() as logged:
+            await executor.worker().run_until_idle()
+        for task_id in (warm, plain):
+            (end,) = ends(await harness.history(task_id))
+            assert isinstance(end, ev.ExecutionCompleted) and end.text == "ran", end
+    how = sorted(e["how"] for e in logged if e["event"] == "agent run")
+    assert how == sorted(["launched", agent.MARK_STARTED])  # the plain one: by exec
+    # The launcher in the sandbox ran the start (as the agent), which started the run.
+    said = await harness.driver.exec(sandbox_name(warm), ["cat", launch.LOG])
+    assert said.output.decode().strip() == agent.MARK_STARTED
+    # It ran once: a second request finds nobody waiting (a re-attach starts by exec).
+    folder = harness.socket_dir / warm
+    assert not launch.request(folder, {}, ["true"])
+    assert not launch.request(harness.socket_dir / plain, {}, ["true"])  # never had one
+    # What the sandbox sees of the request: read-only, like the rest of its socket folder.
+    tried = await harness.driver.exec(
+        sandbox_name(warm), ["bash", "-c", f"echo x >>/run/sandstream/{launch.REQUEST}"]
+    )
+    assert tried.exit_code != 0 and b"Read-only file system" in tried.output
 
 
 async def test_redelivery_after_the_end_changes_nothing(harness: Harness) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from services.lifecycle.service import LABEL_INSTANCE, LABEL_STREAM, Lifecycle, LifecycleOptions
 from shared import events as ev
+from shared import launch
 from shared.bus import Bus
 from shared.sandbox import (
     LABEL_DEADLINE,
@@ -628,6 +629,17 @@ async def test_a_task_claims_a_warm_sandbox_and_the_pool_refills(h: Harness) -> 
         (socket_dir / "probe").write_text(task)
         seen = await h.driver.exec(sandbox_name(task), ["cat", "/run/sandstream/probe"])
         assert seen.output.decode() == task
+        # The agent's launcher waits in it: it runs what the executor asks, as the agent.
+        ran = "/tmp/launched"
+        assert launch.request(
+            socket_dir, {"PROBE": task}, ["bash", "-c", f'echo "$PROBE $(id -u)" >{ran}']
+        )
+        async with asyncio.timeout(10):
+            while (said := await h.driver.exec(sandbox_name(task), ["cat", ran])).exit_code:
+                await asyncio.sleep(0.02)
+        assert said.output.decode() == f"{task} {SANDBOX_UID}\n"
+    else:  # no process runs in the memory driver's sandboxes: nobody waits
+        assert not launch.request(socket_dir, {}, ["true"])
     await h.pool_ready(service, 2)  # refilled in the background
     after = await h.pooled()
     assert sum(is_unclaimed(i) for i in after) == 2 and len(after) == 3
@@ -640,6 +652,19 @@ async def test_a_task_claims_a_warm_sandbox_and_the_pool_refills(h: Harness) -> 
     assert len(before & {i.name for i in left}) == 1  # the one not claimed, still waiting
     await service.stop()
     assert await h.pooled() == []  # a stopped lifecycle leaves no pool sandbox
+
+
+async def test_a_lifecycle_stopped_while_it_fills_its_pool_leaves_no_sandbox(h: Harness) -> None:
+    service = h.lifecycle(warm_pool=2)
+    await service.start()
+    async with asyncio.timeout(30):  # the first one made, the second on its way
+        while not await h.pooled():
+            await asyncio.sleep(0.01)
+    await service.stop()
+    # The one being made was finished, not cut off (the engine may complete a create whose
+    # client left), and removed with the rest.
+    assert await h.pooled() == []
+    assert not list((h.tmp / "model").iterdir())
 
 
 async def test_unclaimed_pool_sandboxes_of_a_crashed_lifecycle_are_reaped(h: Harness) -> None:

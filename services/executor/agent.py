@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import msgspec
 
@@ -338,14 +338,26 @@ artifacts)
     ;;
 pack)
     # As the agent (its own files, 0600 ones included), after the run, when none of its
-    # processes is left: the final workspace (or the CLI's session files) as a tar.gz, for a
-    # follow-up task of the same tenant. Links stay links, nothing is followed.
-    case "$1" in
-    workspace) cd "$W" 2>/dev/null && set -- . ;;
-    session) cd /tmp 2>/dev/null && [ -d "${2:?}/.claude" ] && set -- "$2/.claude" ;;
-    *) false ;;
-    esac || { echo "sandstream: nothing to pack" >&2; exit 5; }
-    tar -czSf - --ignore-failed-read --warning=no-file-changed "$@"
+    # processes is left: what a follow-up task of the same tenant starts from, in one stream.
+    # First a line "<status> <size>" and that many bytes: the CLI's session files as a tar.gz
+    # (status 5, no bytes: it wrote none), spooled in /tmp to know the size; then the final
+    # workspace as a tar.gz, to the end (the exit status is its tar's). Links stay links,
+    # nothing is followed.
+    session=${1:?}
+    spool=$(mktemp /tmp/.sandstream-session.XXXXXX) || exit 6
+    if [ -d "/tmp/$session/.claude" ]; then
+        tar -czSf "$spool" -C /tmp --ignore-failed-read --warning=no-file-changed \
+            "$session/.claude"
+        status=$?
+        [ "$status" = 0 ] || : >"$spool"
+    else
+        status=5
+    fi
+    printf '%s %s\n' "$status" "$(stat -c %s "$spool")"
+    cat "$spool"
+    rm -f "$spool"
+    cd "$W" 2>/dev/null || { echo "sandstream: the workspace is unreadable" >&2; exit 5; }
+    tar -czSf - --ignore-failed-read --warning=no-file-changed .
     exit $?
     ;;
 follow)
@@ -565,10 +577,35 @@ def artifacts_argv(script: str, patterns: Sequence[str]) -> list[str]:
     return ["bash", "-c", script, "sandstream", "artifacts", *patterns]
 
 
-def pack_argv(script: str, what: Literal["workspace", "session"]) -> list[str]:
-    """As the agent, once the run is over: the workspace, or the CLI's session files (under
-    :data:`HOME_DIR`), as a tar.gz on stdout (what a follow-up starts from)."""
-    return ["bash", "-c", script, "sandstream", "pack", what, HOME_DIR.removeprefix("/tmp/")]
+def pack_argv(script: str) -> list[str]:
+    """As the agent, once the run is over: the CLI's session files (under :data:`HOME_DIR`)
+    and the workspace, each a tar.gz, in one stream (see :func:`split_packs`): what a
+    follow-up starts from."""
+    return ["bash", "-c", script, "sandstream", "pack", HOME_DIR.removeprefix("/tmp/")]
+
+
+class Packs(msgspec.Struct, frozen=True, kw_only=True):
+    """What the pack command printed, taken apart."""
+
+    session: bytes | None
+    """The session's tar.gz; ``None`` when there is none (``session_status`` says why)."""
+    session_status: int
+    """0: packed; 5: the CLI wrote no session; else tar's failure."""
+    workspace: bytes
+
+
+def split_packs(data: bytes) -> Packs:
+    """The pack command's stream: a line ``<status> <size>``, ``size`` bytes of the session,
+    then the workspace. ``ValueError`` for anything else (a cut stream)."""
+    head, sep, rest = data.partition(b"\n")
+    fields = head.split(b" ")
+    if not sep or len(fields) != 2 or not all(f.isdigit() for f in fields):
+        raise ValueError(f"no pack header: {head[:40]!r}")
+    status, size = int(fields[0]), int(fields[1])
+    if size > len(rest):
+        raise ValueError(f"the session pack is cut ({len(rest)} of {size} bytes)")
+    session = rest[:size] if status == 0 else None
+    return Packs(session=session, session_status=status, workspace=rest[size:])
 
 
 def kill_argv(script: str) -> list[str]:

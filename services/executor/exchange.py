@@ -17,7 +17,7 @@ import tarfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import msgspec
 import structlog
@@ -288,38 +288,47 @@ class Exchange:
         they are over the size cap or cannot be read (a follow-up of the task then fails)."""
         if self.store is None:
             return [], []  # an executor without an object store (tests) keeps nothing
-        # Both at once: each is an exec and an upload, and the run's end waits for them.
-        packs = await asyncio.gather(
-            self._keep_one(self.store, event.task_id, "workspace", WORKSPACE_FILE),
-            self._keep_one(self.store, event.task_id, "session", SESSION_FILE),
+        # One exec for both (the run's end waits for it), then both uploads at once. The cap
+        # is the artifacts' (each pack at most, so both at most twice).
+        data, code, stderr = await self._keeper_output(
+            event.task_id, agent.pack_argv(self._script), keeper=False, limit=2
         )
-        kept = [stored for stored, _ in packs if stored is not None]
-        return kept, ["workspace_not_kept"] if any(failed for _, failed in packs) else []
-
-    async def _keep_one(
-        self, store: BlobStore, task_id: str, what: Literal["workspace", "session"], file: str
-    ) -> tuple[ev.StoredObject | None, bool]:
-        """One pack stored; whether it failed (no session at all is no failure)."""
-        argv = agent.pack_argv(self._script, what)
-        data, code, stderr = await self._keeper_output(task_id, argv, keeper=False)
-        if data is None or code != 0:
-            if what == "session" and code == 5:
-                return None, False  # the CLI wrote no session: nothing to go on from
-            log.warning("workspace not kept", what=what, code=code, stderr=stderr)
-            return None, True
         try:
-            stored = await store.put(task_prefix(task_id) + file, data, CONTENT_TYPES[file])
+            packs = agent.split_packs(data) if data is not None else None
+        except ValueError as exc:
+            stderr, packs = str(exc), None
+        if packs is None:
+            log.warning("workspace not kept", code=code, stderr=stderr)
+            return [], ["workspace_not_kept"]
+        parts: list[tuple[str, bytes]] = []
+        if code == 0:
+            parts.append((WORKSPACE_FILE, packs.workspace))
+        if packs.session is not None:  # none: the CLI wrote no session, nothing to go on from
+            parts.append((SESSION_FILE, packs.session))
+        fitting = [(file, part) for file, part in parts if len(part) <= self.max_artifacts_bytes]
+        failed = code != 0 or packs.session_status not in (0, 5) or len(fitting) < len(parts)
+        if failed:
+            log.warning(
+                "workspace not kept", code=code, session=packs.session_status, stderr=stderr
+            )
+        try:
+            kept = await asyncio.gather(
+                *(
+                    self.store.put(task_prefix(event.task_id) + file, part, CONTENT_TYPES[file])
+                    for file, part in fitting
+                )
+            )
         except Unavailable as exc:
             # Keeping is for a later follow-up: the run's end does not wait for a store that is
             # down (storage waits for it, with the result).
-            log.warning("workspace not kept", what=what, error=str(exc))
-            return None, True
-        return stored, False
+            log.warning("workspace not kept", error=str(exc))
+            return [], ["workspace_not_kept"]
+        return list(kept), ["workspace_not_kept"] if failed else []
 
     async def _keeper_output(
-        self, task_id: str, argv: list[str], *, keeper: bool = True
+        self, task_id: str, argv: list[str], *, keeper: bool = True, limit: int = 1
     ) -> tuple[bytes | None, int | None, str]:
-        """What a command of the script prints after the run (``None`` past
+        """What a command of the script prints after the run (``None`` past ``limit`` ×
         :attr:`max_artifacts_bytes`), its exit status and the tail of its stderr."""
         chunks: list[bytes] = []
         size = 0
@@ -329,7 +338,7 @@ class Exchange:
         ) as proc:
             async for chunk in proc.chunks():
                 size += len(chunk)
-                if size > self.max_artifacts_bytes:
+                if size > limit * self.max_artifacts_bytes:
                     return None, None, ""
                 chunks.append(chunk)
             code = await proc.wait()

@@ -250,3 +250,24 @@ def test_files_changed_is_bounded() -> None:
     assert sum(len(n) for n in got[:-1]) <= agent.MAX_FILES_BYTES
     assert got[-1].endswith(f"{40 - len(got) + 1} more files not listed]")
     assert agent.bounded_names(["a", "b"]) == ["a", "b"]
+
+
+# ---- the pack command's stream ---------------------------------------------------------------
+
+
+def test_the_pack_stream_splits_into_the_session_and_the_workspace() -> None:
+    packs = agent.split_packs(b"0 5\nSESS\nWORKSPACE\nBYTES")
+    assert packs == agent.Packs(session=b"SESS\n", session_status=0, workspace=b"WORKSPACE\nBYTES")
+    none = agent.split_packs(b"5 0\nWS")  # the CLI wrote no session
+    assert none.session is None and none.session_status == 5 and none.workspace == b"WS"
+    failed = agent.split_packs(b"2 0\nWS")  # its tar failed: nothing of it, said
+    assert failed.session is None and failed.session_status == 2
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"no header at all", b"0 5\nabc", b"0 -1\nx", b"0 5 6\nx", b"x 1\nx", b"0 1"],
+)
+def test_a_cut_or_foreign_pack_stream_is_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        agent.split_packs(raw)

@@ -4,7 +4,8 @@
 Stdlib only (runs with any python3 >= 3.9, no venv needed). Starts an instant fake
 of the Anthropic Messages API on a Unix socket in a temp directory, bind-mounts
 that directory at /run/sandstream, and runs the CLI in the hardened configuration
-(network none, read-only root, cap-drop ALL, uid 1000, ...). Inside the container
+(network none, read-only root, cap-drop ALL, uid 1000, the sandbox's default limits: 1 CPU,
+1 GiB, 256 pids, ...). Inside the container
 socat bridges 127.0.0.1:4000 to the socket, the way the real service does.
 
 Measures, over N runs each:
@@ -49,6 +50,8 @@ HARDENED = [
     "256",
     "--memory",
     "1g",
+    "--cpus",  # the sandbox's default share (SANDSTREAM_SANDBOX_CPUS): the CLI's start is CPU-bound
+    "1",
     "--init",
     "--user",
     "1000:1000",

@@ -4,7 +4,9 @@ In one run: ``bench/bare_run.py`` (the floor: the same image and CLI in a fresh 
 container, and by ``docker exec`` in a running one), then ``sandstream up`` with a scripted
 fake model that answers at once, and ``--tasks`` sequential one-reply tasks. For each task it
 reports HTTP accept → terminal status (client side, ``?wait``), and from the event log
-``TaskRequested`` → ``SandboxStarted`` → ``ExecutionCompleted`` → terminal.
+``TaskRequested`` → ``SandboxStarted`` → ``ExecutionCompleted`` → terminal. Each task is sent
+to a settled system (the previous task's sandbox removed, the warm pool refilled), as a task
+that is not queued behind others meets it: the bare runs too have the machine to themselves.
 
     .venv/bin/python bench/task_latency.py --tasks 10
 """
@@ -32,8 +34,28 @@ sys.path.insert(0, str(ROOT))
 from shared import events as ev  # noqa: E402
 from shared.bus import Bus, NatsAuth, connect  # noqa: E402
 from shared.identities import seed_path  # noqa: E402
+from shared.sandbox import LABEL_MANAGED, LABEL_POOL  # noqa: E402
 from tests.fakes.model import FakeModel, Text  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402
+
+
+async def settled(pool: int) -> None:
+    """Wait (at most 30 s) until the engine holds the warm pool's sandboxes, running, and no other:
+    the last task's sandbox removed and the pool refilled."""
+    docker = "/usr/bin/docker" if os.access("/usr/bin/docker", os.X_OK) else "docker"
+    for _ in range(600):
+        counts = []
+        for which in (["-a", f"label={LABEL_MANAGED}=1"], [f"label={LABEL_POOL}=1"]):
+            proc = await asyncio.create_subprocess_exec(
+                docker, "ps", "-q", "--filter", which[-1], *which[:-1],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            out, _ = await proc.communicate()
+            counts.append(len(out.split()))
+        if counts == [pool, pool]:
+            return
+        await asyncio.sleep(0.05)
+    raise SystemExit(f"the engine did not settle at {pool} pool sandboxes (saw {counts})")
 
 
 def median_ms(values: list[float]) -> str:
@@ -85,6 +107,7 @@ async def through_the_system(tasks: int, pool: int) -> dict[str, list[float]]:
                     headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
                     ids = []
                     for i in range(tasks + 1):  # the first one warms up the engine and caches
+                        await settled(pool)
                         began = time.perf_counter()
                         body = {"prompt": f"say ok ({i})", "timeout_s": 120}
                         async with http.post(f"{url}/v1/tasks", json=body, headers=headers) as r:

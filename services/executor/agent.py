@@ -97,6 +97,9 @@ PROMPT_CHUNK: Final = 16 * 1024
 """Prompt characters per argv string (≤ 64 KiB of UTF-8, well under Linux's 128 KiB cap)."""
 MAX_DIFF_BYTES: Final = 384 * 1024
 
+EMPTY_TREE: Final = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+"""git's empty tree: the record of a workspace empty before the run (no git run for it)."""
+
 # Exit statuses and markers of the in-sandbox script (on the exec's stderr).
 MARK_STARTED: Final = "sandstream: started"
 MARK_ATTACHED: Final = "sandstream: attached"
@@ -223,6 +226,13 @@ S=__SOCKET__
 E=__EGRESS__
 C=__CONFIG_DIR__
 G=__GO_FILE__
+# The keeper's record of the workspace (GIT_DIR=$K/git), made when first needed (a workspace
+# empty before the run needs none): the files as they are, no in-tree .gitattributes may
+# rewrite what is stored.
+repo() {
+    [ -f "$K/git/HEAD" ] && return 0
+    git init -q && echo '* -text -ident -filter -working-tree-encoding' >"$GIT_DIR/info/attributes"
+}
 mode=$1; shift
 case "$mode" in
 run)
@@ -313,7 +323,7 @@ patch)
         exit 4
     fi
     cd "$W" 2>/dev/null || { echo "sandstream: the workspace is unreadable" >&2; exit 5; }
-    git read-tree "$base" || exit 6
+    { repo && git read-tree "$base"; } || exit 6
     git -c core.quotePath=false add -A -f --ignore-errors >/dev/null 2>"$K/patch.log"
     if [ $? -ge 128 ]; then  # not recorded (the keeper's tmpfs full): never a partial branch
         echo "sandstream: the changes could not be recorded: $(tail -n 1 "$K/patch.log")" >&2
@@ -387,11 +397,16 @@ follow)
         flock 9
         if [ ! -f "$K/base" ] && [ ! -e "$R" ]; then
             export GIT_INDEX_FILE="$K/base.index"
-            cd "$W" && git init -q &&
-                # The files as they are: no in-tree .gitattributes may rewrite what is stored.
-                echo '* -text -ident -filter -working-tree-encoding' >"$GIT_DIR/info/attributes" &&
-                "${gitq[@]}" add -A -f --ignore-errors
-            git write-tree >"$K/base.tmp" && mv "$K/base.tmp" "$K/base"
+            shopt -s nullglob dotglob
+            entries=("$W"/*)
+            shopt -u nullglob dotglob
+            if [ "${#entries[@]}" = 0 ] && [ -r "$W" ] && [ -x "$W" ]; then
+                # Nothing to record (no repo, no files): the empty tree, and no git run.
+                echo __EMPTY_TREE__ >"$K/base.tmp" && mv "$K/base.tmp" "$K/base"
+            else
+                cd "$W" && repo && "${gitq[@]}" add -A -f --ignore-errors
+                git write-tree >"$K/base.tmp" && mv "$K/base.tmp" "$K/base"
+            fi
             # A checked-out repository (the task's repo): its .git is the agent's, not news.
             if [ -d "$W/.git" ]; then : >"$K/checkout"; fi
         fi
@@ -455,43 +470,54 @@ follow)
         echo "collect_error=the agent made the workspace itself unreadable"
         echo "files=0"
     else
-        # An index of its own: a second follower (a re-attach) may be collecting too.
-        export GIT_INDEX_FILE="$K/index.$$"
-        # What cannot be recorded is named rather than left out: what the agent made
-        # unreadable, and git folders (git never records a .git, nor what a nested one holds).
-        top=()
-        [ -f "$K/checkout" ] && top=(-path ./.git -prune -o)
-        mapfile -d '' -t hidden < <(
-            find . -mindepth 1 "${top[@]}" \( -iname .git -prune -printf '%P\0' \) -o \
-                \( -type d \( ! -readable -o ! -executable \) -prune -printf '%P\0' \) -o \
-                \( ! -type d ! -type l ! -readable -printf '%P\0' \) \
-                2>/dev/null | head -z -n 100
-        )
-        # --ignore-errors: an unreadable file is skipped (and named above), not fatal. A
-        # failure to write (the keeper's tmpfs full) is said, never shown as "no changes".
-        if git read-tree "$base" 2>"$K/add.log"; then
-            "${gitq[@]}" add -A -f --ignore-errors >/dev/null 2>"$K/add.log"
-            added=$?
+        entries=(x)
+        if [ "$base" = __EMPTY_TREE__ ]; then
+            shopt -s nullglob dotglob
+            entries=(*)
+            shopt -u nullglob dotglob
+        fi
+        if [ "${#entries[@]}" = 0 ]; then
+            echo "unreadable=0"  # empty before the run and after it: no git run either
+            echo "files=0"
         else
-            added=128
+            # An index of its own: a second follower (a re-attach) may be collecting too.
+            export GIT_INDEX_FILE="$K/index.$$"
+            # What cannot be recorded is named rather than left out: what the agent made
+            # unreadable, and git folders (git never records a .git, nor what a nested one holds).
+            top=()
+            [ -f "$K/checkout" ] && top=(-path ./.git -prune -o)
+            mapfile -d '' -t hidden < <(
+                find . -mindepth 1 "${top[@]}" \( -iname .git -prune -printf '%P\0' \) -o \
+                    \( -type d \( ! -readable -o ! -executable \) -prune -printf '%P\0' \) -o \
+                    \( ! -type d ! -type l ! -readable -printf '%P\0' \) \
+                    2>/dev/null | head -z -n 100
+            )
+            # --ignore-errors: an unreadable file is skipped (and named above), not fatal. A
+            # failure to write (the keeper's tmpfs full) is said, never shown as "no changes".
+            if { repo && git read-tree "$base"; } 2>"$K/add.log"; then
+                "${gitq[@]}" add -A -f --ignore-errors >/dev/null 2>"$K/add.log"
+                added=$?
+            else
+                added=128
+            fi
+            if [ "$added" -ge 128 ]; then
+                echo "collect_error=$(tail -n 1 "$K/add.log" | tr '\n\r' '  ' | head -c 500)"
+            fi
+            # Paths git refused (an invalid name such as .GIT/x): named like the unreadable ones.
+            while IFS= read -r line && [ "${#hidden[@]}" -lt 100 ]; do
+                case "$line" in *"invalid path '"*) line=${line#*invalid path \'} ;; *) continue ;; esac
+                hidden+=("${line%\'*}")
+            done <"$K/add.log"
+            mapfile -t names < <("${gitq[@]}" diff --cached --name-only "$base" 2>/dev/null)
+            echo "unreadable=${#hidden[@]}"
+            echo "files=${#names[@]}"
+            [ "${#names[@]}" -gt 0 ] && printf '%s\n' "${names[@]}"
+            for name in "${hidden[@]}"; do printf '%s\n' "${name//$'\n'/?}"; done
+            if [ "${#names[@]}" -gt 0 ]; then
+                "${gitq[@]}" diff --cached --binary "$base" 2>/dev/null | head -c __MAX_DIFF__
+            fi
+            rm -f "$GIT_INDEX_FILE"
         fi
-        if [ "$added" -ge 128 ]; then
-            echo "collect_error=$(tail -n 1 "$K/add.log" | tr '\n\r' '  ' | head -c 500)"
-        fi
-        # Paths git refused (an invalid name such as .GIT/x): named like the unreadable ones.
-        while IFS= read -r line && [ "${#hidden[@]}" -lt 100 ]; do
-            case "$line" in *"invalid path '"*) line=${line#*invalid path \'} ;; *) continue ;; esac
-            hidden+=("${line%\'*}")
-        done <"$K/add.log"
-        mapfile -t names < <("${gitq[@]}" diff --cached --name-only "$base" 2>/dev/null)
-        echo "unreadable=${#hidden[@]}"
-        echo "files=${#names[@]}"
-        [ "${#names[@]}" -gt 0 ] && printf '%s\n' "${names[@]}"
-        for name in "${hidden[@]}"; do printf '%s\n' "${name//$'\n'/?}"; done
-        if [ "${#names[@]}" -gt 0 ]; then
-            "${gitq[@]}" diff --cached --binary "$base" 2>/dev/null | head -c __MAX_DIFF__
-        fi
-        rm -f "$GIT_INDEX_FILE"
     fi
     echo "$nonce.done"
     exit 0
@@ -525,6 +551,7 @@ def wrapper_script(
         .replace("__SYSTEM_CA__", SYSTEM_CA_BUNDLE)
         .replace("__UID__", str(SANDBOX_UID))
         .replace("__MAX_DIFF__", str(max_diff_bytes + 1))
+        .replace("__EMPTY_TREE__", EMPTY_TREE)
         .replace("__STARTED__", MARK_STARTED)
         .replace("__ATTACHED__", MARK_ATTACHED)
     )

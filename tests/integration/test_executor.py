@@ -1514,6 +1514,9 @@ async def test_a_follow_up_starts_from_the_earlier_workspace_and_goes_on_with_it
         await executor.worker().run_until_idle()
         (end_one,) = ends(await harness.history(first))
         assert isinstance(end_one, ev.ExecutionCompleted), end_one
+        # An empty workspace before the run (recorded as git's empty tree, no git run): what
+        # the agent wrote in it is the change.
+        assert end_one.files_changed == ["notes.txt"] and "+written in step one" in end_one.diff
         assert sorted(o.key.rsplit("/", 1)[1] for o in end_one.kept) == [
             "session.tar.gz",
             "workspace.tar.gz",

@@ -483,7 +483,8 @@ follow)
             # An index of its own: a second follower (a re-attach) may be collecting too.
             export GIT_INDEX_FILE="$K/index.$$"
             # What cannot be recorded is named rather than left out: what the agent made
-            # unreadable, and git folders (git never records a .git, nor what a nested one holds).
+            # unreadable, and git folders (git never records a .git, nor what a nested one
+            # holds).
             top=()
             [ -f "$K/checkout" ] && top=(-path ./.git -prune -o)
             mapfile -d '' -t hidden < <(
@@ -505,7 +506,10 @@ follow)
             fi
             # Paths git refused (an invalid name such as .GIT/x): named like the unreadable ones.
             while IFS= read -r line && [ "${#hidden[@]}" -lt 100 ]; do
-                case "$line" in *"invalid path '"*) line=${line#*invalid path \'} ;; *) continue ;; esac
+                case "$line" in
+                *"invalid path '"*) line=${line#*invalid path \'} ;;
+                *) continue ;;
+                esac
                 hidden+=("${line%\'*}")
             done <"$K/add.log"
             mapfile -t names < <("${gitq[@]}" diff --cached --name-only "$base" 2>/dev/null)

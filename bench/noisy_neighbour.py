@@ -34,17 +34,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared.tokens import create_token  # noqa: E402
-from tests.e2e.test_noisy_neighbour import peak_rss, services_of, sse_flood  # noqa: E402
+from tests.e2e.test_noisy_neighbour import (  # noqa: E402
+    PROXY_FLOOD,
+    peak_rss,
+    services_of,
+    sse_flood,
+)
 from tests.e2e.test_up import System, start_up, stop_up  # noqa: E402
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse  # noqa: E402
 
 OUTPUT_FLOOD = 'yes \'{"type":"noise"}\' | head -c 64000000 >> /tmp/.sandstream-run/out.jsonl'
-PROXY_FLOOD = (
-    "node -e \"const net=require('net');for(let i=0;i<100;i++){const s=net.connect(4000,"
-    "'127.0.0.1',()=>{s.write('POST /v1/messages HTTP/1.1\\r\\nHost: x\\r\\n"
-    "Content-Length: 8000000\\r\\n\\r\\n'+'a'.repeat(1000000))});s.on('error',()=>{})}"
-    ';setTimeout(()=>process.exit(0),20000)"'
-)
 
 
 async def run_task(

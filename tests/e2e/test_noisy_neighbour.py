@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,15 +31,23 @@ OUTPUT_FLOOD = (
     "yes \"$(head -c 8000 /dev/zero | tr '\\0' x)\" | head -c 64000000"
     " >> /tmp/.sandstream-run/out.jsonl"
 )
-PROXY_FLOOD = (
-    "node -e \"const net=require('net');for(let i=0;i<100;i++){const s=net.connect(4000,"
-    "'127.0.0.1',()=>{s.write('POST /v1/messages HTTP/1.1\\r\\nHost: x\\r\\n"
-    "Content-Length: 8000000\\r\\n\\r\\n'+'a'.repeat(1000000))});s.on('error',()=>{})}"
-    ';setTimeout(()=>process.exit(0),20000)"'
+PROXY_FLOOD = (  # bash only (the image has no other interpreter): 100 connections at once
+    "a=$(head -c 1000000 /dev/zero | tr '\\0' a); for i in $(seq 100); do ("
+    "exec 3<>/dev/tcp/127.0.0.1/4000 || exit; echo c >>/tmp/flood; printf 'POST /v1/messages "
+    'HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 8000000\\r\\n\\r\\n%s\' "$a" >&3; '
+    "exec sleep 20) >/dev/null 2>&1 & done; sleep 5; echo connected=$(wc -l </tmp/flood)"
 )
 QUEUED = 80  # more than the lifecycle's 64 request handlers
 STREAMS = 40
 RSS_BOUND_MIB = 160  # ~50 at rest; a buffered flood alone would be 64+
+
+
+def flood_connections(fake: FakeModel) -> int | None:
+    """How many connections the proxy flood made, as its tool result told the model."""
+    for request in fake.main_requests():
+        if found := re.search(r"connected=(\d+)", json.dumps(request.body)):
+            return int(found.group(1))
+    return None
 
 
 def rss_mib(pid: int) -> float:
@@ -159,11 +169,19 @@ async def test_a_tenant_attacking_every_way_at_once_slows_only_itself(
         assert not hold.is_set()
         proxy_view = await view(http, system, attacker, proxy)
         assert proxy_view["status"] == "running", proxy_view
+        # The flood of the model proxy really ran: its tool result, sent to the model, counts
+        # the connections it made.
+        await fake.wait_for(lambda: flood_connections(fake) is not None, 60)
+        assert (flood_connections(fake) or 0) >= 50
         states = [(await view(http, system, attacker, t))["status"] for t in queued]
         assert states.count("queued") >= QUEUED - 4, states  # the attacker at its cap of 4
         flood_view = await view(http, system, attacker, flood)
         for writer in streams:
             writer.close()
-    print({name: round(mib) for name, mib in peaks.items()}, flood_view["status"])
+    print(
+        {name: round(mib) for name, mib in peaks.items()},
+        flood_view["status"],
+        flood_connections(fake),
+    )
     for name in ("gateway", "executor", "lifecycle", "modelproxy", "storage"):
         assert 0 < peaks[name] < RSS_BOUND_MIB, peaks

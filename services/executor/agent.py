@@ -42,6 +42,8 @@ in docs/security.md. The model usage comes from the model proxy, outside the san
 
 from __future__ import annotations
 
+import base64
+import binascii
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
@@ -97,6 +99,9 @@ PROMPT_CHUNK: Final = 16 * 1024
 """Prompt characters per argv string (≤ 64 KiB of UTF-8, well under Linux's 128 KiB cap)."""
 MAX_DIFF_BYTES: Final = 384 * 1024
 
+RUN_PACK_MAX_BYTES: Final = 8 * 1024 * 1024
+"""The packs (:func:`split_packs`) the run makes itself as it ends, at most (they wait in the
+sandbox's /tmp, which counts against its memory); larger ones are packed by exec."""
 EMPTY_TREE: Final = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 """git's empty tree: the record of a workspace empty before the run (no git run for it)."""
 
@@ -233,6 +238,28 @@ repo() {
     [ -f "$K/git/HEAD" ] && return 0
     git init -q && echo '* -text -ident -filter -working-tree-encoding' >"$GIT_DIR/info/attributes"
 }
+# What a follow-up task of the same tenant starts from, as the agent (its own files, 0600 ones
+# included) once nothing else of it runs, in one stream: a line "<status> <size>" and that
+# many bytes, the CLI's session files as a tar.gz (status 5, no bytes: it wrote none; spooled
+# in /tmp to know the size), then the final workspace as a tar.gz, to the end (the status is
+# its tar's). Links stay links, nothing is followed.
+packs() {
+    local spool status
+    spool=$(mktemp /tmp/.sandstream-session.XXXXXX) || return 6
+    if [ -d /tmp/__SESSION__/.claude ]; then
+        tar -czSf "$spool" -C /tmp --ignore-failed-read --warning=no-file-changed \
+            __SESSION__/.claude
+        status=$?
+        [ "$status" = 0 ] || : >"$spool"
+    else
+        status=5
+    fi
+    printf '%s %s\n' "$status" "$(stat -c %s "$spool")"
+    cat "$spool"
+    rm -f "$spool"
+    cd "$W" 2>/dev/null || { echo "sandstream: the workspace is unreadable" >&2; return 5; }
+    tar -czSf - --ignore-failed-read --warning=no-file-changed .
+}
 mode=$1; shift
 case "$mode" in
 run)
@@ -252,6 +279,15 @@ run)
     # The run is over: whatever the agent left running goes now (every process of this user
     # but this shell), so the keeper can collect at once. The executor stops them too.
     kill -KILL -1 2>/dev/null
+    # Packed here, now that nothing else of the agent runs, when small: the keeper hands it out
+    # after the run's block (one exec fewer). Else, or cut off, the executor packs by exec.
+    rm -f "$R/keep" "$R/keep.tmp"
+    if (packs | head -c $((__KEEP_MAX__ + 1)) >"$R/keep.tmp" && exit "${PIPESTATUS[0]}") \
+        2>/dev/null && [ "$(stat -c %s "$R/keep.tmp")" -le __KEEP_MAX__ ]; then
+        mv "$R/keep.tmp" "$R/keep"
+    else
+        rm -f "$R/keep.tmp"
+    fi
     echo "$rc" >"$R/exit.tmp" && mv "$R/exit.tmp" "$R/exit"
     exit 0
     ;;
@@ -347,27 +383,9 @@ artifacts)
     exit "${PIPESTATUS[3]}"
     ;;
 pack)
-    # As the agent (its own files, 0600 ones included), after the run, when none of its
-    # processes is left: what a follow-up task of the same tenant starts from, in one stream.
-    # First a line "<status> <size>" and that many bytes: the CLI's session files as a tar.gz
-    # (status 5, no bytes: it wrote none), spooled in /tmp to know the size; then the final
-    # workspace as a tar.gz, to the end (the exit status is its tar's). Links stay links,
-    # nothing is followed.
-    session=${1:?}
-    spool=$(mktemp /tmp/.sandstream-session.XXXXXX) || exit 6
-    if [ -d "/tmp/$session/.claude" ]; then
-        tar -czSf "$spool" -C /tmp --ignore-failed-read --warning=no-file-changed \
-            "$session/.claude"
-        status=$?
-        [ "$status" = 0 ] || : >"$spool"
-    else
-        status=5
-    fi
-    printf '%s %s\n' "$status" "$(stat -c %s "$spool")"
-    cat "$spool"
-    rm -f "$spool"
-    cd "$W" 2>/dev/null || { echo "sandstream: the workspace is unreadable" >&2; exit 5; }
-    tar -czSf - --ignore-failed-read --warning=no-file-changed .
+    # As the agent, after the run, when none of its processes is left (and the run did not
+    # pack them itself, see run): the packs on stdout.
+    packs
     exit $?
     ;;
 follow)
@@ -430,7 +448,11 @@ follow)
     # come back (only an exec starts one), and the executor packs at once (.quiet). Else it
     # stops them (kill -KILL -1 as uid 1000) first (.ended), and this waits until they are gone.
     alive=$(find /proc -maxdepth 1 -regex '/proc/[0-9]+' -user __UID__ -print -quit)
-    if [ -z "$alive" ]; then
+    kept=""
+    if [ -z "$alive" ] && agent_file 5 keep; then
+        kept=1
+        echo "$nonce.quiet.packed"  # the run packed what a follow-up needs: after the block
+    elif [ -z "$alive" ]; then
         echo "$nonce.quiet"
     else
         echo "$nonce.ended"
@@ -524,6 +546,12 @@ follow)
         fi
     fi
     echo "$nonce.done"
+    # The run's packs (the agent's own file, opened above: never through a link), base64.
+    if [ -n "$kept" ] && [ "$(stat -L -c %s "/proc/$$/fd/5")" -le __KEEP_MAX__ ]; then
+        echo "$nonce.pack"
+        base64 -w 65536 <&5
+        echo "$nonce.packed"
+    fi
     exit 0
     ;;
 esac
@@ -556,6 +584,8 @@ def wrapper_script(
         .replace("__UID__", str(SANDBOX_UID))
         .replace("__MAX_DIFF__", str(max_diff_bytes + 1))
         .replace("__EMPTY_TREE__", EMPTY_TREE)
+        .replace("__SESSION__", shlex.quote(HOME_DIR.removeprefix("/tmp/")))
+        .replace("__KEEP_MAX__", str(RUN_PACK_MAX_BYTES))
         .replace("__STARTED__", MARK_STARTED)
         .replace("__ATTACHED__", MARK_ATTACHED)
     )
@@ -612,7 +642,7 @@ def pack_argv(script: str) -> list[str]:
     """As the agent, once the run is over: the CLI's session files (under :data:`HOME_DIR`)
     and the workspace, each a tar.gz, in one stream (see :func:`split_packs`): what a
     follow-up starts from."""
-    return ["bash", "-c", script, "sandstream", "pack", HOME_DIR.removeprefix("/tmp/")]
+    return ["bash", "-c", script, "sandstream", "pack"]
 
 
 class Packs(msgspec.Struct, frozen=True, kw_only=True):
@@ -623,6 +653,18 @@ class Packs(msgspec.Struct, frozen=True, kw_only=True):
     session_status: int
     """0: packed; 5: the CLI wrote no session; else tar's failure."""
     workspace: bytes
+
+
+RUN_PACK_MAX_CHARS: Final = (RUN_PACK_MAX_BYTES // 3 + 1) * 4
+"""The run's packs in base64, at most."""
+
+
+def decode_packs(lines: Sequence[str]) -> bytes | None:
+    """The run's packs from the keeper's base64 lines; ``None`` when they do not decode."""
+    try:
+        return base64.b64decode("".join(lines), validate=True)
+    except binascii.Error:
+        return None
 
 
 def split_packs(data: bytes) -> Packs:

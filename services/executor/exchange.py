@@ -282,17 +282,24 @@ class Exchange:
         )
         return ev.ArtifactsInfo(files=_bounded(names), object=stored), None
 
-    async def keep(self, event: ev.SandboxStarted) -> tuple[list[ev.StoredObject], list[str]]:
+    async def keep(
+        self, event: ev.SandboxStarted, packed: bytes | None = None
+    ) -> tuple[list[ev.StoredObject], list[str]]:
         """The final workspace and the CLI's session files, stored for a follow-up
         (``workspace.tar.gz``, ``session.tar.gz``); the warning ``workspace_not_kept`` when
-        they are over the size cap or cannot be read (a follow-up of the task then fails)."""
+        they are over the size cap or cannot be read (a follow-up of the task then fails).
+        ``packed``: what the run packed itself as it ended (:func:`agent.split_packs`)."""
         if self.store is None:
             return [], []  # an executor without an object store (tests) keeps nothing
-        # One exec for both (the run's end waits for it), then both uploads at once. The cap
-        # is the artifacts' (each pack at most, so both at most twice).
-        data, code, stderr = await self._keeper_output(
-            event.task_id, agent.pack_argv(self._script), keeper=False, limit=2
-        )
+        data: bytes | None
+        code: int | None
+        if packed is not None:
+            data, code, stderr = packed, 0, ""
+        else:  # one exec for both, then both uploads at once. The cap is the artifacts' (each
+            # pack at most, so both at most twice).
+            data, code, stderr = await self._keeper_output(
+                event.task_id, agent.pack_argv(self._script), keeper=False, limit=2
+            )
         try:
             packs = agent.split_packs(data) if data is not None else None
         except ValueError as exc:
@@ -323,6 +330,7 @@ class Exchange:
             # down (storage waits for it, with the result).
             log.warning("workspace not kept", error=str(exc))
             return [], ["workspace_not_kept"]
+        log.info("workspace kept", packed_by="run" if packed is not None else "exec")
         return list(kept), ["workspace_not_kept"] if failed else []
 
     async def _keeper_output(

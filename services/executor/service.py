@@ -405,7 +405,11 @@ class Executor:
         line_no, batch_no = next_line, next_batch
         tail: list[str] | None = None
         ready, ended, done = nonce + ".ready", nonce + ".ended", nonce + ".done"
-        quiet = nonce + ".quiet"
+        quiet, quiet_packed = nonce + ".quiet", nonce + ".quiet.packed"
+        pack_begin, pack_end = nonce + ".pack", nonce + ".packed"
+        run_packed = False  # the run packed the workspace itself: it comes after the block
+        pack: list[str] | None = None
+        pack_chars, packed = 0, None
         complete = False
         killer: asyncio.Task[Any] | None = None
         config = spec.agent or ev.AgentConfig()
@@ -518,19 +522,34 @@ class Executor:
                     if item == ready and tail is None:
                         await starting
                         started, last_line_at = True, time.monotonic()
+                    elif item == quiet_packed and tail is None:
+                        run_packed = True
                     elif item in (ended, quiet) and tail is None and outcome.keeping is None:
                         # Not waited for here: the keeper collects once the agent's processes
                         # are gone, and the workspace is packed meanwhile.
                         outcome.keeping = asyncio.create_task(
                             self._stop_and_keep(event, stop=item == ended)
                         )
-                    elif tail is not None:
+                    elif tail is not None and not complete:
                         if item.endswith(done):
                             if head := item[: -len(done)]:
                                 tail.append(head)  # a truncated diff has no final newline
                             complete = True
+                            if not run_packed:
+                                break
+                        else:
+                            tail.append(item)
+                    elif complete:  # the run's packs, base64, after the block
+                        if item == pack_begin:
+                            pack = []
+                        elif item == pack_end and pack is not None:
+                            packed = agent.decode_packs(pack)
                             break
-                        tail.append(item)
+                        elif pack is not None:
+                            pack_chars += len(item)
+                            pack = pack if pack_chars <= agent.RUN_PACK_MAX_CHARS else None
+                            if pack is not None:
+                                pack.append(item)
                     elif item.endswith(nonce):
                         if head := item[: -len(nonce)]:
                             await add(head)  # the output's last line had no newline
@@ -540,6 +559,11 @@ class Executor:
                         await add(item)
                 await flush()
                 outcome.stderr = stream.stderr.decode("utf-8", errors="replace")
+            if run_packed and complete and outcome.keeping is None:
+                # None (cut or not sent): packed by exec after all.
+                outcome.keeping = asyncio.create_task(
+                    self._stop_and_keep(event, stop=False, packed=packed)
+                )
         except BaseException:
             if outcome.keeping is not None:
                 outcome.keeping.cancel()  # a retry stops and keeps again
@@ -591,13 +615,13 @@ class Executor:
         log.info("agent run", how=said)
 
     async def _stop_and_keep(
-        self, event: ev.SandboxStarted, *, stop: bool = True
+        self, event: ev.SandboxStarted, *, stop: bool = True, packed: bytes | None = None
     ) -> tuple[list[ev.StoredObject], list[str]]:
         """Stop the agent's processes (unless the keeper saw none left), then keep the
-        workspace and the session for a follow-up."""
+        workspace and the session for a follow-up (``packed``: as the run packed them)."""
         if stop:
             await self._stop_all(sandbox_name(event.task_id))
-        return await self.exchange.keep(event)
+        return await self.exchange.keep(event, packed)
 
     async def _stop_all(self, name: str) -> None:
         """The run has ended: stop every process of the agent's user before the keeper

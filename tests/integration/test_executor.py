@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -1488,6 +1489,43 @@ async def test_a_json_schema_gives_structured_output(harness: Harness) -> None:
 
 
 # ---- follow-ups ------------------------------------------------------------------------------
+
+
+async def test_the_run_packs_a_small_workspace_itself_and_a_large_one_is_packed_by_exec(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """What a follow-up starts from: a small workspace comes packed by the run as it ends (after
+    its sweep, handed out by the keeper), a large one by an exec as before; a pack the agent
+    planted where the run puts its own is never what is kept."""
+    store = await open_store(f"file://{tmp_path / 'results'}")
+    tag = marker()
+    planted = f"printf junk >{agent.RUN_DIR}/keep; echo planted"
+    harness.fake.script(
+        match=tag, replies=[ToolUse.bash(planted), ToolUse.write("note.txt", "kept\n"), Text("ok")]
+    )
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = harness.executor(proxy, store=store)
+        small, _ = await harness.submit(f"small {tag}", allowed_tools=["Bash"])
+        large, _ = await harness.submit(
+            f"large {tag}", setup="head -c 12000000 /dev/urandom >big.bin", allowed_tools=["Bash"]
+        )
+        with structlog.testing.capture_logs() as logged:
+            await executor.worker().run_until_idle()
+        ends_of = {t: ends(await harness.history(t)) for t in (small, large)}
+    how = sorted(e["packed_by"] for e in logged if e["event"] == "workspace kept")
+    assert how == ["exec", "run"]
+    for task_id, (end,) in ends_of.items():
+        assert isinstance(end, ev.ExecutionCompleted), end
+        assert end.warnings == [], end.warnings
+        kept = {o.key.rsplit("/", 1)[1]: o for o in end.kept}
+        assert sorted(kept) == ["session.tar.gz", "workspace.tar.gz"]
+        data = await store.get(kept["workspace.tar.gz"].key)
+        assert data is not None and sha256_hex(data) == kept["workspace.tar.gz"].sha256
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            names = sorted(m.name for m in tar.getmembers() if m.isfile())
+        # The small one: the agent's note, not its planted "pack"; the large one: the seed.
+        assert names == (["./note.txt"] if task_id == small else ["./big.bin", "./note.txt"])
+    await store.close()
 
 
 async def test_a_follow_up_starts_from_the_earlier_workspace_and_goes_on_with_its_session(

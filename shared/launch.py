@@ -2,10 +2,11 @@
 
 A pool sandbox is made before its task exists. With it the lifecycle starts, as the agent's
 user, a shell that waits (blocked on a FIFO, no polling) in the sandbox's socket folder, which
-the sandbox sees read-only. Once a task has claimed the sandbox, the executor writes the run's
-start command into that folder (the environment and argv its start exec would carry, nothing
-else) and wakes the launcher, which runs it: one exec, ~50 ms of the engine's time, fewer on
-the way to the agent's first output.
+the sandbox sees read-only. Once a task has claimed the sandbox, the model proxy (the folder's
+owner, at the executor's request) writes the run's start command into that folder (the
+environment and argv the executor's start exec would carry, nothing else) and wakes the
+launcher, which runs it: one exec, ~50 ms of the engine's time, fewer on the way to the
+agent's first output.
 
 It runs once: it becomes the start command, whose lock (``mkdir`` of the run folder) keeps one
 run per sandbox. Without a launcher waiting (no pool, a re-attach, a launcher not yet up) the

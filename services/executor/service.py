@@ -46,16 +46,14 @@ from services.modelproxy.control import ModelSockets
 from services.modelproxy.policy import Budget
 from services.modelproxy.proxy import TaskUsage
 from shared import events as ev
-from shared import launch
 from shared.blobstore import BlobStore
 from shared.bus import Bus
-from shared.errors import Retry
+from shared.errors import Retry, Unavailable
 from shared.sandbox import (
     SandboxDriver,
     SandboxError,
     SandboxNotFound,
     sandbox_name,
-    socket_folder,
 )
 from shared.settings import Settings
 from shared.state import TaskState, fold
@@ -113,9 +111,6 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
     sandbox_ca: bytes | None = None
     """Certificates (PEM) sandboxes with ``network`` trust besides the image's: a mirror's or
     an inspecting proxy's CA (``SANDSTREAM_SANDBOX_CA_FILE``)."""
-    socket_dir: Path | None = None
-    """The sandboxes' socket folders (``SANDSTREAM_SOCKET_DIR``): where a warm-pool sandbox's
-    launcher takes the run's start (``shared.launch``); ``None``: every run starts by exec."""
 
     @classmethod
     def of(cls, settings: Settings) -> ExecutorConfig:
@@ -128,7 +123,6 @@ class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
             repo_timeout_s=settings.repo_timeout_s,
             allow_file_repos=settings.allow_file_repos,
             sandbox_ca=_certificates(settings.sandbox_ca_file),
-            socket_dir=settings.model_socket_dir,
         )
 
 
@@ -601,11 +595,12 @@ class Executor:
             egress_port=egress,
             extra_ca=cfg.sandbox_ca is not None,
         )
-        if cfg.socket_dir is not None:
-            with contextlib.suppress(OSError):  # the folder unreadable here: by exec
-                if launch.request(socket_folder(cfg.socket_dir, task_id), env, argv):
-                    log.info("agent run", how="launched")
-                    return
+        # A warm sandbox's launcher takes it through the model proxy (which owns the socket
+        # folder); nobody waiting, or a proxy that cannot: by exec.
+        with contextlib.suppress(Unavailable, RuntimeError):
+            if await self.proxy.launch(task_id, env, argv):
+                log.info("agent run", how="launched")
+                return
         started = await self.driver.exec(
             sandbox_name(task_id), argv, env=env, workdir=agent.WORKSPACE
         )

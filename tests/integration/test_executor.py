@@ -477,9 +477,8 @@ async def test_a_warm_sandboxs_launcher_starts_the_run_and_a_plain_one_starts_by
 ) -> None:
     tag = marker()
     harness.fake.script(match=tag, replies=[Text("ran")])
-    config = ExecutorConfig(socket_dir=harness.socket_dir)
     async with harness.proxy(Credential("api_key", SECRET)) as proxy:
-        executor = harness.executor(proxy, config=config)
+        executor = harness.executor(proxy)
         warm, _ = await harness.submit(f"warm {tag}", sandbox={"launcher": True})
         plain, _ = await harness.submit(f"plain {tag}")
         with structlog.testing.capture_logs() as logged:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from services.up import UP_WARM_POOL
 from shared import events as ev
+from shared import launch
 from shared.bus import Bus, NatsAuth, connect
 from shared.errors import Unavailable
 from shared.identities import seed_path
@@ -168,8 +171,24 @@ async def read_sse(
     return out
 
 
+async def launchers_waiting(system: System, count: int) -> None:
+    """Until ``count`` warm-pool sandboxes of ``up`` have their launcher waiting (a reader on
+    the FIFO in their socket folder: opening it to write, and writing nothing, wakes nobody)."""
+    async with asyncio.timeout(60):
+        while True:
+            waiting = 0
+            for fifo in (system.data_dir / "model").glob(f"pool-*/{launch.FIFO}"):
+                with contextlib.suppress(OSError):
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                    waiting += 1
+            if waiting >= count:
+                return
+            await asyncio.sleep(0.05)
+
+
 async def test_a_task_end_to_end(system: System, fake: FakeModel, tmp_path: Path) -> None:
     prompt = "create hello.txt for the e2e test"
+    await launchers_waiting(system, UP_WARM_POOL)
     fake.script(
         [ToolUse.write("hello.txt", "hi from the sandbox\n"), Text("I wrote hello.txt")],
         match=prompt,
@@ -255,6 +274,13 @@ async def test_a_task_end_to_end(system: System, fake: FakeModel, tmp_path: Path
     assert alive == []
     assert sandbox_names(task_id) == []
     assert SECRET not in system.log.read_text()
+    # It claimed a sandbox of `up`'s warm pool, and the launcher waiting in it started its
+    # run (asked through the model proxy, which runs as uid 1000): no start exec.
+    logged = [json.loads(line) for line in system.log.read_text().splitlines() if line[:1] == "{"]
+    ours = [line for line in logged if line.get("task_id") == task_id]
+    pooled = [line["pooled"] for line in ours if line.get("event") == "sandbox started"]
+    how = [line["how"] for line in ours if line.get("event") == "agent run"]
+    assert pooled == [True] and how == ["launched"], ours
 
 
 async def test_execute_and_cancel(system: System, fake: FakeModel) -> None:

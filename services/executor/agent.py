@@ -50,7 +50,7 @@ from typing import Any, Final
 
 import msgspec
 
-from shared import sandbox
+from shared import launch, sandbox
 from shared.events import TaskSpec
 
 RUN_DIR: Final = "/tmp/.sandstream-run"
@@ -234,9 +234,11 @@ G=__GO_FILE__
 # The keeper's record of the workspace (GIT_DIR=$K/git), made when first needed (a workspace
 # empty before the run needs none): the files as they are, no in-tree .gitattributes may
 # rewrite what is stored.
-repo() {
-    [ -f "$K/git/HEAD" ] && return 0
-    git init -q && echo '* -text -ident -filter -working-tree-encoding' >"$GIT_DIR/info/attributes"
+repo() {  # made once its attributes are there (two followers may both make it: the same)
+    [ -f "$GIT_DIR/info/attributes" ] && return 0
+    git init -q &&
+        echo '* -text -ident -filter -working-tree-encoding' >"$GIT_DIR/info/attributes.$$" &&
+        mv -f "$GIT_DIR/info/attributes.$$" "$GIT_DIR/info/attributes"
 }
 # What a follow-up task of the same tenant starts from, as the agent (its own files, 0600 ones
 # included) once nothing else of it runs, in one stream: a line "<status> <size>" and that
@@ -281,8 +283,12 @@ run)
     kill -KILL -1 2>/dev/null
     # Packed here, now that nothing else of the agent runs, when small: the keeper hands it out
     # after the run's block (one exec fewer). Else, or cut off, the executor packs by exec.
+    # (A workspace of more than 64 MiB is not tried: it would rarely fit, and the run's end
+    # waits for this.)
     rm -f "$R/keep" "$R/keep.tmp"
-    if (packs | head -c $((__KEEP_MAX__ + 1)) >"$R/keep.tmp" && exit "${PIPESTATUS[0]}") \
+    read -r mib _ < <(du -s --apparent-size --block-size=1M "$W" 2>/dev/null)
+    if [ "${mib:-65}" -le 64 ] &&
+        (packs | head -c $((__KEEP_MAX__ + 1)) >"$R/keep.tmp" && exit "${PIPESTATUS[0]}") \
         2>/dev/null && [ "$(stat -c %s "$R/keep.tmp")" -le __KEEP_MAX__ ]; then
         mv "$R/keep.tmp" "$R/keep"
     else
@@ -390,8 +396,9 @@ pack)
     ;;
 follow)
     # As the keeper: the agent can neither trace nor signal this shell, nor write $K. The
-    # nonce comes in the environment (argv is readable by every user; environ is not).
-    from=$1
+    # nonce comes in the environment (argv is readable by every user; environ is not). After
+    # from_line, for a warm sandbox, the run's start command for its launcher (shared/launch.py).
+    from=$1; shift
     nonce=${SANDSTREAM_NONCE:?}
     unset SANDSTREAM_NONCE
     if [ ! -d "$K" ] || [ ! -O "$K" ]; then
@@ -399,8 +406,10 @@ follow)
         exit 3
     fi
     # Open one of the agent's files, keeping it only if it is a regular file of the agent's
-    # own: a link to a file of the keeper's (its /proc entries) must not be read out.
+    # own: a link to a file of the keeper's (its /proc entries) must not be read out, and a
+    # FIFO (which would block the open) is never opened.
     agent_file() {  # fd name
+        [ -f "$R/$2" ] && [ ! -L "$R/$2" ] || return 1
         eval "exec $1<\"\$R/\$2\"" 2>/dev/null || return 1
         if [[ $(stat -L -c '%u %F' "/proc/$$/fd/$1" 2>/dev/null) != "__UID__ regular"* ]]; then
             eval "exec $1<&-"
@@ -409,6 +418,15 @@ follow)
     }
     export GIT_DIR="$K/git" GIT_WORK_TREE="$W"
     gitq=(git -c core.quotePath=false)
+    # A launcher waiting (a warm sandbox; nothing of the agent has run, so the bell is the
+    # launcher's): the start command, as a file of the keeper's, and the bell, now. The start
+    # makes the run ready meanwhile and waits for the keeper's word below, as by exec.
+    launched=""
+    if [ $# -gt 1 ] && [ ! -e "$R" ] && [ -p __BELL__ ] && [ ! -L __BELL__ ] &&
+        [ "$(stat -c %u __BELL__)" = __UID__ ]; then
+        printf '%s\0' "$@" >"__REQUEST__.$$" && mv -f "__REQUEST__.$$" __REQUEST__ &&
+            { exec 6<>__BELL__ && printf x >&6 && exec 6>&-; } 2>/dev/null && launched=.launched
+    fi
     # The workspace before the agent (it has not started: its run folder is not there), once:
     # a second follower (a re-attach) waits on the lock rather than recording it half-way.
     (
@@ -430,7 +448,7 @@ follow)
         fi
     ) 9>"$K/lock" >"$K/git.log" 2>&1
     : >>"$G"  # the agent may start now (start waits for this file of the keeper's)
-    echo "$nonce.ready"
+    echo "$nonce.ready$launched"
     # The executor starts the run when it reads the line above.
     for ((i = 0; i < 1200; i++)); do [ -f "$R/pid" ] && break; sleep 0.05; done
     # Builtins (read, mapfile) where possible: every process here delays the result.
@@ -547,8 +565,9 @@ follow)
     fi
     echo "$nonce.done"
     # The run's packs (the agent's own file, opened above: never through a link), base64.
-    if [ -n "$kept" ] && [ "$(stat -L -c %s "/proc/$$/fd/5")" -le __KEEP_MAX__ ]; then
-        echo "$nonce.pack"
+    size=$(stat -L -c %s "/proc/$$/fd/5" 2>/dev/null)
+    if [ -n "$kept" ] && [ "${size:-0}" -le __KEEP_MAX__ ]; then
+        echo "$nonce.pack $size"
         base64 -w 65536 <&5
         echo "$nonce.packed"
     fi
@@ -583,6 +602,8 @@ def wrapper_script(
         .replace("__SYSTEM_CA__", SYSTEM_CA_BUNDLE)
         .replace("__UID__", str(SANDBOX_UID))
         .replace("__MAX_DIFF__", str(max_diff_bytes + 1))
+        .replace("__BELL__", launch.BELL)
+        .replace("__REQUEST__", launch.REQUEST)
         .replace("__EMPTY_TREE__", EMPTY_TREE)
         .replace("__SESSION__", shlex.quote(HOME_DIR.removeprefix("/tmp/")))
         .replace("__KEEP_MAX__", str(RUN_PACK_MAX_BYTES))
@@ -591,13 +612,15 @@ def wrapper_script(
     )
 
 
-def follow_argv(script: str, *, from_line: int) -> list[str]:
+def follow_argv(script: str, *, from_line: int, launch: Sequence[str] = ()) -> list[str]:
     """As the keeper: record the workspace if nobody has, say ``<nonce>.ready``, then stream
-    ``out.jsonl`` from ``from_line`` (0-based) and close with the run's block.
+    ``out.jsonl`` from ``from_line`` (0-based) and close with the run's block. ``launch``
+    (:func:`shared.launch.request`): the run's start for a launcher waiting in the sandbox,
+    if one is (it then says ``<nonce>.ready.launched``).
 
     The nonce goes in the environment (:func:`keeper_environment`), never in argv.
     """
-    return ["bash", "-c", script, "sandstream", "follow", str(from_line)]
+    return ["bash", "-c", script, "sandstream", "follow", str(from_line), *launch]
 
 
 def keeper_environment(nonce: str) -> dict[str, str]:
@@ -659,12 +682,14 @@ RUN_PACK_MAX_CHARS: Final = (RUN_PACK_MAX_BYTES // 3 + 1) * 4
 """The run's packs in base64, at most."""
 
 
-def decode_packs(lines: Sequence[str]) -> bytes | None:
-    """The run's packs from the keeper's base64 lines; ``None`` when they do not decode."""
+def decode_packs(lines: Sequence[str], size: int) -> bytes | None:
+    """The run's packs from the keeper's base64 lines; ``None`` when they do not decode to
+    ``size`` bytes (the stream was cut)."""
     try:
-        return base64.b64decode("".join(lines), validate=True)
+        data = base64.b64decode("".join(lines), validate=True)
     except binascii.Error:
         return None
+    return data if len(data) == size else None
 
 
 def split_packs(data: bytes) -> Packs:

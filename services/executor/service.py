@@ -46,10 +46,12 @@ from services.modelproxy.control import ModelSockets
 from services.modelproxy.policy import Budget
 from services.modelproxy.proxy import TaskUsage
 from shared import events as ev
+from shared import launch
 from shared.blobstore import BlobStore
 from shared.bus import Bus
-from shared.errors import Retry, Unavailable
+from shared.errors import Retry
 from shared.sandbox import (
+    LABEL_POOL,
     SandboxDriver,
     SandboxError,
     SandboxNotFound,
@@ -375,9 +377,15 @@ class Executor:
         # Bounded: while publishing lags, the exec stream is left unread, and the agent's
         # writes block in its own sandbox rather than in this process's memory.
         queue: asyncio.Queue[object] = asyncio.Queue(cfg.queue_lines)
+        (env, argv), warm = await asyncio.gather(
+            self._start_command(event.task_id, spec), self._from_the_pool(name)
+        )
         stream = await self.driver.exec_stream(
             name,
-            agent.follow_argv(self._script, from_line=next_line),
+            # A warm sandbox's launcher takes the start from the keeper: no exec for it.
+            agent.follow_argv(
+                self._script, from_line=next_line, launch=launch.request(env, argv) if warm else ()
+            ),
             env=agent.keeper_environment(nonce),
             workdir=agent.KEEPER_DIR,  # the agent may take /workspace away from the keeper
             keeper=True,
@@ -399,11 +407,12 @@ class Executor:
         line_no, batch_no = next_line, next_batch
         tail: list[str] | None = None
         ready, ended, done = nonce + ".ready", nonce + ".ended", nonce + ".done"
+        launched = ready + ".launched"
         quiet, quiet_packed = nonce + ".quiet", nonce + ".quiet.packed"
         pack_begin, pack_end = nonce + ".pack", nonce + ".packed"
         run_packed = False  # the run packed the workspace itself: it comes after the block
         pack: list[str] | None = None
-        pack_chars, packed = 0, None
+        pack_chars, pack_size, packed = 0, 0, None
         complete = False
         killer: asyncio.Task[Any] | None = None
         config = spec.agent or ev.AgentConfig()
@@ -489,7 +498,8 @@ class Executor:
         reader = asyncio.create_task(read(), name=f"exec-read-{event.task_id}")
         # The run is started while the keeper records the workspace: the start waits in the
         # sandbox for the keeper's word, and the keeper's "ready" line is when it is awaited.
-        starting = asyncio.create_task(self._start(event.task_id, spec))
+        # A warm sandbox's launcher may take it: the exec is sent only if the keeper found none.
+        starting = None if warm else asyncio.create_task(self._start(name, env, argv))
         try:
             async with stream:
                 while True:
@@ -513,8 +523,12 @@ class Executor:
                     if isinstance(item, Exception):
                         raise item
                     assert isinstance(item, str)
-                    if item == ready and tail is None:
-                        await starting
+                    if item in (ready, launched) and tail is None:
+                        if item == launched:
+                            log.info("agent run", how="launched")
+                        else:
+                            starting = starting or asyncio.create_task(self._start(name, env, argv))
+                            await starting
                         started, last_line_at = True, time.monotonic()
                     elif item == quiet_packed and tail is None:
                         run_packed = True
@@ -534,10 +548,13 @@ class Executor:
                         else:
                             tail.append(item)
                     elif complete:  # the run's packs, base64, after the block
-                        if item == pack_begin:
-                            pack = []
+                        if (
+                            item.startswith(pack_begin + " ")
+                            and item[len(pack_begin) + 1 :].isdigit()
+                        ):
+                            pack, pack_size = [], int(item[len(pack_begin) + 1 :])
                         elif item == pack_end and pack is not None:
-                            packed = agent.decode_packs(pack)
+                            packed = agent.decode_packs(pack, pack_size)
                             break
                         elif pack is not None:
                             pack_chars += len(item)
@@ -566,10 +583,10 @@ class Executor:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-            if not starting.done():
+            if starting is not None:
                 starting.cancel()  # the follow ended first (a retry starts it again)
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await starting
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await starting
             if killer is not None:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await killer
@@ -577,33 +594,37 @@ class Executor:
             outcome.collected = agent.parse_collected(tail, max_diff_bytes=cfg.max_diff_bytes)
         return outcome
 
-    async def _start(self, task_id: str, spec: ev.TaskSpec) -> None:
-        """Start the agent's run: through the sandbox's launcher when one waits (a warm-pool
-        sandbox), else by exec (a no-op for a run already started: it re-attaches)."""
+    async def _start_command(
+        self, task_id: str, spec: ev.TaskSpec
+    ) -> tuple[dict[str, str], list[str]]:
+        """The agent's environment and the start's argv (a follow-up resumes its session)."""
         cfg = self.config
         egress = agent.EGRESS_PORT if spec.network is not None else None
         resume = None
         if spec.follow_up is not None:
             prepared = (await self._history(task_id)).prepared
             resume = prepared.resume if prepared is not None else None
-        argv = agent.start_argv(
-            self._script, spec, port=cfg.model_port, egress_port=egress, resume=resume or None
-        )
         env = agent.environment(
             port=cfg.model_port,
             max_retries=cfg.cli_max_retries,
             egress_port=egress,
             extra_ca=cfg.sandbox_ca is not None,
         )
-        # A warm sandbox's launcher takes it through the model proxy (which owns the socket
-        # folder); nobody waiting, or a proxy that cannot: by exec.
-        with contextlib.suppress(Unavailable, RuntimeError):
-            if await self.proxy.launch(task_id, env, argv):
-                log.info("agent run", how="launched")
-                return
-        started = await self.driver.exec(
-            sandbox_name(task_id), argv, env=env, workdir=agent.WORKSPACE
+        argv = agent.start_argv(
+            self._script, spec, port=cfg.model_port, egress_port=egress, resume=resume or None
         )
+        return env, argv
+
+    async def _from_the_pool(self, name: str) -> bool:
+        """Whether the sandbox was made for the warm pool (a launcher may wait in it): its
+        engine label, set by the lifecycle, never an event's word."""
+        data = await self.driver.inspect(name)
+        labels = ((data or {}).get("Config") or {}).get("Labels") or {}
+        return labels.get(LABEL_POOL) == "1"
+
+    async def _start(self, name: str, env: dict[str, str], argv: list[str]) -> None:
+        """Start the agent's run by exec (a no-op for a run already started: it re-attaches)."""
+        started = await self.driver.exec(name, argv, env=env, workdir=agent.WORKSPACE)
         said = started.output.decode("utf-8", errors="replace").strip()
         if started.exit_code != 0:
             raise SandboxError(f"the agent's run could not be started: {said[-500:]}")

@@ -60,10 +60,10 @@ class WarmPool:
             self._filler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._filler
-        if self._making is not None:  # finished, or finishing: removed with the rest
-            with contextlib.suppress(SandstreamError, OSError):
-                if (made := await self._making) not in self._ready:
-                    self._ready.append(made)
+        if self._making is not None:  # finishing: removed with the rest
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                self._ready.append(await self._making)
+            self._making = None
         while self._ready:
             with contextlib.suppress(SandstreamError):
                 await self.sandboxes.remove(self._ready.popleft())
@@ -103,7 +103,9 @@ class WarmPool:
             while len(self._ready) < self.size:
                 try:
                     self._making = asyncio.ensure_future(self.sandboxes.make_pooled())
-                    self._ready.append(await asyncio.shield(self._making))
+                    made = await asyncio.shield(self._making)
+                    self._making = None  # ready: a claim may take it from here on
+                    self._ready.append(made)
                     wait = RETRY_S[0]
                 except (SandstreamError, OSError) as exc:
                     log.warning("warm pool: no sandbox made", error=str(exc), retry_s=wait)

@@ -125,7 +125,6 @@ class Sandboxes:
         name = f"{POOL_PREFIX}{secrets.token_hex(8)}"
         spec = self._spec(name, "", 0.0, pooled=True)
         try:
-            launch.prepare(socket_folder(self.settings.model_socket_dir, name))
             await self.driver.create(spec)
             await self.driver.start(sandbox_name(name))
             await launch.start(self.driver, sandbox_name(name))

@@ -8,8 +8,6 @@ private Unix socket (``SANDSTREAM_PROXY_SOCKET``, mode 0600, never mounted into 
 - ``PUT /tasks/{task_id}/egress``: open the task's egress socket; the body is its
   ``network.allow`` (a JSON list), ``204``, ``400`` naming a bad entry;
 - ``GET /tasks/{task_id}/egress``: what the egress proxy let through and refused;
-- ``PUT /tasks/{task_id}/launch``: hand the run's start command (``{"env": {...}, "argv":
-  [...]}``) to the launcher waiting in the task's sandbox, ``{"launched": true | false}``;
 - ``DELETE /tasks/{task_id}``: stop listening, forget the task, ``204``.
 
 Task ids are checked against the task id format before anything touches a path: ``400``
@@ -54,13 +52,6 @@ class ModelSockets(Protocol):
     async def add_egress(self, task_id: str, allow: list[str]) -> None: ...
 
     async def egress_counts(self, task_id: str) -> EgressCounts: ...
-
-    async def launch(self, task_id: str, env: dict[str, str], argv: list[str]) -> bool: ...
-
-
-class LaunchRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    env: dict[str, str]
-    argv: list[str]
 
 
 def _task_id(request: web.Request) -> str:
@@ -110,33 +101,19 @@ async def _egress(request: web.Request) -> web.Response:
     return web.Response(body=msgspec.json.encode(counts), content_type="application/json")
 
 
-async def _launch(request: web.Request) -> web.Response:
-    task_id = _task_id(request)
-    try:
-        body = msgspec.json.decode(await request.read(), type=LaunchRequest)
-        launched = await request.app[PROXY_KEY].launch(task_id, body.env, body.argv)
-    except ValueError as exc:  # msgspec.DecodeError is one; a NUL in the command too
-        raise web.HTTPBadRequest(text=str(exc), content_type="text/plain") from None
-    except OSError as exc:
-        return web.json_response({"error": str(exc)}, status=500)
-    return web.json_response({"launched": launched})
-
-
 async def _remove(request: web.Request) -> web.Response:
     await request.app[PROXY_KEY].remove_task(_task_id(request))
     return web.Response(status=204)
 
 
 def control_app(proxy: ModelProxy) -> web.Application:
-    # A launch carries the task's prompt (100,000 characters at most) and its configuration.
-    app = web.Application(client_max_size=4 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024)
     app[PROXY_KEY] = proxy
     app.router.add_get("/health", _health)
     app.router.add_put("/tasks/{task_id}", _add)
     app.router.add_get("/tasks/{task_id}/usage", _usage)
     app.router.add_put("/tasks/{task_id}/egress", _add_egress)
     app.router.add_get("/tasks/{task_id}/egress", _egress)
-    app.router.add_put("/tasks/{task_id}/launch", _launch)
     app.router.add_delete("/tasks/{task_id}", _remove)
     return app
 
@@ -229,8 +206,3 @@ class ProxyClient:
     async def egress_counts(self, task_id: str) -> EgressCounts:
         resp = await self._call("GET", f"/tasks/{task_id}/egress")
         return msgspec.json.decode(await resp.read(), type=EgressCounts)
-
-    async def launch(self, task_id: str, env: dict[str, str], argv: list[str]) -> bool:
-        body = msgspec.json.encode(LaunchRequest(env=env, argv=argv))
-        resp = await self._call("PUT", f"/tasks/{task_id}/launch", body)
-        return (await resp.json()).get("launched") is True

@@ -48,7 +48,6 @@ from multidict import CIMultiDict
 
 from services.modelproxy.egress import EgressCounts, EgressProxy
 from services.modelproxy.policy import Budget, Prices, ProxyPolicy, Refused, screen
-from shared import launch
 from shared.sandbox import SAFE_SEGMENT, SOCKET_NAME, share_with_sandbox, socket_folder
 
 log = structlog.get_logger("sandstream.model_proxy")
@@ -425,11 +424,6 @@ class ModelProxy:
 
     async def egress_counts(self, task_id: str) -> EgressCounts:
         return self.egress.counts(task_id)
-
-    async def launch(self, task_id: str, env: dict[str, str], argv: list[str]) -> bool:
-        """Hand the run's start command to the launcher waiting in the task's sandbox (a warm
-        pool one, ``shared.launch``); ``False`` when none waits (the executor execs it)."""
-        return launch.request(socket_folder(self.socket_dir, task_id), env, argv)
 
     async def remove_task(self, task_id: str) -> None:
         """Stop listening for the task; remove its socket and usage files (absent is fine)."""

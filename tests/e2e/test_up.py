@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +25,7 @@ from shared import launch
 from shared.bus import Bus, NatsAuth, connect
 from shared.errors import Unavailable
 from shared.identities import seed_path
+from shared.sandbox import sandbox_name
 from tests.fakes.model import FakeModel, Text, ToolUse
 from tests.support.git import GitHttpServer, git, make_repo, rev
 from tests.support.procs import free_port
@@ -172,15 +172,14 @@ async def read_sse(
 
 
 async def launchers_waiting(system: System, count: int) -> None:
-    """Until ``count`` warm-pool sandboxes of ``up`` have their launcher waiting (a reader on
-    the FIFO in their socket folder: opening it to write, and writing nothing, wakes nobody)."""
+    """Until ``count`` warm-pool sandboxes of ``up`` have their launcher waiting (its bell made;
+    pool sandboxes are found by their socket folders)."""
     async with asyncio.timeout(60):
         while True:
             waiting = 0
-            for fifo in (system.data_dir / "model").glob(f"pool-*/{launch.FIFO}"):
-                with contextlib.suppress(OSError):
-                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-                    waiting += 1
+            for folder in (system.data_dir / "model").glob("pool-*"):
+                probe = ["docker", "exec", sandbox_name(folder.name), "test", "-p", launch.BELL]
+                waiting += subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
             if waiting >= count:
                 return
             await asyncio.sleep(0.05)

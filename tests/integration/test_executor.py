@@ -44,7 +44,13 @@ from shared.blobstore import BlobStore, open_store, sha256_hex
 from shared.bus import Bus
 from shared.egress import Pin, parse_pins
 from shared.errors import Unavailable
-from shared.sandbox import DockerDriver, SandboxSpec, sandbox_name, share_with_sandbox
+from shared.sandbox import (
+    KEEPER_UID,
+    DockerDriver,
+    SandboxSpec,
+    sandbox_name,
+    share_with_sandbox,
+)
 from shared.secrets import set_secret
 from shared.settings import DEFAULT_IMAGE
 from shared.worker import Delivery
@@ -117,14 +123,13 @@ class Harness:
         folder = self.socket_dir / task_id
         folder.mkdir()
         share_with_sandbox(folder)
-        if launcher:
-            launch.prepare(folder)
         spec = SandboxSpec(
             task_id=task_id,
             tenant=TENANT,
             image=DEFAULT_IMAGE,
             deadline=time.time() + 600,
             model_socket_dir=str(folder),
+            pooled=launcher,  # made as a pool one: its engine label says so
             **options,
         )
         info = await self.driver.create(spec)
@@ -491,15 +496,14 @@ async def test_a_warm_sandboxs_launcher_starts_the_run_and_a_plain_one_starts_by
     # The launcher in the sandbox ran the start (as the agent), which started the run.
     said = await harness.driver.exec(sandbox_name(warm), ["cat", launch.LOG])
     assert said.output.decode().strip() == agent.MARK_STARTED
-    # It ran once: a second request finds nobody waiting (a re-attach starts by exec).
-    folder = harness.socket_dir / warm
-    assert not launch.request(folder, {}, ["true"])
-    assert not launch.request(harness.socket_dir / plain, {}, ["true"])  # never had one
-    # What the sandbox sees of the request: read-only, like the rest of its socket folder.
-    tried = await harness.driver.exec(
-        sandbox_name(warm), ["bash", "-c", f"echo x >>/run/sandstream/{launch.REQUEST}"]
-    )
-    assert tried.exit_code != 0 and b"Read-only file system" in tried.output
+    # The start came from the keeper (a file of its own), and the launcher is gone: it ran
+    # once (a re-attach starts by exec). The agent can neither rewrite it nor ring anyone.
+    seen = await harness.driver.exec(
+        sandbox_name(warm),
+        ["bash", "-c", f"stat -c %u {launch.REQUEST}; test -e {launch.BELL} || echo gone; "
+         f"(echo x >>{launch.REQUEST}) 2>/dev/null || echo refused"],
+    )  # fmt: skip
+    assert seen.output.decode().split() == [str(KEEPER_UID), "gone", "refused"], seen
 
 
 async def test_redelivery_after_the_end_changes_nothing(harness: Harness) -> None:

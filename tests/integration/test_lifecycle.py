@@ -629,17 +629,22 @@ async def test_a_task_claims_a_warm_sandbox_and_the_pool_refills(h: Harness) -> 
         (socket_dir / "probe").write_text(task)
         seen = await h.driver.exec(sandbox_name(task), ["cat", "/run/sandstream/probe"])
         assert seen.output.decode() == task
-        # The agent's launcher waits in it: it runs what the executor asks, as the agent.
+        # The agent's launcher waits in it: it runs, as the agent, the start the keeper hands
+        # it (a file of the keeper's, then its bell), as the executor's follow does.
         ran = "/tmp/launched"
-        assert launch.request(
-            socket_dir, {"PROBE": task}, ["bash", "-c", f'echo "$PROBE $(id -u)" >{ran}']
+        entries = launch.request({"PROBE": task}, ["bash", "-c", f'echo "$PROBE $(id -u)" >{ran}'])
+        keeper = (
+            f"for i in $(seq 500); do [ -p {launch.BELL} ] && break; sleep 0.01; done; "
+            f"printf '%s\\0' \"$@\" >{launch.REQUEST} && exec 6<>{launch.BELL} && printf x >&6"
         )
+        argv = ["bash", "-c", keeper, "keeper", *entries]
+        async with await h.driver.exec_stream(sandbox_name(task), argv, keeper=True) as proc:
+            assert [line async for line in proc.lines()] == []
+            assert await proc.wait() == 0, proc.stderr
         async with asyncio.timeout(10):
             while (said := await h.driver.exec(sandbox_name(task), ["cat", ran])).exit_code:
                 await asyncio.sleep(0.02)
         assert said.output.decode() == f"{task} {SANDBOX_UID}\n"
-    else:  # no process runs in the memory driver's sandboxes: nobody waits
-        assert not launch.request(socket_dir, {}, ["true"])
     await h.pool_ready(service, 2)  # refilled in the background
     after = await h.pooled()
     assert sum(is_unclaimed(i) for i in after) == 2 and len(after) == 3

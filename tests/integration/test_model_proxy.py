@@ -25,7 +25,6 @@ from services.modelproxy.control import ModelSockets, ProxyClient, serve_control
 from services.modelproxy.policy import Budget, Prices, ProxyPolicy
 from services.modelproxy.proxy import OAUTH_BETA, Credential, ModelProxy
 from shared import events as ev
-from shared import launch
 from shared.errors import Unavailable
 from shared.sandbox import SANDBOX_UID
 from tests.fakes.model import FakeModel, Reply, Text, ToolUse
@@ -329,30 +328,6 @@ async def sockets(
     finally:
         await client.close()
         await runner.cleanup()
-
-
-async def test_contract_launch_hands_the_start_to_a_waiting_launcher_only(
-    sockets: ModelSockets, socket_dir: Path
-) -> None:
-    task_id = ev.new_task_id()
-    folder = socket_dir / task_id
-    folder.mkdir()
-    argv = ["bash", "-c", "echo started", "sandstream", "x" * 200_000]  # a long prompt
-    assert await sockets.launch(task_id, {"HOME": "/tmp/h"}, argv) is False  # no launcher
-    launch.prepare(folder)
-    assert await sockets.launch(task_id, {}, ["true"]) is False  # nobody reads its doorbell
-    reader = os.open(folder / launch.FIFO, os.O_RDONLY | os.O_NONBLOCK)  # the launcher
-    try:
-        assert await sockets.launch(task_id, {"HOME": "/tmp/h"}, argv) is True
-        assert os.read(reader, 8) == b"\n"
-    finally:
-        os.close(reader)
-    written = (folder / launch.REQUEST).read_bytes().split(b"\x00")[:-1]
-    assert [f.decode() for f in written] == ["1", "HOME=/tmp/h", *argv]
-    with pytest.raises((ValueError, RuntimeError)):  # a NUL cannot reach a shell's argv
-        await sockets.launch(task_id, {}, ["a\x00b"])
-    with pytest.raises((ValueError, RuntimeError)):  # never a path from anything but an id
-        await sockets.launch("../escape", {}, ["true"])
 
 
 async def test_contract_open_count_close(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -271,3 +272,12 @@ def test_the_pack_stream_splits_into_the_session_and_the_workspace() -> None:
 def test_a_cut_or_foreign_pack_stream_is_refused(raw: bytes) -> None:
     with pytest.raises(ValueError):
         agent.split_packs(raw)
+
+
+def test_the_runs_packs_decode_only_whole() -> None:
+    data = b"0 0\n" + bytes(range(256)) * 300
+    encoded = base64.b64encode(data).decode()
+    lines = [encoded[i : i + 65536] for i in range(0, len(encoded), 65536)]
+    assert agent.decode_packs(lines, len(data)) == data
+    assert agent.decode_packs(lines[:-1], len(data)) is None  # cut at a line: said short
+    assert agent.decode_packs(["not base64!"], 8) is None

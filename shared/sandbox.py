@@ -110,14 +110,13 @@ def socket_folder(root: Path, task_id: str) -> Path:
     return root / task_id
 
 
-def share_with_sandbox(path: Path, *, read_only: bool = False) -> None:
+def share_with_sandbox(path: Path) -> None:
     """Let the sandbox's user (uid 1000) and this process, and no other local user, use
-    ``path`` (a task's socket folder, or a file in it).
+    ``path`` (a task's socket folder, or the socket in it).
 
     As root: owned by uid 1000, mode 0700 (a folder) or 0600. As uid 1000: the same modes.
     As any other user the owner cannot be changed, and only "everyone" covers uid 1000:
-    0755 / 0666 (0644 for a ``read_only`` file), with a warning (start the model proxy as root
-    or as uid 1000).
+    0755 / 0666, with a warning (start the model proxy as root or as uid 1000).
     """
     folder = path.is_dir()
     try:
@@ -129,7 +128,7 @@ def share_with_sandbox(path: Path, *, read_only: bool = False) -> None:
         os.chmod(path, 0o700 if folder else 0o600)
         return
     log.warning("model socket open to all local users: start the model proxy as root or uid 1000")
-    os.chmod(path, 0o755 if folder else 0o644 if read_only else 0o666)
+    os.chmod(path, 0o755 if folder else 0o666)
 
 
 class SandboxSpec(msgspec.Struct, frozen=True, kw_only=True):

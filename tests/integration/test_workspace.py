@@ -21,6 +21,7 @@ from services.executor.workspace import Fetcher, WorkspaceError, patch_expands_t
 from shared import events as ev
 from shared.secrets import get_secret, set_secret
 from tests.support.git import GitHttpServer, git, make_repo, rev
+from tests.support.serve import serving
 
 TENANT = "acme"
 PASSWORD = "gitpw-" + uuid.uuid4().hex
@@ -152,12 +153,7 @@ async def test_a_redirect_is_not_followed_with_the_secret(tmp_path: Path, repos:
 
         app = web.Application()
         app.router.add_route("*", "/{path:.*}", redirect)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
+        async with serving(app) as port:
             f = fetcher(tmp_path, allow_file=False)
             set_secret(f.secrets_path, TENANT, "gh", PASSWORD)
             with pytest.raises(WorkspaceError):
@@ -166,8 +162,6 @@ async def test_a_redirect_is_not_followed_with_the_secret(tmp_path: Path, repos:
                     TENANT,
                     repo(f"http://127.0.0.1:{port}/app.git", credential="gh"),
                 )
-        finally:
-            await runner.cleanup()
         assert not any(s.password_sent for s in elsewhere.seen)
 
 

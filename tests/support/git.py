@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+
+from tests.support.serve import serving
 
 GIT_ENV = {
     "GIT_CONFIG_NOSYSTEM": "1",
@@ -85,22 +88,17 @@ class GitHttpServer:
     password: str | None = None
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
-    _runner: web.AppRunner | None = None
+    _serving: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     async def __aenter__(self) -> GitHttpServer:
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_route("*", "/{path:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = await self._serving.enter_async_context(serving(app))
         self.url = f"http://127.0.0.1:{port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self._serving.aclose()
 
     def _user(self, request: web.Request) -> tuple[str | None, str | None]:
         header = request.headers.get("Authorization", "")

@@ -548,18 +548,17 @@ class Executor:
                         else:
                             tail.append(item)
                     elif complete:  # the run's packs, base64, after the block
-                        if (
-                            item.startswith(pack_begin + " ")
-                            and item[len(pack_begin) + 1 :].isdigit()
-                        ):
-                            pack, pack_size = [], int(item[len(pack_begin) + 1 :])
+                        head, _, size = item.rpartition(" ")
+                        if head == pack_begin and size.isdigit():
+                            pack, pack_size = [], int(size)
                         elif item == pack_end and pack is not None:
                             packed = agent.decode_packs(pack, pack_size)
                             break
                         elif pack is not None:
                             pack_chars += len(item)
-                            pack = pack if pack_chars <= agent.RUN_PACK_MAX_CHARS else None
-                            if pack is not None:
+                            if pack_chars > agent.RUN_PACK_MAX_CHARS:
+                                pack = None  # more than the run packs: by exec after all
+                            else:
                                 pack.append(item)
                     elif item.endswith(nonce):
                         if head := item[: -len(nonce)]:

@@ -181,6 +181,52 @@ def check_result(p: subprocess.CompletedProcess) -> None:
         raise SystemExit(f"unexpected result: {res}")
 
 
+class Floor:
+    """The bare baseline, one run at a time (for benches that pair each of their runs with
+    one): the fake API on its socket, and an idle hardened container for ``exec_once``."""
+
+    def __init__(self, image: str) -> None:
+        self.image = image
+        self.docker = docker_client()
+        self.sockdir = tempfile.mkdtemp(prefix="sandstream-bench-")
+        os.chmod(self.sockdir, 0o755)
+        sock = os.path.join(self.sockdir, "model.sock")
+        self.srv = UnixServer(sock, FakeAPI)
+        os.chmod(sock, 0o666)  # the container runs as uid 1000
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.ws = tempfile.mkdtemp(prefix="sandstream-ws-")
+        os.chown(self.ws, 1000, 1000) if os.geteuid() == 0 else None
+        self.mounts = ["-v", f"{self.sockdir}:/run/sandstream", "-v", f"{self.ws}:/workspace"]
+        self.name = "sandstream-bench-" + uuid.uuid4().hex[:8]
+        subprocess.run(
+            [self.docker, "run", "-d", "--name", self.name, *HARDENED, *ENV, *self.mounts,
+             self.image],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    def run_once(self) -> float:
+        """A fresh hardened container running the CLI: ms."""
+        ms, p = timed(
+            [self.docker, "run", "--rm", *HARDENED, *ENV, *self.mounts, self.image, "bash", "-c",
+             INNER]
+        )  # fmt: skip
+        check_result(p)
+        return ms
+
+    def exec_once(self) -> float:
+        """The CLI by ``docker exec`` in the idle container: ms."""
+        ms, p = timed([self.docker, "exec", self.name, "bash", "-c", INNER])
+        check_result(p)
+        return ms
+
+    def close(self) -> None:
+        subprocess.run([self.docker, "rm", "-f", self.name], capture_output=True)
+        self.srv.shutdown()
+        self.srv.server_close()
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+        shutil.rmtree(self.ws, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=5)
@@ -188,20 +234,10 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=0, help="also: fresh runs this many at once")
     ap.add_argument("--rate-runs", type=int, default=24)
     args = ap.parse_args()
-    docker = docker_client()
-
-    sockdir = tempfile.mkdtemp(prefix="sandstream-bench-")
-    os.chmod(sockdir, 0o755)
-    sock = os.path.join(sockdir, "model.sock")
-    srv = UnixServer(sock, FakeAPI)
-    os.chmod(sock, 0o666)  # the container runs as uid 1000
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    ws = tempfile.mkdtemp(prefix="sandstream-ws-")
-    os.chown(ws, 1000, 1000) if os.geteuid() == 0 else None
-    mounts = ["-v", f"{sockdir}:/run/sandstream", "-v", f"{ws}:/workspace"]
 
     results: dict[str, list[float]] = {"version": [], "fresh": [], "exec": []}
-    name = "sandstream-bench-" + uuid.uuid4().hex[:8]
+    floor = Floor(args.image)
+    docker, mounts = floor.docker, floor.mounts
     try:
         for _ in range(args.n):
             ms, p = timed(
@@ -212,22 +248,11 @@ def main() -> None:
             results["version"].append(ms)
             print(f"version {ms:7.0f} ms", flush=True)
         for _ in range(args.n):
-            ms, p = timed(
-                [docker, "run", "--rm", *HARDENED, *ENV, *mounts, args.image, "bash", "-c", INNER]
-            )
-            check_result(p)
-            results["fresh"].append(ms)
-            print(f"fresh   {ms:7.0f} ms", flush=True)
-        subprocess.run(
-            [docker, "run", "-d", "--name", name, *HARDENED, *ENV, *mounts, args.image],
-            check=True,
-            capture_output=True,
-        )
+            results["fresh"].append(floor.run_once())
+            print(f"fresh   {results['fresh'][-1]:7.0f} ms", flush=True)
         for _ in range(args.n):
-            ms, p = timed([docker, "exec", name, "bash", "-c", INNER])
-            check_result(p)
-            results["exec"].append(ms)
-            print(f"exec    {ms:7.0f} ms", flush=True)
+            results["exec"].append(floor.exec_once())
+            print(f"exec    {results['exec'][-1]:7.0f} ms", flush=True)
         if args.parallel:
             fresh = [docker, "run", "--rm", *HARDENED, *ENV, *mounts, args.image, "bash", "-c"]
             began = time.perf_counter()
@@ -237,11 +262,7 @@ def main() -> None:
             rate = args.rate_runs / (time.perf_counter() - began)
             print(f"rate    {rate:7.2f} runs/s ({args.parallel} at a time)", flush=True)
     finally:
-        subprocess.run([docker, "rm", "-f", name], capture_output=True)
-        srv.shutdown()
-        srv.server_close()
-        shutil.rmtree(sockdir, ignore_errors=True)
-        shutil.rmtree(ws, ignore_errors=True)
+        floor.close()
 
     summary = {
         k: {

@@ -1,12 +1,14 @@
 """One-reply task latency through the whole system, next to a bare hardened `docker run`.
 
-In one run: ``bench/bare_run.py`` (the floor: the same image and CLI in a fresh hardened
-container, and by ``docker exec`` in a running one), then ``sandstream up`` with a scripted
-fake model that answers at once, and ``--tasks`` sequential one-reply tasks. For each task it
-reports HTTP accept → terminal status (client side, ``?wait``), and from the event log
-``TaskRequested`` → ``SandboxStarted`` → ``ExecutionCompleted`` → terminal. Each task is sent
-to a settled system (the previous task's sandbox removed, the warm pool refilled), as a task
-that is not queued behind others meets it: the bare runs too have the machine to themselves.
+``sandstream up`` with a scripted fake model that answers at once, and ``--tasks`` sequential
+one-reply tasks, each paired with one bare run of the same image and CLI just before it (the
+floor, ``bench/bare_run.py``'s: a fresh hardened container without the pool, ``docker exec``
+into a running one with it), so that both meet the machine as it is at that moment (this
+host's speed drifts by ±10 % over minutes). For each task it reports HTTP accept → terminal
+status (client side, ``?wait``), and from the event log ``TaskRequested`` →
+``SandboxStarted`` → ``ExecutionCompleted`` → terminal. Each task is sent to a settled system
+(the previous task's sandbox removed, the warm pool refilled), as a task that is not queued
+behind others meets it: the bare runs too have the machine to themselves.
 
     .venv/bin/python bench/task_latency.py --tasks 10
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import statistics
@@ -35,8 +36,12 @@ from shared import events as ev  # noqa: E402
 from shared.bus import Bus, NatsAuth, connect  # noqa: E402
 from shared.identities import seed_path  # noqa: E402
 from shared.sandbox import LABEL_MANAGED, LABEL_POOL  # noqa: E402
+from shared.settings import DEFAULT_IMAGE  # noqa: E402
 from tests.fakes.model import FakeModel, Text  # noqa: E402
 from tests.support.procs import free_port  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from bare_run import Floor  # noqa: E402
 
 
 async def settled(pool: int) -> None:
@@ -73,8 +78,8 @@ STAGES = (
 )
 
 
-async def through_the_system(tasks: int, pool: int) -> dict[str, list[float]]:
-    figures: dict[str, list[float]] = {"accept→terminal": []}
+async def through_the_system(tasks: int, pool: int, floor: Floor) -> dict[str, list[float]]:
+    figures: dict[str, list[float]] = {"bare": [], "accept→terminal": []}
     figures.update({name: [] for name, _, _ in STAGES})
     async with FakeModel() as fake:
         fake.script([Text("ok")])
@@ -107,6 +112,9 @@ async def through_the_system(tasks: int, pool: int) -> dict[str, list[float]]:
                     headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
                     ids = []
                     for i in range(tasks + 1):  # the first one warms up the engine and caches
+                        bare_ms = await asyncio.to_thread(
+                            floor.exec_once if pool else floor.run_once
+                        )
                         await settled(pool)
                         began = time.perf_counter()
                         body = {"prompt": f"say ok ({i})", "timeout_s": 120}
@@ -120,6 +128,7 @@ async def through_the_system(tasks: int, pool: int) -> dict[str, list[float]]:
                             raise SystemExit(f"task {task_id} ended {status}")
                         if i:
                             figures["accept→terminal"].append(time.perf_counter() - began)
+                            figures["bare"].append(bare_ms / 1000)
                             ids.append(task_id)
                 nc = await connect(
                     f"nats://127.0.0.1:{nats_port}",
@@ -147,21 +156,20 @@ def main() -> None:
         "--pool", type=int, nargs="+", default=[0, 2], help="warm pool sizes to run with"
     )
     args = parser.parse_args()
-    bare = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bare_run.py"), "-n", str(args.tasks)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    floor = json.loads(bare.stdout.strip().splitlines()[-1])
-    fresh, warm = floor["fresh"]["median_ms"], floor["exec"]["median_ms"]
-    print(f"bare docker run (fresh hardened container, claude -p)  {fresh:5d} ms median")
-    print(f"bare docker exec (running container, claude -p)        {warm:5d} ms median")
-    for pool in args.pool:
-        figures = asyncio.run(through_the_system(args.tasks, pool))
-        accept = statistics.median(figures["accept→terminal"]) * 1000
-        bare, what = (warm, "docker exec") if pool else (fresh, "docker run")
-        print(f"sandstream, warm pool {pool}: accept→terminal {accept / bare:.2f}× bare {what}")
-        for name, values in figures.items():
-            print(f"  {name:<22} {median_ms(values)}")
+    floor = Floor(image=os.environ.get("SANDSTREAM_SANDBOX_IMAGE") or DEFAULT_IMAGE)
+    try:
+        for pool in args.pool:
+            figures = asyncio.run(through_the_system(args.tasks, pool, floor))
+            what = "docker exec (running container)" if pool else "docker run (fresh container)"
+            system, bare = figures["accept→terminal"], figures["bare"]
+            ratio = statistics.median(system) / statistics.median(bare)
+            pairs = statistics.median(s / b for s, b in zip(system, bare, strict=True))
+            print(f"sandstream, warm pool {pool}: accept→terminal {ratio:.2f}× bare {what}")
+            print(f"  (pair by pair, the median ratio: {pairs:.2f}×)")
+            for name, values in figures.items():
+                print(f"  {name:<22} {median_ms(values)}")
+    finally:
+        floor.close()
 
 
 if __name__ == "__main__":

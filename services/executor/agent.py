@@ -234,11 +234,15 @@ G=__GO_FILE__
 # The keeper's record of the workspace (GIT_DIR=$K/git), made when first needed (a workspace
 # empty before the run needs none): the files as they are, no in-tree .gitattributes may
 # rewrite what is stored.
-repo() {  # made once its attributes are there (two followers may both make it: the same)
+new_repo() {  # under the lock on $K/lock
     [ -f "$GIT_DIR/info/attributes" ] && return 0
     git init -q &&
         echo '* -text -ident -filter -working-tree-encoding' >"$GIT_DIR/info/attributes.$$" &&
         mv -f "$GIT_DIR/info/attributes.$$" "$GIT_DIR/info/attributes"
+}
+repo() {  # two followers (a re-attach) may both need it at once: one makes it
+    [ -f "$GIT_DIR/info/attributes" ] && return 0
+    (flock 9 && new_repo) 9>"$K/lock"
 }
 # What a follow-up task of the same tenant starts from, as the agent (its own files, 0600 ones
 # included) once nothing else of it runs, in one stream: a line "<status> <size>" and that
@@ -440,7 +444,7 @@ follow)
                 # Nothing to record (no repo, no files): the empty tree, and no git run.
                 echo __EMPTY_TREE__ >"$K/base.tmp" && mv "$K/base.tmp" "$K/base"
             else
-                cd "$W" && repo && "${gitq[@]}" add -A -f --ignore-errors
+                cd "$W" && new_repo && "${gitq[@]}" add -A -f --ignore-errors
                 git write-tree >"$K/base.tmp" && mv "$K/base.tmp" "$K/base"
             fi
             # A checked-out repository (the task's repo): its .git is the agent's, not news.

@@ -616,15 +616,15 @@ def wrapper_script(
     )
 
 
-def follow_argv(script: str, *, from_line: int, launch: Sequence[str] = ()) -> list[str]:
+def follow_argv(script: str, *, from_line: int, start: Sequence[str] = ()) -> list[str]:
     """As the keeper: record the workspace if nobody has, say ``<nonce>.ready``, then stream
-    ``out.jsonl`` from ``from_line`` (0-based) and close with the run's block. ``launch``
+    ``out.jsonl`` from ``from_line`` (0-based) and close with the run's block. ``start``
     (:func:`shared.launch.request`): the run's start for a launcher waiting in the sandbox,
     if one is (it then says ``<nonce>.ready.launched``).
 
     The nonce goes in the environment (:func:`keeper_environment`), never in argv.
     """
-    return ["bash", "-c", script, "sandstream", "follow", str(from_line), *launch]
+    return ["bash", "-c", script, "sandstream", "follow", str(from_line), *start]
 
 
 def keeper_environment(nonce: str) -> dict[str, str]:

@@ -384,7 +384,7 @@ class Executor:
             name,
             # A warm sandbox's launcher takes the start from the keeper: no exec for it.
             agent.follow_argv(
-                self._script, from_line=next_line, launch=launch.request(env, argv) if warm else ()
+                self._script, from_line=next_line, start=launch.request(env, argv) if warm else ()
             ),
             env=agent.keeper_environment(nonce),
             workdir=agent.KEEPER_DIR,  # the agent may take /workspace away from the keeper

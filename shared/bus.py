@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +30,6 @@ from nats.aio.msg import Msg
 from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
-    PubAck,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -48,6 +48,22 @@ READ_AHEAD: Final = 64
 """Messages a :meth:`Bus.read` holds for a caller that has not taken them yet."""
 WRONG_LAST_SEQUENCE: Final = 10071
 STREAM_NOT_FOUND: Final = 10059
+
+
+class _ApiError(msgspec.Struct, frozen=True):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class PubAck(msgspec.Struct, frozen=True):
+    """The stream's answer to one publish: where the event is, and whether it was a duplicate
+    (an id already stored within the duplicate window: nothing was appended)."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _ApiError | None = None
 
 
 class Record(msgspec.Struct, frozen=True):
@@ -176,6 +192,11 @@ class Bus:
         self.js = nc.jetstream(timeout=5.0)
         self.stream = stream or StreamSettings()
         self._encoder = msgspec.json.Encoder()
+        self._acks: dict[str, asyncio.Future[PubAck]] = {}
+        self._ack_inbox: str | None = None
+        self._ack_ready = asyncio.Lock()
+        self._ack_numbers = itertools.count()
+        self._ack_decoder = msgspec.json.Decoder(PubAck)
 
     @property
     def prefix(self) -> str:
@@ -254,13 +275,19 @@ class Bus:
         msg_id: str | None = None,
         expected_last_subject_seq: int | None = None,
         timeout: float = 2.0,
+        encoded: bytes | None = None,
     ) -> PubAck:
         """Append one event on ``<prefix>.<task_id>.<type>`` and wait for the stream's ack.
 
         With ``expected_last_subject_seq`` the append only happens if the last event on any of
         the task's subjects has that sequence (0: the task has no events yet); otherwise
         :class:`Conflict`. Raises :class:`Unavailable` when NATS is not connected or does not
-        answer within ``timeout``; nothing is buffered for later in that case.
+        answer within ``timeout``; nothing is buffered for later in that case. ``encoded`` is
+        the event's encoding when the caller already made it (the gateway weighs it first).
+
+        The ack comes back on one inbox subscription of this bus, matched by reply subject
+        (nats.py's ``request`` makes an id from the system's randomness and a timeout task for
+        each one: a tenth of the gateway's time per submission).
         """
         if not self.connected:
             raise Unavailable("the event log (NATS) is not connected")
@@ -269,21 +296,53 @@ class Bus:
         if expected_last_subject_seq is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = self.task_filter(event.task_id)
+        data = encoded if encoded is not None else self._encoder.encode(event)
+        reply = await self._ack_subject()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[PubAck] = loop.create_future()
+        self._acks[reply] = answer
+        timer = loop.call_at(loop.time() + timeout, _give_up, answer)
         try:
-            return await self.js.publish(
-                self.subject(event.task_id, name),
-                self._encoder.encode(event),
-                timeout=timeout,
-                headers=headers,
+            await self.nc.publish(
+                self.subject(event.task_id, name), data, reply=reply, headers=headers
             )
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise Conflict(f"task {event.task_id} moved on: {exc.description}") from exc
-            raise
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError) as exc:
+            ack = await answer
+        except (nats.errors.NoRespondersError, TimeoutError) as exc:
             raise Unavailable("the event log (NATS) did not acknowledge in time") from exc
         except nats.errors.ConnectionClosedError as exc:
             raise Unavailable("the event log (NATS) connection is closed") from exc
+        finally:
+            timer.cancel()
+            del self._acks[reply]
+        if ack.error is not None:
+            if ack.error.err_code == WRONG_LAST_SEQUENCE:
+                raise Conflict(f"task {event.task_id} moved on: {ack.error.description}")
+            raise nats.js.errors.APIError(
+                code=ack.error.code, err_code=ack.error.err_code, description=ack.error.description
+            )
+        return ack
+
+    async def _ack_subject(self) -> str:
+        """A reply subject no other publish of this bus has, on the bus's ack inbox."""
+        if self._ack_inbox is None:
+            async with self._ack_ready:
+                if self._ack_inbox is None:
+                    inbox = self.nc.new_inbox()
+                    await self.nc.subscribe(f"{inbox}.*", cb=self._acked)
+                    self._ack_inbox = inbox
+        return f"{self._ack_inbox}.{next(self._ack_numbers)}"
+
+    async def _acked(self, msg: Msg) -> None:
+        answer = self._acks.get(msg.subject)
+        if answer is None or answer.done():
+            return  # given up on already
+        if msg.headers and msg.headers.get("Status") == "503":
+            answer.set_exception(nats.errors.NoRespondersError())
+            return
+        try:
+            answer.set_result(self._ack_decoder.decode(msg.data))
+        except msgspec.DecodeError as exc:
+            answer.set_exception(Unavailable(f"the event log's ack is unreadable: {exc}"))
 
     async def last(self, task_id: str, event_type: str) -> Record | None:
         """The last event stored on one exact subject; ``None`` when there is none, or when
@@ -492,3 +551,8 @@ def record_json_line(record: Record) -> bytes:
         record.seq,
         _JSON.encode(record.subject),
     )
+
+
+def _give_up(answer: asyncio.Future[PubAck]) -> None:
+    if not answer.done():
+        answer.set_exception(TimeoutError())

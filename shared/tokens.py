@@ -2,8 +2,9 @@
 
 File format: one JSON object per line, ``{"hash": "sha256:<hex>", "tenant": "acme",
 "created_at": "..."}``. ``sandstream token create`` appends to it; the gateway re-reads it
-whenever its modification time changes (one ``stat`` per request), so new tokens work
-without a restart.
+whenever its modification time changes, without a restart: a token it does not know makes it
+look at once (a new token works at once), a known one at most once a second
+(:data:`RECHECK_S`; a removed token stops working within that second).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import hashlib
 import os
 import re
 import secrets
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +23,8 @@ import structlog
 
 log = structlog.get_logger("sandstream.tokens")
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+RECHECK_S = 1.0
+"""How long a known token is taken on the file's word without looking at the file again."""
 
 
 class TokenEntry(msgspec.Struct, frozen=True):
@@ -54,13 +59,16 @@ def create_token(tokens_file: Path, tenant: str) -> str:
 class TokenStore:
     """Looks tokens up by hash; re-reads the file when its modification time changes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self._by_hash: dict[str, str] = {}
         self._mtime: float | None = None
         self._decoder = msgspec.json.Decoder(TokenEntry)
+        self._clock = clock
+        self._checked_at = -RECHECK_S
 
     def _refresh(self) -> None:
+        self._checked_at = self._clock()
         try:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
@@ -92,5 +100,7 @@ class TokenStore:
         Tokens are never compared directly: the lookup is by the token's SHA-256, so any
         timing difference can only tell an attacker about a hash of their own guess.
         """
-        self._refresh()
-        return self._by_hash.get(hash_token(token))
+        digest = hash_token(token)
+        if self._clock() - self._checked_at >= RECHECK_S or digest not in self._by_hash:
+            self._refresh()
+        return self._by_hash.get(digest)

@@ -8,7 +8,6 @@ the stream as it was when it started) and then follows new events. Waiters (``?w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
@@ -31,7 +30,7 @@ class Projection:
         self.open_by_tenant: Counter[str] = Counter()  # tasks not yet terminal
         self.last_seq = 0
         self.ready = asyncio.Event()
-        self._changed: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, set[asyncio.Future[None]]] = {}
 
     def get(self, tenant: str, task_id: str) -> TaskState | None:
         """The task if it exists *and* belongs to ``tenant``: other tenants see nothing."""
@@ -55,9 +54,8 @@ class Projection:
         if was_open != (not after.status.terminal):
             self.open_by_tenant[after.tenant] += -1 if was_open else 1
         self.tasks[event.task_id] = after
-        waker = self._changed.pop(event.task_id, None)
-        if waker is not None:
-            waker.set()
+        for woken in self._waiting.pop(event.task_id, ()):
+            _wake(woken)
 
     async def wait_until(
         self, task_id: str, done: Callable[[TaskState], bool], timeout: float
@@ -70,12 +68,21 @@ class Projection:
         deadline = loop.time() + timeout
         while True:
             task = self.tasks.get(task_id)
-            remaining = deadline - loop.time()
-            if (task is not None and done(task)) or remaining <= 0:
+            if (task is not None and done(task)) or loop.time() >= deadline:
                 return task
-            changed = self._changed.setdefault(task_id, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+            # A future and a timer, not ``wait_for``: on every submission (read-your-writes),
+            # and ``wait_for`` makes a task of its own for each wait.
+            woken: asyncio.Future[None] = loop.create_future()
+            waiting = self._waiting.setdefault(task_id, set())
+            waiting.add(woken)
+            timer = loop.call_at(deadline, _wake, woken)
+            try:
+                await woken
+            finally:
+                timer.cancel()
+                waiting.discard(woken)
+                if not waiting and self._waiting.get(task_id) is waiting:
+                    del self._waiting[task_id]
 
     async def wait_for_task(self, task_id: str, timeout: float) -> TaskState | None:
         """Wait until the projection has seen the task at all (after our own publish)."""
@@ -108,3 +115,8 @@ class Projection:
             except Exception as exc:
                 log.warning("projection reader restarting", error=str(exc))
                 await asyncio.sleep(0.5)
+
+
+def _wake(woken: asyncio.Future[None]) -> None:
+    if not woken.done():
+        woken.set_result(None)

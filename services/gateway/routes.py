@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import hashlib
 from typing import Any, TypeVar
@@ -233,8 +232,8 @@ async def submit(
         idempotency_key=key,
         request_hash=digest,
     )
-    size = len(ev.encode(event))
-    if size > MAX_TASK_EVENT_BYTES:
+    encoded = ev.encode(event)
+    if (size := len(encoded)) > MAX_TASK_EVENT_BYTES:
         raise ApiError(
             422,
             "task_too_large",
@@ -246,7 +245,7 @@ async def submit(
         # its retries inside the duplicate window are dropped by the message id.
         expected = 0 if key else None
         ack = await bus.publish(
-            event, expected_last_subject_seq=expected, timeout=PUBLISH_TIMEOUT_S
+            event, expected_last_subject_seq=expected, timeout=PUBLISH_TIMEOUT_S, encoded=encoded
         )
     except Conflict:
         ack = None
@@ -276,8 +275,11 @@ async def create_task(request: web.Request) -> web.Response:
     key = params.idempotency_key(request)
     length = request.content_length
     large = length is None or length > MAX_BODY
-    async with request.app[UPLOADS] if large else contextlib.nullcontext():
-        body = await read_json(request.clone(client_max_size=MAX_TASK_BODY), models.TaskRequest)
+    if large:  # the app's limit is 1 MiB; a task's body may be larger (its inline files)
+        async with request.app[UPLOADS]:
+            body = await read_json(request.clone(client_max_size=MAX_TASK_BODY), models.TaskRequest)
+    else:
+        body = await read_json(request, models.TaskRequest)
     settings = request.app[SETTINGS]
     presets = _presets(settings.egress_presets)
     if problem := models.task_problem(body, allow_file=settings.allow_file_repos, presets=presets):

@@ -58,6 +58,25 @@ async def test_publish_uses_event_id_for_deduplication(bus: Bus) -> None:
     assert await bus.last_sequence() == 1
 
 
+async def test_concurrent_publishes_each_get_their_own_ack(bus: Bus) -> None:
+    tasks = [ev.new_task_id() for _ in range(200)]
+    acks = await asyncio.gather(*(bus.publish(requested(task)) for task in tasks))
+    assert len({ack.seq for ack in acks}) == len(tasks)
+    for task, ack in zip(tasks, acks, strict=True):
+        stored = await bus.last(task, "TaskRequested")
+        assert stored is not None and stored.seq == ack.seq
+    assert not bus._acks  # every answer was matched and forgotten
+
+
+async def test_a_publish_nothing_stores_is_unavailable_not_lost(bus: Bus) -> None:
+    nowhere = Bus(bus.nc, StreamSettings(name="NOWHERE", subject_prefix="nowhere"))
+    began = time.monotonic()
+    with pytest.raises(Unavailable):  # no stream listens: NATS says so at once
+        await nowhere.publish(requested(ev.new_task_id()), timeout=5)
+    assert time.monotonic() - began < 4
+    assert not nowhere._acks
+
+
 async def test_expected_sequence_guards_the_whole_task(bus: Bus) -> None:
     task = ev.new_task_id()
     ack = await bus.publish(requested(task), expected_last_subject_seq=0)

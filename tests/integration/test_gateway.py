@@ -607,7 +607,7 @@ async def test_wait_returns_when_the_task_ends(
 
     async with asyncio.timeout(10):  # far below the 30 s the request would otherwise take
         waiting = asyncio.create_task(wait_request())
-        while task_id not in projection._changed:  # the request is parked on the task
+        while task_id not in projection._waiting:  # the request is parked on the task
             await asyncio.sleep(0.01)
         await bus.publish(
             ev.TaskSucceeded(event_id=ev.terminal_id(task_id), task_id=task_id, tenant="acme")

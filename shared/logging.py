@@ -10,11 +10,41 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 import msgspec
 import structlog
 
 _encoder = msgspec.json.Encoder()
+
+
+class _Summaries:
+    """Where :func:`summary` writes, as :func:`configure` set it up."""
+
+    json: TextIO | None = None  # stderr, when lines are JSON
+    enabled = True  # INFO lines are written at all
+
+
+def summary(event: str, fields: dict[str, Any]) -> None:
+    """One INFO line, ``event`` with ``fields``: the summary of a request or a message.
+
+    The same JSON line structlog would write, without its processors: through them the
+    gateway's line per request took a fifth of its time under load (measured with
+    ``bench/gateway_load.py``). Fields bound with ``structlog.contextvars`` are not merged in:
+    the caller passes what the line says. On a terminal it goes through structlog as usual.
+    """
+    if not _Summaries.enabled:
+        return
+    out = _Summaries.json
+    if out is None:
+        structlog.get_logger("sandstream").info(event, **fields)
+        return
+    fields["event"] = event
+    fields["level"] = "info"
+    fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    out.write(_dumps(fields) + "\n")
+    out.flush()
 
 
 def _dumps(obj: object, **_: object) -> str:
@@ -43,6 +73,8 @@ def configure(level: str = "INFO", *, json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=True,
     )
+    _Summaries.json = sys.stderr if use_json else None
+    _Summaries.enabled = numeric <= logging.INFO
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

@@ -8,7 +8,6 @@ import hashlib
 from typing import Any, TypeVar
 
 import msgspec
-import structlog
 from aiohttp import web
 
 from services.gateway import models, params
@@ -17,6 +16,7 @@ from services.gateway.http import (
     MAX_TASK_BODY,
     ApiError,
     json_response,
+    note,
     validation_error,
 )
 from services.gateway.keys import (
@@ -37,7 +37,6 @@ from shared.errors import Conflict, Unavailable
 from shared.results import CONTENT_TYPES, task_prefix
 from shared.state import TaskState
 
-log = structlog.get_logger("sandstream.gateway")
 routes = web.RouteTableDef()
 
 EXECUTE_MARGIN_S = 300.0
@@ -62,7 +61,7 @@ def authenticate(request: web.Request, token: str | None = None) -> str:
     tenant = request.app[AUTH].tenant_for(token.strip())
     if tenant is None:
         raise _unauthorized("unknown or revoked token")
-    structlog.contextvars.bind_contextvars(tenant=tenant)
+    note(request, tenant=tenant)
     return tenant
 
 
@@ -155,7 +154,7 @@ async def find_task(request: web.Request, tenant: str, task_id: str) -> TaskStat
     briefly; if it still cannot be shown the answer is ``503`` (retry), never a false ``404``
     that would tell a reconnecting client its task is gone.
     """
-    structlog.contextvars.bind_contextvars(task_id=task_id)
+    note(request, task_id=task_id)
     projection = request.app[PROJECTION]
     task = projection.get(tenant, task_id)
     if task is not None:
@@ -301,7 +300,7 @@ async def create_task(request: web.Request) -> web.Response:
             )
     files = await store_files(request, body.files) if body.files else None
     task_id, created = await submit(request, tenant, body, key, files)
-    structlog.contextvars.bind_contextvars(task_id=task_id)
+    note(request, task_id=task_id)
     # Read-your-writes: once we answer, GET /v1/tasks/{id} knows the task.
     task = await request.app[PROJECTION].wait_for_task(task_id, timeout=PUBLISH_TIMEOUT_S)
     status = task.status.value if task is not None else "queued"
@@ -403,7 +402,7 @@ async def execute(request: web.Request) -> web.Response:
     key = params.idempotency_key(request)
     task_request = body.as_task()
     task_id, _ = await submit(request, tenant, task_request, key)
-    structlog.contextvars.bind_contextvars(task_id=task_id)
+    note(request, task_id=task_id)
     projection = request.app[PROJECTION]
     # The lifecycle ends the task by its deadline; the margin covers queueing and storing.
     task = await projection.wait_stored(task_id, task_request.timeout_s + EXECUTE_MARGIN_S)

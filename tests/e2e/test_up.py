@@ -274,9 +274,15 @@ async def test_a_task_end_to_end(system: System, fake: FakeModel, tmp_path: Path
     assert sandbox_names(task_id) == []
     assert SECRET not in system.log.read_text()
     # It claimed a sandbox of `up`'s warm pool, and the launcher waiting in it started its
-    # run (asked through the model proxy, which runs as uid 1000): no start exec.
+    # run (the keeper handed it the start command): no start exec.
     logged = [json.loads(line) for line in system.log.read_text().splitlines() if line[:1] == "{"]
     ours = [line for line in logged if line.get("task_id") == task_id]
+    # The gateway's one line for the submission says who asked for what, and how it went.
+    accepted = [r for r in ours if r.get("event") == "request" and r["method"] == "POST"]
+    assert [(r["method"], r["path"], r["tenant"], r["status"]) for r in accepted] == [
+        ("POST", "/v1/tasks", "dev", 202)
+    ], accepted
+    assert accepted[0]["level"] == "info" and accepted[0]["timestamp"].endswith("Z")
     pooled = [line["pooled"] for line in ours if line.get("event") == "sandbox started"]
     how = [line["how"] for line in ours if line.get("event") == "agent run"]
     assert pooled == [True] and how == ["launched"], ours

@@ -7,11 +7,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def lines(level: str, code: str) -> list[dict[str, object]]:
+def lines(level: str, code: str) -> list[dict[str, Any]]:
     program = f"from shared import logging\nlogging.configure({level!r}, json=True)\n{code}"
     done = subprocess.run(
         [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, check=True

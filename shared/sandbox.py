@@ -61,6 +61,9 @@ SOCKET_MOUNT: Final = "/run/sandstream"
 SOCKET_NAME: Final = "model.sock"
 MODEL_SOCKET: Final = f"{SOCKET_MOUNT}/{SOCKET_NAME}"
 """The model socket as the agent sees it."""
+MODEL_PORT: Final = 4000
+"""Where the agent reaches the model (``ANTHROPIC_BASE_URL``): a forwarder in the sandbox, on
+127.0.0.1, to :data:`MODEL_SOCKET`."""
 EGRESS_SOCKET_NAME: Final = "egress.sock"
 EGRESS_SOCKET: Final = f"{SOCKET_MOUNT}/{EGRESS_SOCKET_NAME}"
 """The egress proxy's socket of a task with ``network``, in the same folder."""

@@ -82,7 +82,7 @@ MODEL_SOCKET: Final = sandbox.MODEL_SOCKET
 EGRESS_SOCKET: Final = sandbox.EGRESS_SOCKET
 EGRESS_PORT: Final = 3128
 """Where the agent finds the egress proxy (``HTTP_PROXY``), for a task with ``network``."""
-DEFAULT_PORT: Final = 4000
+DEFAULT_PORT: Final = sandbox.MODEL_PORT
 PLACEHOLDER_KEY: Final = "sandstream-placeholder"
 CLI: Final = "claude"
 DEFAULT_MAX_RETRIES: Final = 6
@@ -325,7 +325,8 @@ start)
     [ -d "$home" ] || mkdir -p "$home"
     bridge() {  # 127.0.0.1:$1 to the Unix socket $2, fully detached; wait until it listens
         printf -v hex ':%04X 00000000:0000 0A' "$1"
-        grep -q "$hex" /proc/net/tcp && return  # a start repeated: it is there
+        # A warm sandbox has it from its launcher (shared/launch.py); a start repeated, too.
+        grep -q "$hex" /proc/net/tcp && return
         socat "TCP-LISTEN:$1,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$2" \
             </dev/null >>"$home/socat.log" 2>&1 &
         for ((i = 0; i < 200; i++)); do grep -q "$hex" /proc/net/tcp && break; sleep 0.005; done

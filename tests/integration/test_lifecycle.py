@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -21,7 +22,9 @@ from shared.sandbox import (
     LABEL_POOL,
     LABEL_TASK,
     LABEL_TENANT,
+    MODEL_PORT,
     SANDBOX_UID,
+    SOCKET_NAME,
     DockerDriver,
     SandboxDriver,
     SandboxInfo,
@@ -645,6 +648,30 @@ async def test_a_task_claims_a_warm_sandbox_and_the_pool_refills(h: Harness) -> 
             while (said := await h.driver.exec(sandbox_name(task), ["cat", ran])).exit_code:
                 await asyncio.sleep(0.02)
         assert said.output.decode() == f"{task} {SANDBOX_UID}\n"
+        # The agent's forwarder to the model listens already (the launcher's): each connection
+        # reaches the model socket, which came with the claim.
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await got.put(await reader.read(4))
+            writer.close()
+
+        model_socket = socket_dir / SOCKET_NAME
+        server = await asyncio.start_unix_server(answer, path=str(model_socket))
+        os.chown(model_socket, SANDBOX_UID, SANDBOX_UID)
+        try:
+            connect = f"exec 3<>/dev/tcp/127.0.0.1/{MODEL_PORT}"
+            ping = [
+                "bash",
+                "-c",  # up to 2 s for it to listen (it has had longer already)
+                f"for i in $(seq 200); do {connect} 2>/dev/null && break; sleep 0.01; done; "
+                "printf ping >&3",
+            ]
+            said = await h.driver.exec(sandbox_name(task), ping)
+            assert said.exit_code == 0, said.output
+            assert await asyncio.wait_for(got.get(), 10) == b"ping"
+        finally:
+            server.close()
     await h.pool_ready(service, 2)  # refilled in the background
     after = await h.pooled()
     assert sum(is_unclaimed(i) for i in after) == 2 and len(after) == 3

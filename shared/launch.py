@@ -14,7 +14,8 @@ finds it listening and starts none (20-30 ms).
 
 It runs once: it becomes the start command, whose lock (``mkdir`` of the run folder) keeps one
 run per sandbox. When the keeper finds no launcher (no pool, a re-attach, a launcher not yet
-up) it says so, and the executor starts the run by exec, as it always could.
+up), or the launcher does not take its bell away within a second of the ring (it died), it
+says so, and the executor starts the run by exec, as it always could.
 
 Trust: nothing of any task runs in the sandbox before the claim, so the bell the keeper rings
 is the launcher's; the agent can ring it too once it runs, but by then the launcher is gone,

@@ -452,6 +452,12 @@ follow)
             if [ -d "$W/.git" ]; then : >"$K/checkout"; fi
         fi
     ) 9>"$K/lock" >"$K/git.log" 2>&1
+    # The launcher takes its bell away as it wakes. One that has not within a second is gone
+    # (it died): the executor starts the run by exec (of two starts, one runs; see start).
+    if [ -n "$launched" ]; then
+        for ((i = 0; i < 200; i++)); do [ -e __BELL__ ] || break; sleep 0.005; done
+        [ -e __BELL__ ] && launched=""
+    fi
     : >>"$G"  # the agent may start now (start waits for this file of the keeper's)
     echo "$nonce.ready$launched"
     # The executor starts the run when it reads the line above.

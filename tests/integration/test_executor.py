@@ -506,6 +506,33 @@ async def test_a_warm_sandboxs_launcher_starts_the_run_and_a_plain_one_starts_by
     assert seen.output.decode().split() == [str(KEEPER_UID), "gone", "refused"], seen
 
 
+async def test_a_warm_sandbox_whose_launcher_died_starts_its_run_by_exec(
+    harness: Harness,
+) -> None:
+    """The keeper rings a bell nobody listens to any more: it says so within a second, and
+    the run starts by exec, not after the minute a follow waits for a run to appear."""
+    tag = marker()
+    harness.fake.script(match=tag, replies=[Text("ran anyway")])
+    async with harness.proxy(Credential("api_key", SECRET)) as proxy:
+        executor = harness.executor(proxy)
+        warm, _ = await harness.submit(f"orphaned bell {tag}", sandbox={"launcher": True})
+        kill = (
+            f"for i in $(seq 500); do [ -p {launch.BELL} ] && break; sleep 0.01; done; "
+            "for f in /proc/[0-9]*/cmdline; do "
+            "  if tr '\\0' ' ' <$f 2>/dev/null | grep -q 'sandstream-launc[h]'; then "
+            "    p=${f#/proc/}; kill -KILL ${p%/cmdline} && echo killed; fi; "
+            f"done; test -p {launch.BELL} && echo bell"
+        )
+        said = await harness.driver.exec(sandbox_name(warm), ["bash", "-c", kill])
+        assert said.output.decode().split() == ["killed", "bell"], said
+        with structlog.testing.capture_logs() as logged:
+            async with asyncio.timeout(30):  # far below the follow's minute
+                await executor.worker().run_until_idle()
+        (end,) = ends(await harness.history(warm))
+        assert isinstance(end, ev.ExecutionCompleted) and end.text == "ran anyway", end
+    assert [e["how"] for e in logged if e["event"] == "agent run"] == [agent.MARK_STARTED]
+
+
 async def test_redelivery_after_the_end_changes_nothing(harness: Harness) -> None:
     tag = marker()
     harness.fake.script(match=tag, replies=[Text("once")])

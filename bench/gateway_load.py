@@ -105,8 +105,8 @@ def with_wrk(url: str, headers: dict[str, str], connections: int, seconds: int) 
         out = subprocess.run(
             [*argv[:3], f"-d{seconds}s", *argv[3:]], capture_output=True, text=True, check=True
         ).stdout
-    if re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        raise SystemExit(f"wrk saw error answers:\n{out}")
+    if re.search(r"Non-2xx or 3xx responses|Socket errors", out):
+        raise SystemExit(f"wrk saw errors:\n{out}")
 
     def ms(percent: int) -> float:
         found = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)

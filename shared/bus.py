@@ -281,8 +281,10 @@ class Bus:
 
         With ``expected_last_subject_seq`` the append only happens if the last event on any of
         the task's subjects has that sequence (0: the task has no events yet); otherwise
-        :class:`Conflict`. Raises :class:`Unavailable` when NATS is not connected or does not
-        answer within ``timeout``; nothing is buffered for later in that case. ``encoded`` is
+        :class:`Conflict`. Raises :class:`Unavailable` when NATS is not connected, does not
+        answer within ``timeout`` or says the stream cannot store now (503); nothing is
+        buffered for later in that case. Any other refusal of the stream (an event over its
+        size limit) is nats.py's ``APIError``. ``encoded`` is
         the event's encoding when the caller already made it (the gateway weighs it first).
 
         The ack comes back on one inbox subscription of this bus, matched by reply subject
@@ -297,26 +299,31 @@ class Bus:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = self.task_filter(event.task_id)
         data = encoded if encoded is not None else self._encoder.encode(event)
-        reply = await self._ack_subject()
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[PubAck] = loop.create_future()
-        self._acks[reply] = answer
         timer = loop.call_at(loop.time() + timeout, _give_up, answer)
+        reply = ""
         try:
+            reply = await self._ack_subject()
+            self._acks[reply] = answer
             await self.nc.publish(
                 self.subject(event.task_id, name), data, reply=reply, headers=headers
             )
             ack = await answer
         except (nats.errors.NoRespondersError, TimeoutError) as exc:
             raise Unavailable("the event log (NATS) did not acknowledge in time") from exc
-        except nats.errors.ConnectionClosedError as exc:
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as exc:
             raise Unavailable("the event log (NATS) connection is closed") from exc
         finally:
             timer.cancel()
-            del self._acks[reply]
+            self._acks.pop(reply, None)
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # taken: an answer given up on before it was awaited
         if ack.error is not None:
             if ack.error.err_code == WRONG_LAST_SEQUENCE:
                 raise Conflict(f"task {event.task_id} moved on: {ack.error.description}")
+            if ack.error.code == 503:  # no stream leader at the moment, for one
+                raise Unavailable(f"the event log cannot store it now: {ack.error.description}")
             raise nats.js.errors.APIError(
                 code=ack.error.code, err_code=ack.error.err_code, description=ack.error.description
             )

@@ -47,7 +47,6 @@ until [ -f __REQUEST__ ] && [ ! -L __REQUEST__ ] &&
     read -r -n 1 -u 3 _ || exit 1
 done
 exec 3<&-
-rm -f __BELL__
 mapfile -d '' -t req <__REQUEST__
 n=${req[0]:-x}
 if [[ ! $n =~ ^[0-9]+$ ]] || ((${#req[@]} < n + 2)); then
@@ -56,6 +55,7 @@ if [[ ! $n =~ ^[0-9]+$ ]] || ((${#req[@]} < n + 2)); then
 fi
 for ((i = 1; i <= n; i++)); do export "${req[i]}"; done
 cd __WORKSPACE__ || exit 1
+rm -f __BELL__  # taken away last: a keeper that still sees it knows no start comes from here
 exec "${req[@]:n+1}"
 """
 

@@ -335,7 +335,8 @@ start)
     # The egress proxy, for a task with network.allow (0: none, no way out at all).
     [ "$eport" != 0 ] && bridge "$eport" "$E"
     if [ -f "$C/__CA_FILE__" ]; then  # trusted besides the image's, by every TLS client
-        cat __SYSTEM_CA__ "$C/__CA_FILE__" >"$C/__CA_BUNDLE__"
+        cat __SYSTEM_CA__ "$C/__CA_FILE__" >"$C/__CA_BUNDLE__.$$" &&
+            mv -f "$C/__CA_BUNDLE__.$$" "$C/__CA_BUNDLE__"  # whole: two starts may race here
     fi
     # The keeper's word, a file of its own in the sticky /tmp: nothing of the agent has run
     # yet (its run folder is not there), so nothing else can have made it. A large workspace
@@ -452,10 +453,11 @@ follow)
             if [ -d "$W/.git" ]; then : >"$K/checkout"; fi
         fi
     ) 9>"$K/lock" >"$K/git.log" 2>&1
-    # The launcher takes its bell away as it wakes. One that has not within a second is gone
-    # (it died): the executor starts the run by exec (of two starts, one runs; see start).
+    # The launcher takes its bell away as it starts the run. One that has not within a second
+    # is gone (it died): the executor starts the run by exec (of two starts, one runs).
     if [ -n "$launched" ]; then
-        for ((i = 0; i < 200; i++)); do [ -e __BELL__ ] || break; sleep 0.005; done
+        until=$((${EPOCHREALTIME//[!0-9]/} + 1000000))  # in microseconds
+        while [ -e __BELL__ ] && ((${EPOCHREALTIME//[!0-9]/} < until)); do sleep 0.005; done
         [ -e __BELL__ ] && launched=""
     fi
     : >>"$G"  # the agent may start now (start waits for this file of the keeper's)

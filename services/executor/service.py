@@ -78,8 +78,6 @@ NO_CREDENTIAL_MESSAGE: Final = (
 
 
 class ExecutorConfig(msgspec.Struct, frozen=True, kw_only=True):
-    model_port: int = agent.DEFAULT_PORT
-    """Port of the in-sandbox forwarder to the model socket (``ANTHROPIC_BASE_URL``)."""
     cli_max_retries: int = agent.DEFAULT_MAX_RETRIES
     batch_lines: int = 1024
     """Lines per ``AgentOutput`` at most (with ``max_event_bytes`` and ``batch_interval_s``):
@@ -604,14 +602,11 @@ class Executor:
             prepared = (await self._history(task_id)).prepared
             resume = prepared.resume if prepared is not None else None
         env = agent.environment(
-            port=cfg.model_port,
             max_retries=cfg.cli_max_retries,
             egress_port=egress,
             extra_ca=cfg.sandbox_ca is not None,
         )
-        argv = agent.start_argv(
-            self._script, spec, port=cfg.model_port, egress_port=egress, resume=resume or None
-        )
+        argv = agent.start_argv(self._script, spec, egress_port=egress, resume=resume or None)
         return env, argv
 
     async def _from_the_pool(self, name: str) -> bool:

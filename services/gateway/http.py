@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import structlog
 from aiohttp import web
 
 from services.gateway.keys import METRICS
@@ -87,7 +88,9 @@ tenant and task once known: :func:`note`)."""
 
 
 def note(request: web.Request, **fields: str) -> None:
-    """Add ``fields`` to the request's summary line."""
+    """Add ``fields`` to the request's summary line, and to every other line logged while it
+    is handled (bound as context variables)."""
+    structlog.contextvars.bind_contextvars(**fields)
     if (noted := request.get(LOG_FIELDS)) is not None:
         noted.update(fields)
 
@@ -99,34 +102,39 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     status = 500
     fields: dict[str, object] = {"method": request.method, "path": request.path}
     request[LOG_FIELDS] = fields
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except ApiError as exc:
-        status = exc.status
-        return error_response(exc)
-    except Unavailable as exc:
-        status = 503
-        return error_response(ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"}))
-    except web.HTTPRequestEntityTooLarge:
-        status = 413
-        limit = "16 MiB" if (request.method, request.path) == ("POST", "/v1/tasks") else "1 MiB"
-        return error_response(
-            ApiError(413, "body_too_large", f"the request body is larger than {limit}")
-        )
-    except web.HTTPException as exc:
-        status = exc.status
-        code = exc.reason.lower().replace(" ", "_")
-        # 405 must say which methods the resource has (RFC 9110).
-        kept = {k: v for k, v in exc.headers.items() if k == "Allow"}
-        return error_response(ApiError(exc.status, code, exc.reason, headers=kept))
-    finally:
-        elapsed = time.perf_counter() - started
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        request.app[METRICS].observe(route, status, elapsed)
-        if request.path not in ("/healthz", "/readyz", "/metrics"):
-            fields["status"] = status
-            fields["ms"] = round(elapsed * 1000, 2)
-            logging.summary("request", fields)
+    with structlog.contextvars.bound_contextvars(method=request.method, path=request.path):
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except ApiError as exc:
+            status = exc.status
+            return error_response(exc)
+        except Unavailable as exc:
+            status = 503
+            return error_response(
+                ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"})
+            )
+        except web.HTTPRequestEntityTooLarge:
+            status = 413
+            limit = "16 MiB" if (request.method, request.path) == ("POST", "/v1/tasks") else "1 MiB"
+            return error_response(
+                ApiError(413, "body_too_large", f"the request body is larger than {limit}")
+            )
+        except web.HTTPException as exc:
+            status = exc.status
+            code = exc.reason.lower().replace(" ", "_")
+            # 405 must say which methods the resource has (RFC 9110).
+            kept = {k: v for k, v in exc.headers.items() if k == "Allow"}
+            return error_response(ApiError(exc.status, code, exc.reason, headers=kept))
+        finally:
+            elapsed = time.perf_counter() - started
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            request.app[METRICS].observe(route, status, elapsed)
+            if request.path not in ("/healthz", "/readyz", "/metrics"):
+                # Its fields are the request's own (the context variables' merge is the
+                # slow part of a structlog line: shared.logging.summary).
+                fields["status"] = status
+                fields["ms"] = round(elapsed * 1000, 2)
+                logging.summary("request", fields)

@@ -653,7 +653,7 @@ async def test_a_task_claims_a_warm_sandbox_and_the_pool_refills(h: Harness) -> 
         got: asyncio.Queue[bytes] = asyncio.Queue()
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await got.put(await reader.read(4))
+            await got.put(await reader.readexactly(4))
             writer.close()
 
         model_socket = socket_dir / SOCKET_NAME
@@ -672,6 +672,7 @@ async def test_a_task_claims_a_warm_sandbox_and_the_pool_refills(h: Harness) -> 
             assert await asyncio.wait_for(got.get(), 10) == b"ping"
         finally:
             server.close()
+            await server.wait_closed()
     await h.pool_ready(service, 2)  # refilled in the background
     after = await h.pooled()
     assert sum(is_unclaimed(i) for i in after) == 2 and len(after) == 3

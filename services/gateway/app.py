@@ -27,6 +27,7 @@ from services.gateway.results import ResultReader
 from services.gateway.routes import routes
 from services.gateway.sse import routes as sse_routes
 from shared.bus import NatsAuth, StreamSettings
+from shared.events import AnyEvent, TaskRequested
 from shared.settings import Settings
 from shared.tokens import TokenStore
 
@@ -63,11 +64,20 @@ def create_app(settings: Settings) -> web.Application:
     app[BUS_LINK] = BusLink(
         settings.nats_url, StreamSettings.of(settings), auth=NatsAuth.of(settings)
     )
-    app[METRICS] = Metrics()
-    app[PROJECTION] = Projection(on_event=app[METRICS].stages.observe)
+    metrics, limits = Metrics(), TenantLimits(settings)
+    projection = Projection()
+
+    def on_event(event: AnyEvent) -> None:
+        metrics.stages.observe(event)
+        # A new task, live (not the history read at start): its tenant's rate counts it,
+        # whichever gateway process accepted it.
+        if isinstance(event, TaskRequested) and projection.ready.is_set():
+            limits.folded(event.tenant, event.task_id)
+
+    projection.on_event = on_event
+    app[METRICS], app[PROJECTION], app[LIMITS] = metrics, projection, limits
     app[RESULTS] = ResultReader(settings)
     app[UPLOADS] = asyncio.Semaphore(LARGE_BODIES_AT_ONCE)
-    app[LIMITS] = TenantLimits(settings)
     app.cleanup_ctx.append(_event_log)
     app.cleanup_ctx.append(_results)
     app.add_routes(routes)

@@ -1,8 +1,11 @@
 """Per-tenant limits of the gateway: a submission rate, a cap on tasks not yet ended, and a
 cap on open event streams. Each refusal is ``429`` with ``Retry-After`` and publishes nothing.
 
-The limits are per gateway process (a replica counts its own submissions and streams); the
-queued count comes from the projection, so it is the same on every replica.
+The rate holds across gateway processes and replicas: each takes a token for every
+submission it handles, and one for every new task another one accepted, as its projection
+folds that task's request (:meth:`TenantLimits.folded`, a few milliseconds behind). The queued
+count comes from the projection too, the same on every replica. Open streams are counted per
+process.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ class TenantLimits:
         self.max_streams = settings.max_streams_per_tenant
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, at)
         self._streams: dict[str, int] = {}
+        self._own: dict[str, None] = {}
+        """Tasks this process is publishing: their fold here is no other process's (their
+        token was taken by :meth:`submission`). Left at the fold, or when nothing is stored."""
 
     def submission(self, tenant: str, open_tasks: int) -> None:
         """Take one submission of ``tenant`` who has ``open_tasks`` not yet ended, or raise
@@ -38,11 +44,9 @@ class TenantLimits:
                 f"{self.max_queued}); wait for some to end",
                 headers={"Retry-After": "5"},
             )
-        now = time.monotonic()
-        tokens, at = self._buckets.pop(tenant, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        tokens, now = self._tokens(tenant)
         if tokens < 1:
-            self._buckets[tenant] = (tokens, now)
+            self._keep(tenant, tokens, now)
             wait = math.ceil((1 - tokens) / self.rate) if self.rate > 0 else 60
             raise ApiError(
                 429,
@@ -50,7 +54,35 @@ class TenantLimits:
                 f"more than {self.rate:g} submissions per second; retry in {wait} s",
                 headers={"Retry-After": str(wait)},
             )
-        self._buckets[tenant] = (tokens - 1, now)  # re-inserted: the dict keeps recency order
+        self._keep(tenant, tokens - 1, now)
+
+    def publishing(self, task_id: str) -> None:
+        """This process is about to publish ``task_id``'s request (its token is taken)."""
+        self._own[task_id] = None
+        if len(self._own) > _MAX_TRACKED:
+            del self._own[next(iter(self._own))]
+
+    def not_stored(self, task_id: str) -> None:
+        """The request of :meth:`publishing` added no task (refused, a duplicate, no ack)."""
+        self._own.pop(task_id, None)
+
+    def folded(self, tenant: str, task_id: str) -> None:
+        """A new task's request, as the projection folds it live: another process's takes
+        one of the tenant's tokens here too (down to minus a burst: what all of them
+        accepted is paid back at the rate, whichever took it)."""
+        if task_id in self._own:
+            del self._own[task_id]
+            return
+        tokens, now = self._tokens(tenant)
+        self._keep(tenant, max(-self.burst, tokens - 1), now)
+
+    def _tokens(self, tenant: str) -> tuple[float, float]:
+        now = time.monotonic()
+        tokens, at = self._buckets.pop(tenant, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate), now
+
+    def _keep(self, tenant: str, tokens: float, now: float) -> None:
+        self._buckets[tenant] = (tokens, now)  # re-inserted: the dict keeps recency order
         if len(self._buckets) > _MAX_TRACKED:
             del self._buckets[next(iter(self._buckets))]
 

@@ -239,6 +239,8 @@ async def submit(
             f"the task's texts (prompt, append_system_prompt, claude_md, settings, ...) make "
             f"{size} bytes as an event; at most {MAX_TASK_EVENT_BYTES}: move content into files",
         )
+    limits = request.app[LIMITS]
+    limits.publishing(task_id)  # its fold here is not another process's submission
     try:
         # Only a keyed id can be asked for twice; a random one (100 bits) cannot collide, and
         # its retries inside the duplicate window are dropped by the message id.
@@ -248,8 +250,12 @@ async def submit(
         )
     except Conflict:
         ack = None
+    except BaseException:
+        limits.not_stored(task_id)
+        raise
     if ack is not None and not ack.duplicate:
         return task_id, True
+    limits.not_stored(task_id)
     stored = await bus.last(task_id, "TaskRequested")
     if stored is None or not isinstance(stored.event, ev.TaskRequested):
         raise ApiError(409, "conflict", "the task id is taken by a request that cannot be read")

@@ -898,6 +898,45 @@ async def test_a_tenant_over_its_rate_gets_429_and_others_do_not(
         assert r.status == 202
 
 
+async def test_a_tenants_rate_holds_across_gateway_processes(
+    limited: Gateway,
+    nats_server: NatsServer,
+    stream_settings: StreamSettings,
+    http: aiohttp.ClientSession,
+    bus: Bus,
+    tmp_path: Path,
+) -> None:
+    """Two gateway processes (replicas) on one event log: what one accepted counts on the
+    other, as soon as the other's view of the tasks has it."""
+    limits = {"rate_per_tenant": 1.0, "max_queued_per_tenant": 3, "max_streams_per_tenant": 1}
+    (tmp_path / "other").mkdir()
+    async with Gateway(nats_server, stream_settings, tmp_path / "other", **limits) as other:
+        assert other.app is not None
+        ids = []
+        for prompt in ("a", "b"):  # the burst, on the first process
+            async with http.post(
+                f"{limited.url}/v1/tasks",
+                json={"prompt": prompt},
+                headers=auth(limited.token("acme")),
+            ) as r:
+                assert r.status == 202
+                ids.append((await r.json())["task_id"])
+        for task_id in ids:  # the other one's view has them
+            assert await other.app[PROJECTION].wait_for_task(task_id, 10) is not None
+        before = await bus.last_sequence()
+        acme_there = auth(other.token("acme"))
+        async with http.post(
+            f"{other.url}/v1/tasks", json={"prompt": "c"}, headers=acme_there
+        ) as r:
+            assert r.status == 429
+            assert (await r.json())["error"]["code"] == "rate_limited"
+        assert await bus.last_sequence() == before
+        async with http.post(
+            f"{other.url}/v1/tasks", json={"prompt": "d"}, headers=auth(other.token("globex"))
+        ) as r:
+            assert r.status == 202  # another tenant is not held back
+
+
 async def test_a_tenant_at_its_quota_gets_429_until_a_task_ends(
     limited: Gateway, http: aiohttp.ClientSession, bus: Bus
 ) -> None:

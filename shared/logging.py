@@ -40,10 +40,8 @@ def summary(event: str, fields: dict[str, Any]) -> None:
     if out is None:
         structlog.get_logger("sandstream").info(event, **fields)
         return
-    fields["event"] = event
-    fields["level"] = "info"
-    fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    out.write(_dumps(fields) + "\n")
+    stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    out.write(_dumps({**fields, "event": event, "level": "info", "timestamp": stamp}) + "\n")
     out.flush()
 
 

@@ -133,8 +133,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             route = resource.canonical if resource is not None else "unmatched"
             request.app[METRICS].observe(route, status, elapsed)
             if request.path not in ("/healthz", "/readyz", "/metrics"):
-                # Its fields are the request's own (the context variables' merge is the
-                # slow part of a structlog line: shared.logging.summary).
+                # Written without structlog's processors, the slow part of its lines
+                # (shared.logging.summary): the fields are the request's own.
                 fields["status"] = status
                 fields["ms"] = round(elapsed * 1000, 2)
                 logging.summary("request", fields)

@@ -79,8 +79,8 @@ async def test_a_publish_nothing_stores_is_unavailable_at_once(bus: Bus) -> None
 
 
 async def test_a_publish_nobody_acknowledges_gives_up_at_its_timeout(bus: Bus) -> None:
-    """A listener that is not a stream (no ack): the publish gives up, and the answer that
-    comes after that is dropped."""
+    """A listener that is not a stream (no ack): the publish gives up at its timeout, and an
+    answer that comes after that leaves the bus as it was."""
     silent = Bus(bus.nc, StreamSettings(name="SILENT", subject_prefix="silent"))
     heard: asyncio.Queue[Msg] = asyncio.Queue()
 
